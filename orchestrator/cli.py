@@ -1,0 +1,183 @@
+"""The `orchestratord` command line.
+
+    orchestratord scheduler test --file F [--dry-run] [--context FILE] [--json]
+    orchestratord scheduler platform-source
+    orchestratord scheduler sample-context [--json]
+
+Exit status of `scheduler test`: 0 when the user's scheduler decided, 3 when the
+cycle fell back, 2 on bad usage (unreadable file, bad context, bad flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator import decision as decisions
+from orchestrator.context_file import context_to_dict, load_context
+from orchestrator.engine import CycleResult, EngineOptions, SchedulingEngine, platform_source
+from orchestrator.errors import OrchestratorError, UsageError
+from orchestrator.limits import SandboxLimits
+from orchestrator.log import configure_logging
+from orchestrator.model import Context
+from orchestrator.samples import sample_context
+
+EXIT_USER = 0
+EXIT_USAGE = 2
+EXIT_FALLBACK = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestratord",
+        description="Programmable scheduler for LLM-inference orchestration.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scheduler = commands.add_parser("scheduler", help="work with scheduler policies")
+    sub = scheduler.add_subparsers(dest="scheduler_command", required=True, metavar="SUBCOMMAND")
+
+    test = sub.add_parser(
+        "test",
+        help="run a scheduler once in a real sandbox on a sample or given context",
+        description=(
+            "Run FILE's schedule(ctx) once in a sandbox worker, exactly as the orchestrator "
+            "would (same sandbox, validator and fallback), and print the decision. Nothing "
+            "is executed: the test is always a dry run."
+        ),
+    )
+    test.add_argument("--file", "-f", required=True, type=Path, help="the Lua scheduler")
+    test.add_argument(
+        "--dry-run", action="store_true", help="accepted for the spec's spelling; always on"
+    )
+    test.add_argument(
+        "--context", type=Path, help="context file (JSON or YAML); default: the sample context"
+    )
+    test.add_argument("--json", action="store_true", help="print one JSON object")
+    test.add_argument(
+        "--language", choices=["luajit", "lua54"], default="luajit", help="Lua runtime"
+    )
+    test.add_argument(
+        "--deadline-ms", type=int, default=SandboxLimits.deadline_ms, help="decision deadline"
+    )
+
+    sub.add_parser("platform-source", help="print the platform scheduler's Lua source")
+    sample = sub.add_parser("sample-context", help="print the sample context as YAML")
+    sample.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    sample.add_argument("--platform-mode", action="store_true", help="with tenants and quotas")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
+        return int(exc.code or 0)
+    configure_logging("console", "error")
+    try:
+        if args.scheduler_command == "test":
+            return asyncio.run(_scheduler_test(args))
+        if args.scheduler_command == "platform-source":
+            sys.stdout.write(platform_source())
+            return 0
+        data = context_to_dict(sample_context(platform_mode=args.platform_mode))
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print(yaml.safe_dump(data, sort_keys=False), end="")
+        return 0
+    except UsageError as exc:
+        print(f"orchestratord: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OrchestratorError as exc:
+        print(f"orchestratord: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+async def _scheduler_test(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    if path.suffix in (".yaml", ".yml"):
+        raise UsageError(f"{path}: YAML policies are not supported by this build yet; use Lua")
+    try:
+        source = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file (Lua bytecode is not accepted)") from None
+    if args.deadline_ms <= 0:
+        raise UsageError("--deadline-ms must be positive")
+    ctx = load_context(args.context) if args.context else sample_context()
+    options = EngineOptions(
+        limits=SandboxLimits(deadline_ms=args.deadline_ms), user_spares=0, platform_spares=0
+    )
+    async with SchedulingEngine(
+        user_source=source, user_name=path.name, language=args.language, options=options
+    ) as engine:
+        result = await engine.schedule(ctx)
+    if args.json:
+        print(json.dumps(result_to_json(result), indent=2))
+    else:
+        print(render(result, ctx))
+    return EXIT_USER if result.source == "user" else EXIT_FALLBACK
+
+
+def result_to_json(result: CycleResult) -> dict[str, Any]:
+    error = result.error
+    return {
+        "decision": decisions.to_dict(result.decision),
+        "source": result.source,
+        "error": None
+        if error is None
+        else {
+            "kind": error.kind,
+            "message": error.message,
+            "traceback": error.traceback,
+            "rejections": [
+                {"index": r.index, "action": r.action, "reason": r.reason, "detail": r.detail}
+                for r in error.rejections
+            ],
+        },
+        "logs": [{"level": line.level, "message": line.message} for line in result.logs],
+        "metrics": [{"name": name, "value": value} for name, value in result.metrics],
+        "latency_ms": round(result.latency_ms, 3),
+    }
+
+
+def render(result: CycleResult, ctx: Context) -> str:
+    lines = [
+        f"context:  {len(ctx.queue)} queued jobs, {len(ctx.pools)} pools, "
+        f"{len(ctx.workers_by_id)} workers",
+        f"source:   {result.source}",
+        f"latency:  {result.latency_ms:.2f} ms",
+    ]
+    if result.error is not None:
+        lines.append(f"fallback: {result.error.kind}: {result.error.message}")
+        trace = result.error.traceback.removeprefix(result.error.message).strip()
+        lines.extend("          " + tb for tb in trace.splitlines())
+    actions = decisions.flatten(result.decision)
+    lines.append("decision:" if len(actions) > 1 else f"decision: {_line(result.decision)}")
+    if len(actions) > 1:
+        lines.extend(f"  {i + 1}. {_line(a)}" for i, a in enumerate(actions))
+    if result.logs:
+        lines.append("logs:")
+        lines.extend(f"  [{line.level}] {line.message}" for line in result.logs)
+    if result.metrics:
+        lines.append("metrics:")
+        lines.extend(f"  {name} = {value:g}" for name, value in result.metrics)
+    return "\n".join(lines)
+
+
+def _line(action: decisions.Decision) -> str:
+    text = decisions.describe(action)
+    return f"{text}  [rule: {action.rule}]" if action.rule else text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Scheduler decisions (lua-runtime-spec section 5) as plain dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator._proto import context_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    job_id: str
+    worker_id: str
+    reason: str = ""
+    rule: str = ""
+    action = "dispatch"
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    retry_after_ms: int | None = None
+    reason: str = ""
+    rule: str = ""
+    action = "wait"
+
+
+@dataclass(frozen=True, slots=True)
+class StartWorker:
+    pool_id: str
+    gpu_id: int
+    model_ref: str
+    reason: str = ""
+    rule: str = ""
+    action = "start_worker"
+
+
+@dataclass(frozen=True, slots=True)
+class EvictWorker:
+    worker_id: str
+    reason: str = ""
+    rule: str = ""
+    action = "evict_worker"
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    actions: tuple[Decision, ...] = field(default_factory=tuple)
+    reason: str = ""
+    rule: str = ""
+    action = "batch"
+
+
+Decision = Dispatch | Wait | StartWorker | EvictWorker | Batch
+Action = Dispatch | Wait | StartWorker | EvictWorker
+
+
+def flatten(decision: Decision) -> tuple[Decision, ...]:
+    """The actions a decision asks for, in order (a batch's members, or itself)."""
+    return decision.actions if isinstance(decision, Batch) else (decision,)
+
+
+def from_proto(msg: context_pb2.Decision) -> Decision:
+    """Decode a decision; an empty message is a wait."""
+    kind = msg.WhichOneof("action")
+    common = {"reason": msg.reason, "rule": msg.rule}
+    if kind == "dispatch":
+        return Dispatch(msg.dispatch.job_id, msg.dispatch.worker_id, **common)
+    if kind == "start_worker":
+        sw = msg.start_worker
+        return StartWorker(sw.pool_id, sw.gpu_id, sw.model_ref, **common)
+    if kind == "evict_worker":
+        return EvictWorker(msg.evict_worker.worker_id, **common)
+    if kind == "batch":
+        return Batch(tuple(from_proto(a) for a in msg.batch.actions), **common)
+    retry = msg.wait.retry_after_ms if msg.wait.HasField("retry_after_ms") else None
+    return Wait(retry, **common)
+
+
+def to_proto(decision: Decision) -> context_pb2.Decision:
+    msg = context_pb2.Decision(reason=decision.reason, rule=decision.rule)
+    match decision:
+        case Dispatch():
+            msg.dispatch.job_id = decision.job_id
+            msg.dispatch.worker_id = decision.worker_id
+        case StartWorker():
+            msg.start_worker.pool_id = decision.pool_id
+            msg.start_worker.gpu_id = decision.gpu_id
+            msg.start_worker.model_ref = decision.model_ref
+        case EvictWorker():
+            msg.evict_worker.worker_id = decision.worker_id
+        case Batch():
+            msg.batch.SetInParent()
+            msg.batch.actions.extend(to_proto(a) for a in decision.actions)
+        case Wait():
+            msg.wait.SetInParent()
+            if decision.retry_after_ms is not None:
+                msg.wait.retry_after_ms = decision.retry_after_ms
+    return msg
+
+
+def to_dict(decision: Decision) -> dict[str, Any]:
+    """The decision as the Lua table a script would return (for JSON output and logs)."""
+    out: dict[str, Any] = {"action": decision.action}
+    match decision:
+        case Dispatch():
+            out |= {"job_id": decision.job_id, "worker_id": decision.worker_id}
+        case StartWorker():
+            out |= {
+                "pool_id": decision.pool_id,
+                "gpu_id": decision.gpu_id,
+                "model_ref": decision.model_ref,
+            }
+        case EvictWorker():
+            out["worker_id"] = decision.worker_id
+        case Batch():
+            out["actions"] = [to_dict(a) for a in decision.actions]
+        case Wait():
+            if decision.retry_after_ms is not None:
+                out["retry_after_ms"] = decision.retry_after_ms
+    if decision.reason:
+        out["reason"] = decision.reason
+    if decision.rule:
+        out["rule"] = decision.rule
+    return out
+
+
+def describe(decision: Decision) -> str:
+    """One line for humans: `dispatch job-1 -> worker-2`."""
+    match decision:
+        case Dispatch():
+            text = f"dispatch {decision.job_id} -> {decision.worker_id}"
+        case StartWorker():
+            text = f"start_worker {decision.model_ref} on {decision.pool_id} gpu {decision.gpu_id}"
+        case EvictWorker():
+            text = f"evict_worker {decision.worker_id}"
+        case Batch():
+            text = f"batch of {len(decision.actions)}: " + "; ".join(
+                describe(a) for a in decision.actions
+            )
+        case Wait():
+            text = "wait" + (
+                f" {decision.retry_after_ms} ms" if decision.retry_after_ms is not None else ""
+            )
+    return text + (f" ({decision.reason})" if decision.reason else "")

@@ -1,0 +1,112 @@
+"""Prometheus metrics of the scheduling engine, on a registry of their own.
+
+One `EngineMetrics` per engine, so tests and several engines in one process do not
+share counters. The service exposes `registry` at /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Custom metrics from ctx.emit_metric become one labelled gauge; the number of
+# distinct names is capped so that a script cannot blow up the exposition.
+MAX_CUSTOM_METRICS = 200
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "scheduler_decisions",
+            "Decisions served, by action and source.",
+            ["action", "source"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "scheduler_error",
+            "Failed scheduler calls, by scheduler and kind.",
+            ["scheduler", "kind"],
+            registry=r,
+        )
+        self.timeouts = Counter(
+            "scheduler_timeout",
+            "Scheduler calls that ran past their deadline.",
+            ["scheduler"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "scheduler_fallback",
+            "Cycles served by a fallback, by the reason.",
+            ["to", "reason"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "scheduler_rejected_decisions",
+            "Decisions the validator rejected, by reason.",
+            ["scheduler", "reason"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "scheduler_decision_latency_seconds",
+            "Time from cycle start to decision.",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.worker_events = Counter(
+            "sandbox_worker_events",
+            "Sandbox worker lifecycle events.",
+            ["scheduler", "event"],
+            registry=r,
+        )
+        self.circuit_open = Gauge(
+            "scheduler_circuit_open",
+            "1 while the circuit breaker keeps the user scheduler out.",
+            ["scheduler"],
+            registry=r,
+        )
+        self.script_logs_dropped = Counter(
+            "scheduler_script_logs_dropped",
+            "ctx.log_* records over the per-call quota.",
+            registry=r,
+        )
+        self.custom = Gauge(
+            "scheduler_custom_metric",
+            "Values sent by schedulers through ctx.emit_metric.",
+            ["name"],
+            registry=r,
+        )
+        self.custom_dropped = Counter(
+            "scheduler_custom_metrics_dropped",
+            "ctx.emit_metric samples over the per-call quota or the name cap.",
+            registry=r,
+        )
+        self._custom_names: set[str] = set()
+
+    def record_custom(self, name: str, value: float) -> None:
+        if name not in self._custom_names and len(self._custom_names) >= MAX_CUSTOM_METRICS:
+            self.custom_dropped.inc()
+            return
+        self._custom_names.add(name)
+        self.custom.labels(name=name).set(value)
+
+    def value(self, name: str, **labels: str) -> float:
+        """Current value of a sample (0 when absent); for status pages and tests."""
+        sample = self.registry.get_sample_value(name, labels)
+        return float(sample) if sample is not None else 0.0

@@ -1,0 +1,307 @@
+"""The scheduler context as plain, immutable dataclasses (lua-runtime-spec section 3).
+
+This is the pure core's vocabulary: the snapshot builder, the decision validator
+and the platform scheduler's inputs all take these. Conversion to protobuf lives
+in `orchestrator.snapshot`, loading from files in `orchestrator.context_file`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+
+PRIORITY_RANK: Mapping[str, int] = MappingProxyType({"interactive": 0, "batch": 1})
+PRIORITIES = tuple(PRIORITY_RANK)
+WORKER_STATUSES = ("ready", "busy", "starting", "failed")
+POOL_STATUSES = ("healthy", "degraded", "offline")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    model_ref: str
+    priority: str = "batch"
+    tenant_id: str | None = None
+    session_id: str | None = None
+    prompt_hash: str = ""
+    max_tokens: int = 0
+    seed: int | None = None
+    temperature: float = 0.0
+    created_at: int = 0
+    queued_at: int = 0
+    retry_count: int = 0
+    estimated_vram_bytes: int = 0
+    estimated_duration_ms: int = 0
+
+    def queue_key(self) -> tuple[int, int, str]:
+        """Queue order: interactive before batch, then arrival, then id (runtime-spec 3.1)."""
+        return (PRIORITY_RANK.get(self.priority, len(PRIORITY_RANK)), self.queued_at, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    id: int
+    device_name: str
+    vram_total_bytes: int
+    vram_allocated_bytes: int = 0
+    vram_free_bytes: int = -1  # -1: total - allocated
+    compute_capability: str = ""
+    utilization_percent: float = 0.0
+    temperature_celsius: float = 0.0
+    power_draw_watts: float = 0.0
+    supports_fp16: bool = True
+    supports_int8: bool = True
+    supports_tensor_cores: bool = True
+    measured: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vram_free_bytes < 0:
+            object.__setattr__(
+                self, "vram_free_bytes", max(0, self.vram_total_bytes - self.vram_allocated_bytes)
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    id: str
+    model_ref: str
+    status: str = "ready"
+    gpu_ids: tuple[int, ...] = ()
+    vram_bytes: int = 0
+    uri: str = ""
+    current_job_id: str | None = None
+    job_started_at: int | None = None
+    jobs_completed: int = 0
+    avg_tokens_per_sec: float = 0.0
+    started_at_ms: int = 0
+    last_used_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    id: str
+    endpoint: str = ""
+    status: str = "healthy"
+    last_heartbeat_ms: int = 0
+    gpus: tuple[Gpu, ...] = ()
+    workers: tuple[Worker, ...] = ()
+    cached_models: tuple[str, ...] = ()  # least recently used first
+
+    def gpu(self, gpu_id: int) -> Gpu | None:
+        return next((g for g in self.gpus if g.id == gpu_id), None)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogModel:
+    model_ref: str
+    vram_required_bytes: int
+    family: str = ""
+    size: str = ""
+    quantization: str = ""
+    context_length: int = 0
+    supports_determinism: bool = False
+    supports_streaming: bool = True
+    estimated_tokens_per_sec: Mapping[str, float] = field(default_factory=dict)
+    file_size_bytes: int = 0
+    file_hash: str = ""
+    min_compute_capability: str = ""
+
+    def tokens_per_sec(self, device_name: str) -> float:
+        """Catalog estimate for a device, else the model's default, else 0.
+
+        A catalog name matches a longer NVML name it starts ("NVIDIA A100" for
+        "NVIDIA A100-SXM4-80GB"); the longest such name wins. Must agree with
+        `tokens_per_sec` in sandbox_worker/lua/runtime.lua.
+        """
+        table = self.estimated_tokens_per_sec
+        if device_name in table:
+            return float(table[device_name])
+        prefixes = [n for n in table if n != "default" and device_name.startswith(n)]
+        if prefixes:
+            return float(table[max(prefixes, key=len)])
+        return float(table.get("default", 0.0))
+
+
+@dataclass(frozen=True)
+class Catalog:
+    models: Mapping[str, CatalogModel] = field(default_factory=dict)
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def _by_base_ref(self) -> Mapping[str, str | None]:
+        # "hf:org/name@rev" names "hf:org/name@rev::file=x.gguf" when only one file matches.
+        index: dict[str, str | None] = {}
+        for ref in self.models:
+            base = ref.split("::", 1)[0]
+            if base != ref:
+                index[base] = None if base in index else ref
+        return index
+
+    def resolve(self, model: str) -> str:
+        """Canonical model_ref: alias, exact ref, unique ref without its ::file part, or as given.
+
+        Must stay identical to `resolve_model` in sandbox_worker/lua/runtime.lua.
+        """
+        if model in self.aliases:
+            return self.aliases[model]
+        if model in self.models:
+            return model
+        return self._by_base_ref.get(model) or model
+
+    def get(self, model: str) -> CatalogModel | None:
+        return self.models.get(self.resolve(model))
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    id: str
+    name: str = ""
+    quota_vram_bytes: int | None = None
+    quota_max_concurrent_jobs: int | None = None
+    quota_tokens_daily: int | None = None
+    vram_used_bytes: int = 0
+    concurrent_jobs: int = 0
+    tokens_used_today: int = 0
+    quota_reset_at: int = 0
+    quota_exceeded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    queue_depth: int = 0
+    queue_depth_interactive: int = 0
+    queue_depth_batch: int = 0
+    avg_wait_time_ms: float = 0.0
+    total_workers: int = 0
+    ready_workers: int = 0
+    busy_workers: int = 0
+    failed_workers: int = 0
+    total_pools: int = 0
+    healthy_pools: int = 0
+    degraded_pools: int = 0
+    offline_pools: int = 0
+    total_gpus: int = 0
+    total_vram_bytes: int = 0
+    allocated_vram_bytes: int = 0
+    free_vram_bytes: int = 0
+    avg_gpu_utilization: float = 0.0
+    jobs_completed_last_minute: int = 0
+    avg_tokens_per_sec: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    capacity: int = -1
+    policy: str = "queue"
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutConfig:
+    default_ms: int = 300_000
+    max_ms: int = 1_800_000
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    enabled: bool = True
+    max_attempts: int = 5
+    initial_delay_ms: int = 1000
+    multiplier: float = 2.0
+    max_delay_ms: int = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionConfig:
+    model_cache_policy: str = "lru"
+    worker_policy: str = "lru"
+    vram_threshold: float = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    mode: str = "agentic"
+    deployment_mode: str = "lab"
+    queue: QueueConfig = QueueConfig()
+    timeout: TimeoutConfig = TimeoutConfig()
+    retry: RetryConfig = RetryConfig()
+    eviction: EvictionConfig = EvictionConfig()
+
+    @property
+    def platform_mode(self) -> bool:
+        return self.deployment_mode == "platform" or self.mode == "platform"
+
+
+@dataclass(frozen=True)
+class Context:
+    """One scheduling cycle's view of the world."""
+
+    now_ms: int
+    queue: tuple[Job, ...] = ()
+    pools: tuple[Pool, ...] = ()
+    catalog: Catalog = Catalog()
+    tenants: tuple[Tenant, ...] = ()
+    metrics: Metrics = Metrics()
+    config: Config = Config()
+
+    @cached_property
+    def jobs_by_id(self) -> Mapping[str, Job]:
+        return {job.id: job for job in self.queue}
+
+    @cached_property
+    def workers_by_id(self) -> Mapping[str, tuple[Pool, Worker]]:
+        return {w.id: (pool, w) for pool in self.pools for w in pool.workers}
+
+    @cached_property
+    def pools_by_id(self) -> Mapping[str, Pool]:
+        return {pool.id: pool for pool in self.pools}
+
+    @cached_property
+    def tenants_by_id(self) -> Mapping[str, Tenant]:
+        return {tenant.id: tenant for tenant in self.tenants}
+
+
+def estimate_job(catalog: Catalog, model_ref: str, max_tokens: int) -> tuple[int, int]:
+    """(estimated_vram_bytes, estimated_duration_ms) of a job, from the catalog."""
+    model = catalog.get(model_ref)
+    if model is None:
+        return 0, 0
+    rate = model.tokens_per_sec("default")
+    duration = int(max_tokens / rate * 1000) if rate > 0 else 0
+    return model.vram_required_bytes, duration
+
+
+def derive_metrics(
+    queue: tuple[Job, ...],
+    pools: tuple[Pool, ...],
+    now_ms: int,
+    *,
+    jobs_completed_last_minute: int = 0,
+) -> Metrics:
+    """ctx.metrics computed from the queue and pool state (runtime-spec 3.5)."""
+    workers = [w for pool in pools for w in pool.workers]
+    gpus = [g for pool in pools for g in pool.gpus]
+    rates = [w.avg_tokens_per_sec for w in workers if w.avg_tokens_per_sec > 0]
+    total_vram = sum(g.vram_total_bytes for g in gpus)
+    return Metrics(
+        queue_depth=len(queue),
+        queue_depth_interactive=sum(1 for j in queue if j.priority == "interactive"),
+        queue_depth_batch=sum(1 for j in queue if j.priority == "batch"),
+        avg_wait_time_ms=(sum(now_ms - j.queued_at for j in queue) / len(queue) if queue else 0.0),
+        total_workers=len(workers),
+        ready_workers=sum(1 for w in workers if w.status == "ready"),
+        busy_workers=sum(1 for w in workers if w.status == "busy"),
+        failed_workers=sum(1 for w in workers if w.status == "failed"),
+        total_pools=len(pools),
+        healthy_pools=sum(1 for p in pools if p.status == "healthy"),
+        degraded_pools=sum(1 for p in pools if p.status == "degraded"),
+        offline_pools=sum(1 for p in pools if p.status == "offline"),
+        total_gpus=len(gpus),
+        total_vram_bytes=total_vram,
+        allocated_vram_bytes=sum(g.vram_allocated_bytes for g in gpus),
+        free_vram_bytes=sum(g.vram_free_bytes for g in gpus),
+        avg_gpu_utilization=(sum(g.utilization_percent for g in gpus) / len(gpus) if gpus else 0.0),
+        jobs_completed_last_minute=jobs_completed_last_minute,
+        avg_tokens_per_sec=sum(rates) / len(rates) if rates else 0.0,
+    )

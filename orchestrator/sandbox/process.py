@@ -1,0 +1,202 @@
+"""One sandbox worker process, seen from the parent: spawn, load, call, kill.
+
+Runs in the core. The worker starts with an empty environment, no inherited
+descriptors beyond /dev/null and its log file, in its own session, under `-I`
+(isolated mode: no user site, no PYTHON* variables, no current directory on the
+path). Killing is SIGKILL: hooks inside Lua cannot be trusted to stop a script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+
+from orchestrator._proto import sandbox_pb2, sandbox_pb2_grpc
+from orchestrator.errors import SandboxUnavailableError, SchedulerLoadError
+from orchestrator.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
+
+LANGUAGES = {"luajit": sandbox_pb2.LANGUAGE_LUAJIT, "lua54": sandbox_pb2.LANGUAGE_LUA54}
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """What a worker runs: one scheduler, its language, limits and the platform source."""
+
+    name: str
+    source: str
+    platform_source: str
+    language: str = "luajit"
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    expose_platform_source: bool = True
+    seccomp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.language not in LANGUAGES:
+            raise ValueError(f"language must be one of {sorted(LANGUAGES)}, not {self.language!r}")
+
+    def load_request(self) -> sandbox_pb2.LoadRequest:
+        return sandbox_pb2.LoadRequest(
+            name=self.name,
+            source=self.source,
+            language=LANGUAGES[self.language],
+            limits=self.limits.to_proto(),
+            platform_source=self.platform_source,
+            expose_platform_source=self.expose_platform_source,
+        )
+
+
+class WorkerProcess:
+    """A spawned sandbox worker and the gRPC channel to it."""
+
+    def __init__(self, spec: SchedulerSpec, runtime_dir: Path, label: str) -> None:
+        self.spec = spec
+        self.label = label
+        self.socket_path = runtime_dir / f"{label}.sock"
+        self.log_path = runtime_dir / f"{label}.log"
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: aio.Channel | None = None
+        self.stub: sandbox_pb2_grpc.SandboxServiceStub | None = None
+        # What the core knows the worker holds (SnapshotJournal coordinates).
+        self.epoch = 0
+        self.seq = 0
+        self.sync_task: asyncio.Task[None] | None = None
+        self.killed = False
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process else 0
+
+    @property
+    def alive(self) -> bool:
+        return not self.killed and self.process is not None and self.process.returncode is None
+
+    async def start(self) -> None:
+        """Spawn, wait until it serves, and load the scheduler.
+
+        Raises SchedulerLoadError when the script does not load, and
+        SandboxUnavailableError when the process cannot be brought up.
+        """
+        limits = self.spec.limits
+        argv = [
+            sys.executable, "-I", "-B", "-m", "sandbox_worker",
+            "--socket", str(self.socket_path), "--limits", limits.to_json(),
+        ]  # fmt: skip
+        if not self.spec.seccomp:
+            argv.append("--no-seccomp")
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        with open(self.log_path, "wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *argv,
+                env={},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+                close_fds=True,
+                start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+        try:
+            await self._wait_ready(limits.spawn_timeout_ms / 1000)
+            assert self.stub is not None
+            reply = await self.stub.Load(
+                self.spec.load_request(), timeout=limits.load_timeout_ms / 1000
+            )
+        except SandboxUnavailableError:
+            self.kill()
+            raise
+        except grpc.RpcError as exc:
+            self.kill()
+            if isinstance(exc, aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise SchedulerLoadError(
+                    f"{self.spec.name}: loading took longer than {limits.load_timeout_ms} ms "
+                    "(does the top level of the script loop?)"
+                ) from None
+            raise SandboxUnavailableError(f"{self.label}: Load failed: {exc}") from None
+        if not reply.ok:
+            self.kill()
+            raise SchedulerLoadError(
+                f"{self.spec.name}: {reply.error.message}", reply.error.traceback
+            )
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        assert self.process is not None
+        while True:
+            if self.process.returncode is not None:
+                raise SandboxUnavailableError(
+                    f"{self.label}: worker exited with status {self.process.returncode} "
+                    f"while starting: {self.log_tail()}"
+                )
+            if self.socket_path.exists():
+                break
+            if time.monotonic() > deadline:
+                raise SandboxUnavailableError(f"{self.label}: worker did not start in {timeout_s}s")
+            await asyncio.sleep(0.005)
+        self.channel = aio.insecure_channel(
+            f"unix:{self.socket_path}", options=list(GRPC_MESSAGE_OPTIONS)
+        )
+        self.stub = sandbox_pb2_grpc.SandboxServiceStub(self.channel)
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            await self.stub.Health(
+                sandbox_pb2.HealthRequest(), timeout=remaining, wait_for_ready=True
+            )
+        except grpc.RpcError as exc:
+            raise SandboxUnavailableError(
+                f"{self.label}: worker does not answer: {exc}; {self.log_tail()}"
+            ) from None
+
+    async def schedule(
+        self, request: sandbox_pb2.ScheduleRequest, timeout_s: float
+    ) -> sandbox_pb2.ScheduleReply:
+        assert self.stub is not None
+        reply: sandbox_pb2.ScheduleReply = await self.stub.Schedule(request, timeout=timeout_s)
+        self.epoch, self.seq = request.epoch, reply.seq
+        return reply
+
+    async def health(self, timeout_s: float = 1.0) -> sandbox_pb2.HealthReply:
+        assert self.stub is not None
+        reply: sandbox_pb2.HealthReply = await self.stub.Health(
+            sandbox_pb2.HealthRequest(), timeout=timeout_s
+        )
+        return reply
+
+    def kill(self) -> None:
+        """SIGKILL now; reaping and cleanup happen in the background."""
+        if self.killed:
+            return
+        self.killed = True
+        if self.sync_task is not None:
+            self.sync_task.cancel()
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        asyncio.get_running_loop().create_task(self._cleanup())
+
+    async def _cleanup(self) -> None:
+        if self.process is not None:
+            await self.process.wait()
+        if self.channel is not None:
+            await self.channel.close(grace=None)
+        for path in (self.socket_path, self.log_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def log_tail(self, limit: int = 2000) -> str:
+        """The end of the worker's stderr: a crash's last words."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(max(0, os.path.getsize(self.log_path) - limit))
+                return log.read().decode("utf-8", "replace").strip() or "(no output)"
+        except OSError:
+            return "(no log)"

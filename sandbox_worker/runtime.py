@@ -1,0 +1,383 @@
+"""The worker's Lua runtime: one lupa LuaRuntime, one scheduler, the context it is fed.
+
+Inside-the-worker code only. `lua/runtime.lua` is the trusted Lua half; this module
+moves protobuf context updates into it and turns what it returns into replies.
+Nothing here raises to the servicer for a failure of the script: every outcome is
+a `RunResult`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from orchestrator._proto import context_pb2, sandbox_pb2
+from orchestrator.limits import SandboxLimits
+
+# Lua memory the context takes, per record, on top of the script's own heap cap.
+# Measured at roughly a third of these on both runtimes; the slack is deliberate.
+STATE_BYTES_PER_JOB = 2048
+STATE_BYTES_PER_WORKER = 4096
+STATE_BYTES_PER_MODEL = 2048
+STATE_BYTES_BASE = 4 * 1024 * 1024
+# Above this share of the cap after a call, the worker retires before it fails.
+MEMORY_PRESSURE = 0.85
+
+_MODULES: dict[int, str] = {
+    sandbox_pb2.LANGUAGE_LUAJIT: "lupa.luajit21",
+    sandbox_pb2.LANGUAGE_LUA54: "lupa.lua54",
+}
+
+ErrorKind = sandbox_pb2.ErrorKind
+
+
+def _deny_attribute(obj: object, name: object, is_setting: bool) -> object:
+    # Defense in depth: no Python object should ever reach Lua, but if one does,
+    # none of its attributes are reachable.
+    raise AttributeError("access to Python objects is not allowed")
+
+
+@dataclass
+class RunResult:
+    """What one schedule() call produced, ready to become a ScheduleReply."""
+
+    decision: context_pb2.Decision | None = None
+    error_kind: int = ErrorKind.ERROR_KIND_UNSPECIFIED
+    error_message: str = ""
+    traceback: str = ""
+    logs: list[tuple[str, str]] = field(default_factory=list)
+    logs_dropped: int = 0
+    metrics: list[tuple[str, float]] = field(default_factory=list)
+    metrics_dropped: int = 0
+    refresh_requested: bool = False
+    retire: bool = False
+
+
+class LuaSchedulerRuntime:
+    """Owns the LuaRuntime of one worker: load once, then apply updates and run."""
+
+    def __init__(self, language: int) -> None:
+        module = importlib.import_module(_MODULES.get(language, "lupa.luajit21"))
+        self.lua = module.LuaRuntime(
+            max_memory=0,
+            register_eval=False,
+            register_builtins=False,
+            unpack_returned_tuples=True,
+            attribute_filter=_deny_attribute,
+        )
+        self.lua_version = str(self.lua.eval("_VERSION"))
+        if self.lua.eval("type(jit) == 'table'"):
+            self.lua_version = str(self.lua.eval("jit.version"))
+        source = resources.files("sandbox_worker").joinpath("lua/runtime.lua").read_text()
+        loader = self.lua.eval("function(src) return assert(load(src, '=sandbox-runtime'))() end")
+        self.host = loader(source)
+        self.lua.execute("python = nil")
+        self.limits = SandboxLimits()
+        self.source_sha256 = ""
+        self.loaded = False
+        self._counts = (0, 0, 0, 0, 0)
+        h = self.host
+        self._put_job = h.put_job
+        self._remove_job = h.remove_job
+        self._put_gpu = h.put_gpu
+        self._put_worker = h.put_worker
+        self._put_pool = h.put_pool
+
+    # ------------------------------------------------------------------ load
+    def load(self, request: sandbox_pb2.LoadRequest) -> sandbox_pb2.LoadReply:
+        self.limits = SandboxLimits.from_proto(request.limits)
+        lim = self.limits
+        self.host.configure(
+            lim.max_log_records,
+            lim.max_log_bytes,
+            lim.max_metrics,
+            lim.max_batch_actions,
+            lim.max_string_bytes,
+        )
+        self.lua.set_max_memory(STATE_BYTES_BASE + lim.lua_heap_bytes)
+        name = "=" + (request.name or "scheduler.lua")
+        try:
+            ok, message, traceback = self.host.load(
+                request.source, name, request.platform_source, request.expose_platform_source
+            )
+        except Exception as exc:  # lupa's LuaMemoryError and friends
+            ok, message, traceback = False, f"{type(exc).__name__}: {exc}", ""
+        self.source_sha256 = hashlib.sha256(request.source.encode()).hexdigest()
+        reply = sandbox_pb2.LoadReply(
+            ok=bool(ok), source_sha256=self.source_sha256, lua_version=self.lua_version
+        )
+        if ok:
+            self.loaded = True
+        else:
+            reply.error.kind = ErrorKind.ERROR_KIND_LUA_ERROR
+            reply.error.message = str(message)
+            reply.error.traceback = str(traceback or "")
+        return reply
+
+    # ------------------------------------------------------------------ context
+    def apply_snapshot(self, snap: context_pb2.Context) -> None:
+        h = self.host
+        h.reset()
+        h.set_now(snap.now_ms)
+        for job in snap.queue:
+            self._job(job)
+        for pool in snap.pools:
+            self._pool_info(pool.info)
+            for gpu in pool.gpus:
+                self._gpu(gpu, pool.info.id)
+            for worker in pool.workers:
+                self._worker(worker, pool.info.id)
+        self._catalog(snap.catalog)
+        self._tenants(snap.tenants)
+        self._metrics(snap.metrics)
+        self._config(snap.config)
+        self._update_memory_limit()
+
+    def apply_delta(self, delta: context_pb2.ContextDelta) -> None:
+        h = self.host
+        h.set_now(delta.now_ms)
+        for job_id in delta.remove_jobs:
+            self._remove_job(job_id)
+        for job in delta.upsert_jobs:
+            self._job(job)
+        for worker_id in delta.remove_workers:
+            h.remove_worker(worker_id)
+        for key in delta.remove_gpus:
+            h.remove_gpu(key.pool_id, key.id)
+        for pool_id in delta.remove_pools:
+            h.remove_pool(pool_id)
+        for info in delta.upsert_pools:
+            self._pool_info(info)
+        for gpu in delta.upsert_gpus:
+            self._gpu(gpu, gpu.pool_id)
+        for worker in delta.upsert_workers:
+            self._worker(worker, worker.pool_id)
+        if delta.HasField("catalog"):
+            self._catalog(delta.catalog)
+        if delta.HasField("tenants"):
+            self._tenants(delta.tenants)
+        self._metrics(delta.metrics)
+        if delta.HasField("config"):
+            self._config(delta.config)
+        self._update_memory_limit()
+
+    def _job(self, j: context_pb2.Job) -> None:
+        self._put_job(
+            j.id,
+            j.tenant_id if j.HasField("tenant_id") else None,
+            j.session_id if j.HasField("session_id") else None,
+            j.priority,
+            j.model_ref,
+            j.prompt_hash,
+            j.max_tokens,
+            j.seed if j.HasField("seed") else None,
+            j.temperature,
+            j.created_at,
+            j.queued_at,
+            j.retry_count,
+            j.estimated_vram_bytes,
+            j.estimated_duration_ms,
+        )
+
+    def _pool_info(self, p: context_pb2.PoolInfo) -> None:
+        self._put_pool(
+            p.id, p.endpoint, p.status, p.last_heartbeat_ms, self.lua.table_from(p.cached_models)
+        )
+
+    def _gpu(self, g: context_pb2.Gpu, pool_id: str) -> None:
+        self._put_gpu(
+            pool_id,
+            g.id,
+            g.device_name,
+            g.compute_capability,
+            g.vram_total_bytes,
+            g.vram_allocated_bytes,
+            g.vram_free_bytes,
+            g.utilization_percent,
+            g.temperature_celsius,
+            g.power_draw_watts,
+            g.supports_fp16,
+            g.supports_int8,
+            g.supports_tensor_cores,
+            g.measured,
+        )
+
+    def _worker(self, w: context_pb2.Worker, pool_id: str) -> None:
+        self._put_worker(
+            pool_id,
+            w.id,
+            w.status,
+            w.model_ref,
+            self.lua.table_from(w.gpu_ids),
+            w.vram_bytes,
+            w.uri,
+            w.current_job_id if w.HasField("current_job_id") else None,
+            w.job_started_at if w.HasField("job_started_at") else None,
+            w.jobs_completed,
+            w.avg_tokens_per_sec,
+            w.started_at_ms,
+            w.last_used_at_ms,
+        )
+
+    def _catalog(self, c: context_pb2.Catalog) -> None:
+        h = self.host
+        h.clear_catalog()
+        for m in c.models:
+            h.put_model(
+                m.model_ref,
+                m.family,
+                m.size,
+                m.quantization,
+                m.vram_required_bytes,
+                m.context_length,
+                m.supports_determinism,
+                m.supports_streaming,
+                self.lua.table_from(dict(m.estimated_tokens_per_sec)),
+                m.file_size_bytes,
+                m.file_hash,
+                m.min_compute_capability,
+            )
+        for name, target in c.aliases.items():
+            h.put_alias(name, target)
+
+    def _tenants(self, ts: context_pb2.TenantSet) -> None:
+        h = self.host
+        h.clear_tenants()
+        for t in ts.tenants:
+            h.put_tenant(
+                t.id,
+                t.name,
+                t.quota_vram_bytes if t.HasField("quota_vram_bytes") else None,
+                t.quota_max_concurrent_jobs if t.HasField("quota_max_concurrent_jobs") else None,
+                t.quota_tokens_daily if t.HasField("quota_tokens_daily") else None,
+                t.vram_used_bytes,
+                t.concurrent_jobs,
+                t.tokens_used_today,
+                t.quota_reset_at,
+                t.quota_exceeded,
+            )
+
+    def _metrics(self, m: context_pb2.Metrics) -> None:
+        self.host.set_metrics(self.lua.table_from(_fields(m)))
+
+    def _config(self, c: context_pb2.Config) -> None:
+        t = self.lua.table_from
+        self.host.set_config(
+            t({"mode": c.mode, "deployment_mode": c.deployment_mode}),
+            t(_fields(c.queue)),
+            t(_fields(c.timeout)),
+            t(_fields(c.retry)),
+            t(_fields(c.eviction)),
+        )
+
+    def _update_memory_limit(self) -> None:
+        jobs, workers, _gpus, models, tenants = self.host.counts()
+        self._counts = (jobs, workers, _gpus, models, tenants)
+        state = (
+            STATE_BYTES_BASE
+            + jobs * STATE_BYTES_PER_JOB
+            + (workers + tenants) * STATE_BYTES_PER_WORKER
+            + models * STATE_BYTES_PER_MODEL
+        )
+        self.lua.set_max_memory(state + self.limits.lua_heap_bytes)
+
+    def lift_memory_limit(self) -> None:
+        """Applying a context must not fail because of what the script left behind."""
+        self.lua.set_max_memory(0)
+
+    @property
+    def memory_used(self) -> int:
+        return int(self.lua.get_memory_used() or 0)
+
+    # ------------------------------------------------------------------ run
+    def run(self, refresh_available: bool, pool_state_fresh: bool) -> RunResult:
+        result = RunResult()
+        try:
+            status, payload, tb, logs, logs_dropped, metrics, metrics_dropped = self.host.run(
+                refresh_available, pool_state_fresh
+            )
+        except Exception as exc:  # memory errors raised outside the script's pcall
+            result.error_kind = _exception_kind(exc)
+            result.error_message = f"{type(exc).__name__}: {exc}"
+            result.retire = True
+            return result
+        # Text from the sandbox is already valid UTF-8 (runtime.lua cleans it).
+        result.logs = [(str(rec[1]), str(rec[2])) for rec in logs.values()]
+        result.logs_dropped = int(logs_dropped)
+        result.metrics = [(str(rec[1]), float(rec[2])) for rec in metrics.values()]
+        result.metrics_dropped = int(metrics_dropped)
+        if status == "ok":
+            try:
+                result.decision = _decision(payload)
+            except UnicodeError:
+                result.error_kind = ErrorKind.ERROR_KIND_INVALID_DECISION
+                result.error_message = "the decision contains a string that is not valid UTF-8"
+        elif status == "refresh":
+            result.refresh_requested = True
+        else:
+            result.error_kind = _STATUS_KINDS[status]
+            result.error_message = str(payload)
+            result.traceback = str(tb or "")
+            result.retire = status in ("violation", "memory")
+        limit = self.lua.get_max_memory()
+        if limit and self.memory_used > MEMORY_PRESSURE * limit:
+            result.retire = True
+            if result.error_kind == ErrorKind.ERROR_KIND_UNSPECIFIED and not result.decision:
+                result.error_kind = ErrorKind.ERROR_KIND_MEMORY_LIMIT
+        return result
+
+
+_STATUS_KINDS = {
+    "error": ErrorKind.ERROR_KIND_LUA_ERROR,
+    "invalid": ErrorKind.ERROR_KIND_INVALID_DECISION,
+    "violation": ErrorKind.ERROR_KIND_SANDBOX_VIOLATION,
+    "memory": ErrorKind.ERROR_KIND_MEMORY_LIMIT,
+}
+
+
+def _exception_kind(exc: Exception) -> int:
+    if "Memory" in type(exc).__name__:
+        return ErrorKind.ERROR_KIND_MEMORY_LIMIT
+    return ErrorKind.ERROR_KIND_INTERNAL
+
+
+def _fields(msg: Any) -> dict[str, Any]:
+    """A flat message's scalar fields, including unset ones, by name."""
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+
+
+def _checked(value: Any) -> str:
+    text = str(value)
+    text.encode("utf-8")  # raises UnicodeEncodeError on lone surrogates
+    return text
+
+
+def _decision(record: Any) -> context_pb2.Decision:
+    """The Lua record {kind, a, b, c, reason, rule} as a Decision message."""
+    kind = str(record[1])
+    msg = context_pb2.Decision(reason=_checked(record[5] or ""), rule=_checked(record[6] or ""))
+    if kind == "dispatch":
+        msg.dispatch.job_id = _checked(record[2])
+        msg.dispatch.worker_id = _checked(record[3])
+    elif kind == "wait":
+        msg.wait.SetInParent()
+        if record[2] is not None:
+            msg.wait.retry_after_ms = int(record[2])
+    elif kind == "start_worker":
+        msg.start_worker.pool_id = _checked(record[2])
+        msg.start_worker.gpu_id = int(record[3])
+        msg.start_worker.model_ref = _checked(record[4])
+    elif kind == "evict_worker":
+        msg.evict_worker.worker_id = _checked(record[2])
+    else:
+        msg.batch.SetInParent()
+        msg.batch.actions.extend(_decision(item) for item in record[2].values())
+    return msg
+
+
+def now_ns() -> int:
+    return time.perf_counter_ns()

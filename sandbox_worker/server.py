@@ -1,0 +1,149 @@
+"""SandboxService: the worker's gRPC face. Its handlers never raise.
+
+Every failure of the script, or of ours, is encoded in the reply. The one status
+code it sets is FAILED_PRECONDITION, for a delta that does not follow the state
+the worker holds (DESIGN.md: the core then sends a full snapshot).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+
+import grpc
+
+from orchestrator._proto import sandbox_pb2, sandbox_pb2_grpc
+from sandbox_worker.runtime import LuaSchedulerRuntime
+
+ErrorKind = sandbox_pb2.ErrorKind
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
+    def __init__(self, hardening: list[str]) -> None:
+        self.hardening = hardening
+        self.runtime: LuaSchedulerRuntime | None = None
+        self.epoch = 0
+        self.seq = 0
+        self.cycles = 0
+        self.broken = ""  # set when the held context can no longer be trusted
+        self._lock = threading.Lock()
+
+    def Load(
+        self, request: sandbox_pb2.LoadRequest, context: grpc.ServicerContext
+    ) -> sandbox_pb2.LoadReply:
+        with self._lock:
+            if self.runtime is not None and self.runtime.loaded:
+                return _load_error("this worker already runs a scheduler; start a new worker")
+            try:
+                self.runtime = LuaSchedulerRuntime(request.language)
+                return self.runtime.load(request)
+            except Exception:
+                return _load_error("internal error while loading", traceback.format_exc())
+
+    def Schedule(
+        self, request: sandbox_pb2.ScheduleRequest, context: grpc.ServicerContext
+    ) -> sandbox_pb2.ScheduleReply:
+        with self._lock:
+            try:
+                return self._schedule(request, context)
+            except Exception:
+                self.broken = "internal error"
+                reply = sandbox_pb2.ScheduleReply(retire=True, seq=self.seq)
+                reply.error.kind = ErrorKind.ERROR_KIND_INTERNAL
+                reply.error.message = "internal error in the sandbox worker"
+                reply.error.traceback = traceback.format_exc()
+                return reply
+
+    def _schedule(
+        self, request: sandbox_pb2.ScheduleRequest, context: grpc.ServicerContext
+    ) -> sandbox_pb2.ScheduleReply:
+        runtime = self.runtime
+        if runtime is None or not runtime.loaded:
+            reply = sandbox_pb2.ScheduleReply()
+            reply.error.kind = ErrorKind.ERROR_KIND_NOT_LOADED
+            reply.error.message = "no scheduler is loaded"
+            return reply
+        started = time.perf_counter_ns()
+        full = request.HasField("snapshot")
+        if not full and (
+            self.broken
+            or request.epoch != self.epoch
+            or request.base_seq != self.seq
+            or request.seq != request.base_seq + len(request.deltas)
+        ):
+            context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+            context.set_details(
+                f"worker holds epoch {self.epoch} seq {self.seq}"
+                f"{' (' + self.broken + ')' if self.broken else ''}; "
+                f"got epoch {request.epoch} base_seq {request.base_seq}: send a full snapshot"
+            )
+            return sandbox_pb2.ScheduleReply(seq=self.seq)
+        runtime.lift_memory_limit()
+        self.broken = "applying an update"  # cleared once the update is fully applied
+        if full:
+            runtime.apply_snapshot(request.snapshot)
+        else:
+            for delta in request.deltas:
+                runtime.apply_delta(delta)
+        self.epoch, self.seq, self.broken = request.epoch, request.seq, ""
+        applied = time.perf_counter_ns()
+        reply = sandbox_pb2.ScheduleReply(
+            seq=self.seq, apply_ns=applied - started, lua_memory_bytes=runtime.memory_used
+        )
+        if request.sync_only:
+            return reply
+        result = runtime.run(request.refresh_available, request.pool_state_fresh)
+        self.cycles += 1
+        reply.run_ns = time.perf_counter_ns() - applied
+        reply.lua_memory_bytes = runtime.memory_used
+        reply.refresh_requested = result.refresh_requested
+        reply.retire = result.retire
+        reply.logs.extend(sandbox_pb2.LogRecord(level=lv, message=msg) for lv, msg in result.logs)
+        reply.metrics.extend(sandbox_pb2.MetricSample(name=n, value=v) for n, v in result.metrics)
+        reply.logs_dropped = result.logs_dropped
+        reply.metrics_dropped = result.metrics_dropped
+        if result.decision is not None and not result.error_kind:
+            reply.decision.CopyFrom(result.decision)
+        elif result.error_kind:
+            reply.error.kind = result.error_kind  # type: ignore[assignment]
+            reply.error.message = result.error_message
+            reply.error.traceback = result.traceback
+        return reply
+
+    def Health(
+        self, request: sandbox_pb2.HealthRequest, context: grpc.ServicerContext
+    ) -> sandbox_pb2.HealthReply:
+        runtime = self.runtime
+        return sandbox_pb2.HealthReply(
+            loaded=bool(runtime and runtime.loaded),
+            source_sha256=runtime.source_sha256 if runtime else "",
+            epoch=self.epoch,
+            seq=self.seq,
+            rss_bytes=_rss_bytes(),
+            lua_memory_bytes=runtime.memory_used if runtime else 0,
+            cycles=self.cycles,
+            lua_version=runtime.lua_version if runtime else "",
+            pid=os.getpid(),
+            hardening=self.hardening,
+        )
+
+
+    def Echo(
+        self, request: sandbox_pb2.EchoMessage, context: grpc.ServicerContext
+    ) -> sandbox_pb2.EchoMessage:
+        return request
+
+
+def _load_error(message: str, tb: str = "") -> sandbox_pb2.LoadReply:
+    reply = sandbox_pb2.LoadReply(ok=False)
+    reply.error.kind = ErrorKind.ERROR_KIND_INTERNAL
+    reply.error.message = message
+    reply.error.traceback = tb
+    return reply

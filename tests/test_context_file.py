@@ -1,0 +1,74 @@
+"""Context files: the ctx shape in YAML or JSON, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.context_file import context_from_dict, context_to_dict, load_context
+from orchestrator.errors import ConfigError
+from orchestrator.samples import sample_context
+
+
+def test_round_trip_of_the_sample_context() -> None:
+    """context_to_dict then context_from_dict gives the same context back."""
+    for platform_mode in (False, True):
+        ctx = sample_context(platform_mode=platform_mode)
+        assert context_from_dict(context_to_dict(ctx)) == ctx
+
+
+def test_derived_fields_stand_in_for_their_sources() -> None:
+    """wait_time_ms, uptime_ms and heartbeat_age_ms are turned into timestamps."""
+    ctx = context_from_dict(
+        {
+            "now_ms": 10_000,
+            "queue": [{"id": "j", "model_ref": "m", "wait_time_ms": 500}],
+            "pools": [
+                {
+                    "id": "p",
+                    "heartbeat_age_ms": 200,
+                    "workers": [{"id": "w", "model_ref": "m", "uptime_ms": 1000}],
+                }
+            ],
+            "tenants": {"t": {"name": "T", "quota_max_concurrent_jobs": 2}},
+        }
+    )
+    assert ctx.queue[0].queued_at == 9_500
+    assert ctx.pools[0].last_heartbeat_ms == 9_800
+    assert ctx.pools[0].workers[0].started_at_ms == 9_000
+    assert ctx.tenants[0].id == "t" and ctx.tenants[0].quota_max_concurrent_jobs == 2
+    assert ctx.metrics.queue_depth == 1 and ctx.metrics.total_workers == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"queues": []}, "context.queues: unknown field"),
+        ({"queue": [{"id": "j"}]}, "context.queue[0]: missing required field 'model_ref'"),
+        (
+            {"queue": [{"id": "j", "model_ref": "m", "colour": 1}]},
+            "context.queue[0].colour: unknown field",
+        ),
+        (
+            {"pools": [{"id": "p", "gpus": [{"id": "0"}]}]},
+            "context.pools[0].gpus[0].id: expected int",
+        ),
+        ({"config": {"retry": {"enabled": "yes"}}}, "context.config.retry.enabled: expected bool"),
+        ({"queue": [{"id": "j", "model_ref": "m", "max_tokens": True}]}, "got a boolean"),
+    ],
+)
+def test_errors_name_the_field(data: dict[str, object], message: str) -> None:
+    """Every malformed field is reported with its path."""
+    with pytest.raises(ConfigError, match=None) as info:
+        context_from_dict(data)
+    assert message in str(info.value)
+
+
+def test_yaml_syntax_errors_give_line_and_column(tmp_path: Path) -> None:
+    """A YAML syntax error points at file:line:column."""
+    path = tmp_path / "ctx.yaml"
+    path.write_text("queue:\n  - id: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_context(path)
+    assert str(info.value).startswith(f"{path}:3:1: invalid YAML")

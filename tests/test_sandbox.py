@@ -1,0 +1,267 @@
+"""The sandbox of runtime-spec section 6 and DESIGN.md's additions, on both Lua runtimes.
+
+Every disabled feature fails with an error that names it; the attempt counts as a
+sandbox violation even when the script swallows the error with pcall, and the
+worker is retired. The allowed library keeps working.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator._proto import sandbox_pb2
+from orchestrator.samples import sample_context
+from tests.conftest import InProcessRuntime
+
+VIOLATION = sandbox_pb2.ERROR_KIND_SANDBOX_VIOLATION
+
+# (Lua statement, the name the error must mention)
+DISABLED = [
+    # runtime-spec 6.1
+    ("io.open('/etc/passwd')", "io.open"),
+    ("io.write('x')", "io.write"),
+    ("io.lines('/etc/passwd')", "io.lines"),
+    ("os.execute('touch /tmp/pwned')", "os.execute"),
+    ("os.remove('/tmp/x')", "os.remove"),
+    ("os.rename('/tmp/x', '/tmp/y')", "os.rename"),
+    ("socket.connect('127.0.0.1', 80)", "socket.connect"),
+    ("os.exit(1)", "os.exit"),
+    ("load('return 1')", "load"),
+    ("loadfile('/etc/passwd')", "loadfile"),
+    ("dofile('/etc/passwd')", "dofile"),
+    ("require('socket')", "require"),
+    # DESIGN.md, question 5
+    ("string.dump(schedule)", "string.dump"),
+    ("debug.getinfo(1)", "debug.getinfo"),
+    ("debug.sethook(function() end, '', 1)", "debug.sethook"),
+    ("debug.getupvalue(schedule, 1)", "debug.getupvalue"),
+    ("debug.setmetatable('', {})", "debug.setmetatable"),
+    ("debug.getregistry()", "debug.getregistry"),
+    ("setfenv(1, {})", "setfenv"),
+    ("getfenv(1)", "getfenv"),
+    ("ffi.cdef('int getpid(void);')", "ffi.cdef"),
+    ("jit.off()", "jit.off"),
+    ("collectgarbage('collect')", "collectgarbage(collect)"),
+    ("collectgarbage()", "collectgarbage(collect)"),
+    ("loadstring('return 1')", "loadstring"),
+    ("os.getenv('HOME')", "os.getenv"),
+    ("os.tmpname()", "os.tmpname"),
+    ("package.loadlib('libc.so.6', 'system')", "package.loadlib"),
+    ("python.eval('1')", "python.eval"),
+    ("newproxy(true)", "newproxy"),
+    ("setmetatable({}, { __gc = function() end })", "setmetatable with __gc"),
+]
+
+
+@pytest.mark.parametrize(("statement", "name"), DISABLED, ids=[d[1] for d in DISABLED])
+def test_disabled_feature_fails_with_clear_error(
+    lua: InProcessRuntime, statement: str, name: str
+) -> None:
+    """Each disabled feature raises '<name> is disabled in the scheduler sandbox'."""
+    result = lua.error_of(f"function schedule(ctx) {statement} return {{ action = 'wait' }} end")
+    assert result.error_kind == VIOLATION
+    assert f"{name} is disabled in the scheduler sandbox" in result.error_message
+    assert result.retire, "a worker that saw a violation must not serve again"
+    assert result.decision is None
+
+
+@pytest.mark.parametrize(("statement", "name"), DISABLED[:8], ids=[d[1] for d in DISABLED[:8]])
+def test_violation_swallowed_by_pcall_still_counts(
+    lua: InProcessRuntime, statement: str, name: str
+) -> None:
+    """pcall around a disabled call does not hide the attempt: the cycle still falls back."""
+    result = lua.error_of(
+        f"function schedule(ctx) pcall(function() {statement} end) return {{ action = 'wait' }} end"
+    )
+    assert result.error_kind == VIOLATION
+    assert name.split("(", maxsplit=1)[0] in result.error_message
+    assert result.retire
+
+
+def test_bytecode_is_refused_at_load(lua: InProcessRuntime) -> None:
+    """A chunk that starts with the bytecode signature does not load."""
+    reply = lua.load("\x1bLuaQ\x00\x01\x04function schedule() end")
+    assert not reply.ok
+    assert "bytecode" in reply.error.message
+
+
+def test_syntax_error_names_the_line(lua: InProcessRuntime) -> None:
+    """A syntax error is reported with the chunk name and line."""
+    reply = lua.load("function schedule(ctx)\n  return {\nend")
+    assert not reply.ok
+    assert reply.error.message.startswith("test.lua:")
+
+
+def test_missing_schedule_function_is_a_load_error(lua: InProcessRuntime) -> None:
+    """A script that defines no schedule() is refused with a message saying so."""
+    reply = lua.load("local x = 1")
+    assert not reply.ok
+    assert "schedule(ctx)" in reply.error.message
+
+
+def test_violation_at_load_time_is_refused(lua: InProcessRuntime) -> None:
+    """Top-level code that touches a disabled feature fails the load."""
+    reply = lua.load("pcall(os.exit)\nfunction schedule(ctx) return {action='wait'} end")
+    assert not reply.ok
+    assert "os.exit" in reply.error.message
+
+
+def test_allowed_library_works(lua: InProcessRuntime) -> None:
+    """math, string, table, os.time/date/clock, coroutine and debug.traceback are available."""
+    values = lua.eval(
+        "math.floor(2.5), string.upper('ab'), ('x'):rep(3), table.concat({'a', 'b'}, ','),"
+        " type(os.time()), type(os.date('%Y')), type(os.clock()),"
+        " type(debug.traceback('m')), coroutine.wrap(function() coroutine.yield(7) end)(),"
+        " select('#', 1, 2), tostring(nil), collectgarbage('count') > 0"
+    )
+    assert values == [
+        2,
+        "AB",
+        "xxx",
+        "a,b",
+        "number",
+        "string",
+        "number",
+        "string",
+        7,
+        2,
+        "nil",
+        True,
+    ]
+
+
+def test_string_metatable_is_hidden(lua: InProcessRuntime) -> None:
+    """getmetatable('') does not hand out the shared string metatable."""
+    assert lua.eval("getmetatable('')") is False
+    assert lua.eval("getmetatable(ctx.queue[1])") == "ctx is read-only"
+
+
+def test_no_python_objects_reachable(lua: InProcessRuntime) -> None:
+    """Nothing in the global environment or ctx is a userdata (a Python object)."""
+    found = lua.eval(
+        """(function()
+          local seen, bad = {}, {}
+          local function walk(v, path, depth)
+            if depth > 6 then return end
+            local t = type(v)
+            if t == 'userdata' then bad[#bad + 1] = path end
+            if t ~= 'table' or seen[v] then return end
+            seen[v] = true
+            for k, x in pairs(v) do walk(x, path .. '.' .. tostring(k), depth + 1) end
+          end
+          walk(_G, '_G', 0)
+          walk(ctx, 'ctx', 0)
+          return bad
+        end)()"""
+    )
+    assert found in ([], {})
+
+
+def test_print_goes_to_the_logs(lua: InProcessRuntime) -> None:
+    """print() is captured as an info log instead of writing to the worker's stdout."""
+    lua.load("function schedule(ctx) print('hello', 42) return {action='wait'} end")
+    result = lua.run(sample_context())
+    assert result.logs == [("info", "hello 42")]
+
+
+def test_ctx_mutations_do_not_survive_the_call(lua: InProcessRuntime) -> None:
+    """Whatever a script does to ctx is gone at the next call; its own globals persist."""
+    lua.load(
+        """
+        calls = 0
+        function schedule(ctx)
+          calls = calls + 1
+          if calls == 1 then
+            ctx.pools[1].status = "offline"
+            ctx.pools[1].workers[1].status = "busy"
+            ctx.pools[1].workers[1].gpu_ids[1] = 99
+            table.remove(ctx.queue, 1)
+            ctx.queue[2] = nil
+            ctx.metrics.queue_depth = -1
+            ctx.config.eviction.vram_threshold = 0
+            ctx.catalog.aliases["llama-8b"] = "evil"
+            ctx.find_ready_worker = nil
+            pcall(function() ctx.get_job("job-1").priority = "batch" end)
+          else
+            ctx.log_info(ctx.pools[1].status, ctx.pools[1].workers[1].status,
+              ctx.pools[1].workers[1].gpu_ids[1], #ctx.queue, ctx.queue[1].id,
+              ctx.metrics.queue_depth, ctx.config.eviction.vram_threshold,
+              ctx.resolve_model("llama-8b") == ctx.catalog.aliases["llama-8b"],
+              type(ctx.find_ready_worker), ctx.get_job("job-1").priority, calls)
+          end
+          return { action = "wait" }
+        end"""
+    )
+    lua.run(sample_context())
+    result = lua.run()  # same worker state, no new snapshot
+    assert result.logs == [("info", "healthy ready 0 5 job-1 5 0.9 true function interactive 2")]
+
+
+def test_invalid_utf8_in_decision_is_rejected_and_logs_are_escaped(lua: InProcessRuntime) -> None:
+    """Bytes that are not UTF-8 cannot reach the host as text: ids are refused, logs escaped."""
+    lua.load(
+        "function schedule(ctx) ctx.log_info('bad \\255 byte')"
+        " return { action = 'dispatch', job_id = 'job-\\255', worker_id = 'w' } end"
+    )
+    result = lua.run(sample_context())
+    assert result.error_kind == sandbox_pb2.ERROR_KIND_INVALID_DECISION
+    assert "not valid UTF-8" in result.error_message
+    assert result.logs == [("info", "bad \\xff byte")]
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        ("nil", "schedule() returned nil"),
+        ("42", "expected a table, got number"),
+        ("{}", "missing 'action'"),
+        ("{ action = 'fly' }", "unknown action 'fly'"),
+        ("{ action = 'dispatch', job_id = 1, worker_id = 'w' }", "'job_id' must be a string"),
+        (
+            "{ action = 'start_worker', pool_id = 'p', gpu_id = 0.5, model_ref = 'm' }",
+            "'gpu_id' must be an integer",
+        ),
+        ("{ action = 'batch', actions = 'x' }", "'actions' must be a list"),
+        (
+            "{ action = 'dispatch', job_id = string.rep('j', 5000), worker_id = 'w' }",
+            "the limit is 1024",
+        ),
+        ("setmetatable({}, { __index = function() while true do end end })", "missing 'action'"),
+    ],
+)
+def test_malformed_decisions_are_invalid(
+    lua: InProcessRuntime, returned: str, message: str
+) -> None:
+    """A return value that is not a decision is reported precisely, read with raw access only."""
+    result = lua.error_of(f"function schedule(ctx) return {returned} end")
+    assert result.error_kind == sandbox_pb2.ERROR_KIND_INVALID_DECISION
+    assert message in result.error_message
+
+
+def test_older_spec_decision_shapes_are_accepted(lua: InProcessRuntime) -> None:
+    """{action='evict', evict_worker_id=...} and a nested start_worker table still work."""
+    lua.load(
+        """function schedule(ctx) return { action = "batch", actions = {
+            { action = "evict", evict_worker_id = "worker-3" },
+            { action = "start_worker", start_worker = { model_ref = "llama-8b", pool_id = "pool-2", gpu_id = 0 } },
+        } } end"""
+    )
+    result = lua.run(sample_context())
+    assert result.decision is not None
+    actions = result.decision.batch.actions
+    assert actions[0].evict_worker.worker_id == "worker-3"
+    assert actions[1].start_worker.model_ref == "llama-8b"
+    assert actions[1].start_worker.pool_id == "pool-2"
+
+
+def test_refresh_pool_state_asks_the_core(lua: InProcessRuntime) -> None:
+    """With a refresh available, refresh_pool_state() abandons the call; with fresh state it is true."""
+    lua.load(
+        "function schedule(ctx) local ok = ctx.refresh_pool_state()"
+        " ctx.log_info(tostring(ok)) return { action = 'wait' } end"
+    )
+    first = lua.run(sample_context(), refresh_available=True)
+    assert first.refresh_requested
+    second = lua.run(pool_state_fresh=True)
+    assert not second.refresh_requested
+    assert second.logs == [("info", "true")]
