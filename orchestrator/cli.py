@@ -20,13 +20,16 @@ from typing import Any
 import yaml
 
 from orchestrator import decision as decisions
+from orchestrator.config import load_config
 from orchestrator.context_file import context_to_dict, load_context
 from orchestrator.engine import CycleResult, EngineOptions, SchedulingEngine, platform_source
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.limits import SandboxLimits
 from orchestrator.log import configure_logging
 from orchestrator.model import Context
+from orchestrator.pool_manager import run_pool_manager
 from orchestrator.samples import sample_context
+from orchestrator.server import serve
 
 EXIT_USER = 0
 EXIT_USAGE = 2
@@ -39,6 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Programmable scheduler for LLM-inference orchestration.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the orchestrator (gRPC job, pool and admin services, /metrics)",
+        description="Run the orchestrator. Without --config it uses the embedded default "
+        "(lab mode, platform scheduler, development workers, state in ./.orchestratord).",
+    )
+    serve.add_argument("--config", type=Path, help="YAML config (deploy/config/ has examples)")
+    serve.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default="auto",
+        help="auto: readable on a terminal, JSON otherwise (journald)",
+    )
+
+    pool = commands.add_parser(
+        "pool-manager",
+        help="run a pool on this host for an orchestrator on another",
+        description="Register this host's GPUs with an orchestrator, heartbeat, and start or "
+        "evict inference workers when it says so. Uses the local_pool section of --config.",
+    )
+    pool.add_argument("--orchestrator", required=True, help="the core's gRPC HOST:PORT")
+    pool.add_argument("--config", type=Path, help="YAML config (local_pool, pools, state_dir)")
+    pool.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
 
     scheduler = commands.add_parser("scheduler", help="work with scheduler policies")
     sub = scheduler.add_subparsers(dest="scheduler_command", required=True, metavar="SUBCOMMAND")
@@ -80,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
-    configure_logging("console", "error")
     try:
+        if args.command in ("serve", "pool-manager"):
+            return _serve(args)
+        configure_logging("console", "error")
         if args.scheduler_command == "test":
             return asyncio.run(_scheduler_test(args))
         if args.scheduler_command == "platform-source":
@@ -99,6 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     except OrchestratorError as exc:
         print(f"orchestratord: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    fmt = args.log_format
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    configure_logging(fmt, config.log_level)
+    try:
+        if args.command == "pool-manager":
+            asyncio.run(run_pool_manager(config, args.orchestrator))
+        else:
+            asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 async def _scheduler_test(args: argparse.Namespace) -> int:

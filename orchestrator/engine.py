@@ -416,7 +416,9 @@ class SchedulingEngine:
             "latency_ms": round(result.latency_ms, 3),
         }
         if error is None:
-            log.info("scheduler.decision", **event)
+            # An idle wait every tick would drown the log; it stays visible at debug.
+            quiet = isinstance(result.decision, Wait)
+            (log.debug if quiet else log.info)("scheduler.decision", **event)
         else:
             log.warning(
                 "scheduler.fallback",

@@ -88,6 +88,10 @@ class Pool:
     gpus: tuple[Gpu, ...] = ()
     workers: tuple[Worker, ...] = ()
     cached_models: tuple[str, ...] = ()  # least recently used first
+    host_ram_total_bytes: int = 0
+    host_ram_available_bytes: int = 0
+    host_cpu_percent: float = 0.0
+    host_cpu_count: int = 0
 
     def gpu(self, gpu_id: int) -> Gpu | None:
         return next((g for g in self.gpus if g.id == gpu_id), None)

@@ -94,6 +94,10 @@ def pool_info_to_proto(pool: Pool) -> pb.PoolInfo:
         status=pool.status,
         last_heartbeat_ms=pool.last_heartbeat_ms,
         cached_models=pool.cached_models,
+        host_ram_total_bytes=pool.host_ram_total_bytes,
+        host_ram_available_bytes=pool.host_ram_available_bytes,
+        host_cpu_percent=pool.host_cpu_percent,
+        host_cpu_count=pool.host_cpu_count,
     )
 
 
@@ -189,8 +193,17 @@ def to_proto(ctx: Context) -> pb.Context:
     )
 
 
-def _pool_header(pool: Pool) -> tuple[str, str, int, tuple[str, ...]]:
-    return (pool.endpoint, pool.status, pool.last_heartbeat_ms, pool.cached_models)
+def _pool_header(pool: Pool) -> tuple[object, ...]:
+    return (
+        pool.endpoint,
+        pool.status,
+        pool.last_heartbeat_ms,
+        pool.cached_models,
+        pool.host_ram_total_bytes,
+        pool.host_ram_available_bytes,
+        pool.host_cpu_percent,
+        pool.host_cpu_count,
+    )
 
 
 def diff(old: Context, new: Context) -> pb.ContextDelta:

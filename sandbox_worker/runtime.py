@@ -185,7 +185,15 @@ class LuaSchedulerRuntime:
 
     def _pool_info(self, p: context_pb2.PoolInfo) -> None:
         self._put_pool(
-            p.id, p.endpoint, p.status, p.last_heartbeat_ms, self.lua.table_from(p.cached_models)
+            p.id,
+            p.endpoint,
+            p.status,
+            p.last_heartbeat_ms,
+            self.lua.table_from(p.cached_models),
+            p.host_ram_total_bytes,
+            p.host_ram_available_bytes,
+            p.host_cpu_percent,
+            p.host_cpu_count,
         )
 
     def _gpu(self, g: context_pb2.Gpu, pool_id: str) -> None:

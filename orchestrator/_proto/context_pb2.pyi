@@ -239,11 +239,20 @@ class PoolInfo(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_MS_FIELD_NUMBER: _builtins.int
     CACHED_MODELS_FIELD_NUMBER: _builtins.int
+    HOST_RAM_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_RAM_AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    HOST_CPU_COUNT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     endpoint: _builtins.str
     status: _builtins.str
     """"healthy", "degraded", "offline" """
     last_heartbeat_ms: _builtins.int
+    host_ram_total_bytes: _builtins.int
+    """The pool's host, read through psutil (an extension of runtime-spec 3.2)."""
+    host_ram_available_bytes: _builtins.int
+    host_cpu_percent: _builtins.float
+    host_cpu_count: _builtins.int
     @_builtins.property
     def cached_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """least recently used first"""
@@ -256,10 +265,14 @@ class PoolInfo(_message.Message):
         status: _builtins.str = ...,
         last_heartbeat_ms: _builtins.int = ...,
         cached_models: _abc.Iterable[_builtins.str] | None = ...,
+        host_ram_total_bytes: _builtins.int = ...,
+        host_ram_available_bytes: _builtins.int = ...,
+        host_cpu_percent: _builtins.float = ...,
+        host_cpu_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_models", b"cached_models", "endpoint", b"endpoint", "id", b"id", "last_heartbeat_ms", b"last_heartbeat_ms", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_models", b"cached_models", "endpoint", b"endpoint", "host_cpu_count", b"host_cpu_count", "host_cpu_percent", b"host_cpu_percent", "host_ram_available_bytes", b"host_ram_available_bytes", "host_ram_total_bytes", b"host_ram_total_bytes", "id", b"id", "last_heartbeat_ms", b"last_heartbeat_ms", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

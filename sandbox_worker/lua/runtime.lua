@@ -199,19 +199,23 @@ local function ensure_pool(id)
   local pool = pools[id]
   if not pool then
     pool = { info = { id = id, endpoint = "", status = "offline", last_heartbeat_ms = 0,
-                      cached_models = {} }, gpus = {}, workers = {} }
+                      cached_models = {}, host_ram_total_bytes = 0, host_ram_available_bytes = 0,
+                      host_cpu_percent = 0, host_cpu_count = 0 }, gpus = {}, workers = {} }
     pools[id] = pool
     insert_sorted(pool_ids, id, string_less)
   end
   return pool
 end
 
-function host.put_pool(id, endpoint, status, last_heartbeat_ms, cached_models)
+function host.put_pool(id, endpoint, status, last_heartbeat_ms, cached_models, ram_total,
+                       ram_available, cpu_percent, cpu_count)
   local pool = ensure_pool(id)
   local cached = {}
   for i = 1, #cached_models do cached[i] = cached_models[i] end
   pool.info = { id = id, endpoint = endpoint, status = status,
-                last_heartbeat_ms = last_heartbeat_ms, cached_models = cached }
+                last_heartbeat_ms = last_heartbeat_ms, cached_models = cached,
+                host_ram_total_bytes = ram_total, host_ram_available_bytes = ram_available,
+                host_cpu_percent = cpu_percent, host_cpu_count = cpu_count }
 end
 
 function host.remove_pool(id)
@@ -369,6 +373,10 @@ local function build_state()
       last_heartbeat_ms = info.last_heartbeat_ms,
       heartbeat_age_ms = now_ms - info.last_heartbeat_ms,
       gpus = gpus, workers = workers, cached_models = copy_array(info.cached_models),
+      host_ram_total_bytes = info.host_ram_total_bytes or 0,
+      host_ram_available_bytes = info.host_ram_available_bytes or 0,
+      host_cpu_percent = info.host_cpu_percent or 0,
+      host_cpu_count = info.host_cpu_count or 0,
     }
     for _, w in ipairs(workers) do state.pool_of_worker[w.id] = pool end
     state.pools[pi] = pool

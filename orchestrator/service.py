@@ -1,0 +1,736 @@
+"""The orchestrator service: jobs in, decisions applied, jobs run, nothing lost.
+
+`Orchestrator` owns the durable job store, the live cluster state, the scheduling
+engine and the scheduling loop. The loop runs a cycle whenever the queue or the
+cluster changes, and on a tick; each cycle's decision is re-checked against the
+state as it is when the decision comes back (a job may have been cancelled in the
+meantime) and applied: dispatches start streaming jobs from workers, worker
+starts and evictions go to the pool that owns the GPU.
+
+Every accepted job and every state change is in SQLite before it is acknowledged.
+On start, jobs that were queued are queued again, and jobs that were running are
+retried under `config.retry`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from orchestrator import decision as decisions
+from orchestrator.cluster import ClusterState, ProcessInfo, RemoteCommand, now_ms
+from orchestrator.config import ServiceConfig, load_catalog, load_tenants
+from orchestrator.decision import Decision, Dispatch, EvictWorker, StartWorker, Wait
+from orchestrator.engine import (
+    CycleResult,
+    EngineOptions,
+    SchedulingEngine,
+    platform_source,
+)
+from orchestrator.errors import OrchestratorError
+from orchestrator.executor import JobRunner
+from orchestrator.hardware import GpuProbe, HostProbe, NvmlProbe, PsutilProbe
+from orchestrator.jobs import (
+    CANCELLED,
+    COMPLETED,
+    DISPATCHED,
+    FAILED,
+    IN_FLIGHT,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    InvalidJobError,
+    JobRecord,
+    SubmitSpec,
+    new_record,
+    retry_delay_ms,
+    validate_submit,
+)
+from orchestrator.limits import SandboxLimits
+from orchestrator.local_pool import LocalPool, PoolError
+from orchestrator.log import get_logger
+from orchestrator.metrics import EngineMetrics
+from orchestrator.model import Context, Gpu
+from orchestrator.store import AsyncJobStore, JobStore, Transition
+
+log = get_logger("service")
+
+VERSION = "0.1.0"
+
+
+class ServiceUnavailableError(OrchestratorError):
+    """The service is draining or the queue is full."""
+
+
+class NotFoundError(OrchestratorError):
+    """No such job or pool."""
+
+
+def scheduler_version(source: str) -> str:
+    """The semver of a scheduler, from its `-- @version X` header line."""
+    match = re.search(r"^--\s*@version\s+(\S+)", source, re.MULTILINE)
+    return match.group(1) if match else ""
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    record: JobRecord
+    at_ms: int
+    detail: str = ""
+
+
+class ServiceMetrics:
+    def __init__(self, metrics: EngineMetrics) -> None:
+        r = metrics.registry
+        self.queue_depth = Gauge("orchestrator_queue_depth", "Jobs waiting.", registry=r)
+        self.running = Gauge("orchestrator_jobs_running", "Jobs dispatched or running.", registry=r)
+        self.submitted = Counter("orchestrator_jobs_submitted", "Jobs accepted.", registry=r)
+        self.rejected = Counter(
+            "orchestrator_jobs_rejected", "Submits refused, by field.", ["field"], registry=r
+        )
+        self.finished = Counter(
+            "orchestrator_jobs_finished", "Jobs that ended, by state.", ["state"], registry=r
+        )
+        self.retried = Counter("orchestrator_jobs_retried", "Job attempts retried.", registry=r)
+        self.applied = Counter(
+            "orchestrator_actions_applied",
+            "Decision actions applied or skipped as stale.",
+            ["action", "result"],
+            registry=r,
+        )
+        self.dispatch_wait = Histogram(
+            "orchestrator_submit_to_dispatch_seconds",
+            "Time from submit to dispatch.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.cycles = Counter("orchestrator_cycles", "Scheduling cycles run.", registry=r)
+        self.workers = Gauge(
+            "orchestrator_workers", "Inference workers by status.", ["status"], registry=r
+        )
+        self.pools = Gauge("orchestrator_pools", "Pools by status.", ["status"], registry=r)
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        *,
+        gpu_probe: GpuProbe | None = None,
+        host_probe: HostProbe | None = None,
+    ) -> None:
+        self.config = config
+        self.state_dir = config.path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog = load_catalog(config)
+        self.tenant_quotas = load_tenants(config)
+        self.metrics = EngineMetrics()
+        self.service_metrics = ServiceMetrics(self.metrics)
+        self.local_pool: LocalPool | None = None
+        if config.local_pool.enabled:
+            probe = gpu_probe if gpu_probe is not None else NvmlProbe()
+            if not probe.available() and config.local_pool.use_nvml:
+                reason = getattr(probe, "reason", "no GPU")
+                log.warning(
+                    "pool.no_nvml",
+                    message=f"no NVIDIA GPU or driver found ({reason}); using the "
+                    f"{len(config.local_pool.gpus)} GPUs declared in the config, "
+                    "marked as declared (measured=false)",
+                )
+            self.local_pool = LocalPool(
+                config.local_pool,
+                probe,
+                host_probe or PsutilProbe(),
+                self.state_dir,
+                cache_ms=config.pools.heartbeat_ms,
+            )
+        self.cluster = ClusterState(config, self.catalog, self.tenant_quotas, self.local_pool)
+        self.store = AsyncJobStore(
+            JobStore(self.state_dir / "jobs.sqlite3", durability=config.durability)
+        )
+        self.scheduler_name = "platform"
+        self.scheduler_source = platform_source()
+        user_source = None
+        if config.scheduler.file:
+            path = config.path(config.scheduler.file)
+            try:
+                user_source = path.read_text()
+            except OSError as exc:
+                raise OrchestratorError(f"scheduler.file: {path}: {exc.strerror}") from None
+            self.scheduler_name, self.scheduler_source = path.name, user_source
+        self.scheduler_since_ms = now_ms()
+        self.engine = SchedulingEngine(
+            user_source=user_source,
+            user_name=self.scheduler_name,
+            language=config.scheduler.language,
+            options=EngineOptions(
+                limits=SandboxLimits(deadline_ms=config.scheduler.deadline_ms),
+                user_spares=config.scheduler.spares,
+                platform_spares=config.scheduler.spares,
+                breaker_threshold=config.scheduler.breaker.threshold,
+                breaker_base_backoff_s=config.scheduler.breaker.base_backoff_s,
+                breaker_max_backoff_s=config.scheduler.breaker.max_backoff_s,
+                expose_platform_source=not config.platform_mode,
+                seccomp=config.scheduler.seccomp,
+                runtime_dir=self._sandbox_dir(),
+            ),
+            metrics=self.metrics,
+        )
+        self.runner = JobRunner()
+        self.started_ms = now_ms()
+        self.cycles = 0
+        self.draining = False
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._cancel_requested: set[str] = set()
+        self._subscribers: dict[str | None, set[asyncio.Queue[JobEvent]]] = {}
+        self._worker_ids = itertools.count(1)
+        self._command_ids = itertools.count(1)
+        self.last_result: CycleResult | None = None
+        self._start_backoff: dict[tuple[str, str], tuple[float, float]] = {}
+        if self.local_pool is not None:
+            self.local_pool.on_change.append(self._wake)
+
+    def _sandbox_dir(self) -> Path:
+        # Unix socket paths are limited to 108 bytes: keep them short, under /tmp if needed.
+        path = self.state_dir / "sandbox"
+        if len(str(path)) > 60:
+            digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+            path = Path("/tmp") / f"orch-{digest}"
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    @property
+    def loop_alive(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def gpu_source(self) -> str:
+        return self.local_pool.gpu_source if self.local_pool else "remote"
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self.local_pool is not None:
+            killed = self.local_pool.kill_leftovers()
+            if killed:
+                log.warning("pool.leftover_workers_killed", count=killed)
+        await self.engine.start()
+        await self._recover()
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _recover(self) -> None:
+        """Queued jobs go back in the queue; jobs that were running are retried."""
+        at = now_ms()
+        records = await self.store.run(self.store.store.active)
+        requeued = retried = failed = 0
+        transitions = []
+        for record in records:
+            if record.state == QUEUED:
+                self.cluster.enqueue(record, at)
+                requeued += 1
+                continue
+            delay = retry_delay_ms(self.config.retry, record.attempts)
+            if delay is None:
+                transitions.append(
+                    Transition(
+                        record.id,
+                        IN_FLIGHT,
+                        FAILED,
+                        at,
+                        "no attempt left after restart",
+                        (("finished_at", at), ("error", "orchestrator restarted")),
+                    )
+                )
+                failed += 1
+            else:
+                transitions.append(
+                    Transition(
+                        record.id,
+                        IN_FLIGHT,
+                        QUEUED,
+                        at,
+                        "retry after restart",
+                        (("not_before", at + delay), ("worker_id", None)),
+                    )
+                )
+                retried += 1
+        for updated in await self.store.apply(transitions):
+            if updated is not None and updated.state == QUEUED:
+                self.cluster.enqueue(updated, at)
+        if records:
+            log.info("service.recovered", requeued=requeued, retried=retried, failed=failed)
+
+    async def drain(self) -> None:
+        """Stop taking jobs, let running ones finish (bounded), then stop everything."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info(
+            "service.draining", running=len(self._running), timeout_s=self.config.drain_timeout_s
+        )
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._running:
+            await asyncio.wait(list(self._running.values()), timeout=self.config.drain_timeout_s)
+        for task in list(self._running.values()):
+            task.cancel()  # left in the store as running: retried on the next start
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await self.close()
+
+    async def close(self) -> None:
+        if self._loop_task is not None and not self._loop_task.done():
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await self.engine.close()
+        if self.local_pool is not None:
+            await self.local_pool.close()
+        await self.runner.close()
+        await self.store.close()
+
+    # ------------------------------------------------------------------ jobs
+    async def submit(self, spec: SubmitSpec) -> JobRecord:
+        if self.draining:
+            raise ServiceUnavailableError("the orchestrator is draining; submit elsewhere or retry")
+        try:
+            model_ref, priority = validate_submit(
+                spec,
+                catalog=self.catalog,
+                tenants=self.tenant_quotas,
+                limits=self.config.limits,
+                platform_mode=self.config.platform_mode,
+            )
+        except InvalidJobError as exc:
+            self.service_metrics.rejected.labels(exc.field).inc()
+            raise
+        capacity = self.config.queue.capacity
+        if capacity >= 0 and self.cluster.queue_depth >= capacity:
+            raise ServiceUnavailableError(f"the queue is full ({capacity} jobs)")
+        at = now_ms()
+        record = new_record(
+            "job-" + secrets.token_hex(8), spec, model_ref, priority, self.catalog, at
+        )
+        stored, created = await self.store.insert(record)
+        if created:
+            self.cluster.enqueue(stored, at)
+            self.service_metrics.submitted.inc()
+            self._publish(stored, at, "submitted")
+            self._wake.set()
+        return stored
+
+    async def get(self, job_id: str) -> JobRecord:
+        record = self.cluster.records.get(job_id) or await self.store.get(job_id)
+        if record is None:
+            raise NotFoundError(f"job {job_id!r} not found")
+        return record
+
+    async def list_jobs(
+        self, states: list[str], tenant_id: str | None, limit: int, after_seq: int
+    ) -> list[JobRecord]:
+        return await self.store.run(self.store.store.list_jobs, states, tenant_id, limit, after_seq)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        record = await self.get(job_id)
+        if record.state in TERMINAL:
+            return record
+        at = now_ms()
+        if record.state == QUEUED:
+            (updated,) = await self.store.apply(
+                [
+                    Transition(
+                        job_id,
+                        (QUEUED,),
+                        CANCELLED,
+                        at,
+                        "cancelled by client",
+                        (("finished_at", at),),
+                    )
+                ]
+            )
+            if updated is not None:
+                self._finished(updated, at, "cancelled by client")
+                return updated
+            record = await self.get(job_id)  # it moved on meanwhile: cancel it there
+        task = self._running.get(job_id)
+        if task is not None:
+            self._cancel_requested.add(job_id)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        return await self.get(job_id)
+
+    def _finished(self, record: JobRecord, at: int, detail: str) -> None:
+        self.cluster.finish(record.id)
+        self.service_metrics.finished.labels(record.state).inc()
+        self._publish(record, at, detail)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ watch
+    @contextlib.asynccontextmanager
+    async def subscribe(self, job_id: str | None) -> AsyncIterator[asyncio.Queue[JobEvent]]:
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue(maxsize=10_000)
+        self._subscribers.setdefault(job_id, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers[job_id].discard(queue)
+
+    def _publish(self, record: JobRecord, at: int, detail: str) -> None:
+        event = JobEvent(record, at, detail)
+        for key in (record.id, None):
+            for queue in self._subscribers.get(key, ()):
+                with contextlib.suppress(asyncio.QueueFull):  # a stuck watcher loses events
+                    queue.put_nowait(event)
+
+    # ------------------------------------------------------------------ pools
+    def register_pool(self, pool_id: str, endpoint: str) -> None:
+        if self.local_pool is not None and pool_id == self.local_pool.id:
+            raise InvalidJobError("pool_id", f"{pool_id!r} is the orchestrator's own pool")
+        self.cluster.register_remote(pool_id, endpoint, now_ms())
+        log.info("pool.registered", pool=pool_id, endpoint=endpoint)
+        self._wake.set()
+
+    def pool_heartbeat(
+        self,
+        pool_id: str,
+        endpoint: str,
+        gpus: tuple[Gpu, ...],
+        workers: tuple[ProcessInfo, ...],
+        cached_models: tuple[str, ...],
+        host: tuple[int, int, float, int],
+    ) -> list[RemoteCommand]:
+        """Record a heartbeat; returns the commands waiting for this pool."""
+        pool = self.cluster.remote.get(pool_id)
+        if pool is None:
+            raise NotFoundError(f"pool {pool_id!r} is not registered; call Register first")
+        at = now_ms()
+        if self.cluster.pool_status(pool.last_heartbeat_ms, at) == "offline":
+            log.info("pool.back_online", pool=pool_id)
+        if endpoint:
+            pool.endpoint = endpoint
+        commands = self.cluster.remote_heartbeat(pool, gpus, workers, cached_models, host, at)
+        self._wake.set()
+        return commands
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        tick = self.config.scheduler.tick_ms / 1000
+        seen_version = -1
+        last_cycle = 0.0
+        next_in = tick
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), next_in)
+            self._wake.clear()
+            changed = self.cluster.version != seen_version
+            due = time.monotonic() - last_cycle >= tick
+            if not (changed or due):
+                next_in = max(0.0, tick - (time.monotonic() - last_cycle))
+                continue
+            seen_version = self.cluster.version
+            last_cycle = time.monotonic()
+            try:
+                result = await self._cycle()
+            except Exception:
+                log.exception("scheduler.cycle_failed")
+                next_in = tick
+                continue
+            next_in = tick
+            if isinstance(result.decision, Wait) and result.decision.retry_after_ms:
+                next_in = min(tick, result.decision.retry_after_ms / 1000)
+            due_ms = self.cluster.next_due_ms()
+            if due_ms is not None:
+                next_in = max(0.0, min(next_in, (due_ms - now_ms()) / 1000))
+
+    async def _cycle(self) -> CycleResult:
+        ctx = self.cluster.context()
+        result = await self.engine.schedule(ctx, self._refresh)
+        self.cycles += 1
+        self.last_result = result
+        self.service_metrics.cycles.inc()
+        await self._apply(result.decision)
+        self._update_gauges(result.context)
+        return result
+
+    async def _refresh(self) -> Context:
+        """ctx.refresh_pool_state(): read the local pool now instead of from cache."""
+        return self.cluster.context(fresh=True)
+
+    def _update_gauges(self, ctx: Context) -> None:
+        m = self.service_metrics
+        m.queue_depth.set(self.cluster.queue_depth)
+        m.running.set(len(self.cluster.in_flight))
+        for status in ("ready", "busy", "starting", "failed"):
+            m.workers.labels(status).set(
+                sum(1 for p in ctx.pools for w in p.workers if w.status == status)
+            )
+        for status in ("healthy", "degraded", "offline"):
+            m.pools.labels(status).set(sum(1 for p in ctx.pools if p.status == status))
+
+    # ------------------------------------------------------------------ applying
+    async def _apply(self, decision: Decision) -> None:
+        """Apply in order; an action the world has moved past since the snapshot is skipped."""
+        at = now_ms()
+        dispatches: list[tuple[Dispatch, JobRecord, str]] = []
+        claimed: set[str] = set()
+        ready = {p.id: (pool_id, p) for pool_id, p in self.cluster.processes()}
+        for action in decisions.flatten(decision):
+            if isinstance(action, Dispatch):
+                record = self.cluster.records.get(action.job_id)
+                found = ready.get(action.worker_id)
+                stats = self.cluster.stats.get(action.worker_id)
+                fresh = (
+                    record is not None
+                    and record.state == QUEUED
+                    and action.job_id not in self.cluster.in_flight
+                    and found is not None
+                    and found[1].status == "ready"
+                    and (stats is None or stats.current_job_id is None)
+                    and action.worker_id not in claimed
+                )
+                if not fresh or record is None or found is None:
+                    self.service_metrics.applied.labels("dispatch", "stale").inc()
+                    continue
+                claimed.add(action.worker_id)
+                dispatches.append((action, record, found[1].uri))
+            elif isinstance(action, StartWorker):
+                await self._start_worker(action)
+            elif isinstance(action, EvictWorker):
+                self._evict_worker(action)
+        if dispatches:
+            await self._dispatch(dispatches, at)
+
+    async def _dispatch(self, dispatches: list[tuple[Dispatch, JobRecord, str]], at: int) -> None:
+        transitions = [
+            Transition(
+                record.id,
+                (QUEUED,),
+                DISPATCHED,
+                at,
+                f"to {action.worker_id}",
+                (
+                    ("attempts", record.attempts + 1),
+                    ("dispatched_at", at),
+                    ("worker_id", action.worker_id),
+                ),
+            )
+            for action, record, _ in dispatches
+        ]
+        results = await self.store.apply(transitions)
+        for (action, _, uri), updated in zip(dispatches, results, strict=True):
+            if updated is None:  # cancelled while we were writing
+                self.service_metrics.applied.labels("dispatch", "stale").inc()
+                continue
+            self.cluster.start(updated)
+            self.cluster.assign(action.worker_id, updated.id, at)
+            self.service_metrics.applied.labels("dispatch", "applied").inc()
+            self.service_metrics.dispatch_wait.observe(max(0, at - updated.queued_at) / 1000)
+            self._publish(updated, at, f"dispatched to {action.worker_id}")
+            self._running[updated.id] = asyncio.get_running_loop().create_task(
+                self._run_job(updated, action.worker_id, uri)
+            )
+
+    async def _start_worker(self, action: StartWorker) -> None:
+        model = self.catalog.get(action.model_ref)
+        if model is None:
+            self.service_metrics.applied.labels("start_worker", "stale").inc()
+            return
+        worker_id = f"{action.pool_id}-w{next(self._worker_ids)}-{secrets.token_hex(2)}"
+        if self.local_pool is not None and action.pool_id == self.local_pool.id:
+            key = (action.pool_id, model.model_ref)
+            until, delay = self._start_backoff.get(key, (0.0, 0.0))
+            if time.monotonic() < until:
+                self.service_metrics.applied.labels("start_worker", "backoff").inc()
+                return
+            try:
+                await self.local_pool.start_worker(
+                    worker_id, model.model_ref, action.gpu_id, model.vram_required_bytes
+                )
+            except PoolError as exc:
+                # The scheduler will ask again; do not try more than once per backoff.
+                delay = min(max(1.0, delay * 2), 60.0)
+                self._start_backoff[key] = (time.monotonic() + delay, delay)
+                log.error(
+                    "pool.start_failed", pool=action.pool_id, error=str(exc), retry_in_s=delay
+                )
+                self.service_metrics.applied.labels("start_worker", "failed").inc()
+                return
+            self._start_backoff.pop(key, None)
+        elif action.pool_id in self.cluster.remote:
+            command = RemoteCommand(
+                f"c{next(self._command_ids)}",
+                replace(action, model_ref=model.model_ref),
+                worker_id,
+                model.vram_required_bytes,
+            )
+            self.cluster.remote_start(action.pool_id, command, now_ms())
+        else:
+            self.service_metrics.applied.labels("start_worker", "stale").inc()
+            return
+        self.service_metrics.applied.labels("start_worker", "applied").inc()
+        self.cluster.version += 1
+
+    def _evict_worker(self, action: EvictWorker) -> None:
+        stats = self.cluster.stats.get(action.worker_id)
+        if stats is not None and stats.current_job_id is not None:
+            self.service_metrics.applied.labels("evict_worker", "stale").inc()
+            return
+        if self.local_pool is not None and action.worker_id in self.local_pool.workers:
+            asyncio.get_running_loop().create_task(self.local_pool.evict_worker(action.worker_id))
+        else:
+            command = RemoteCommand(f"c{next(self._command_ids)}", action)
+            if not self.cluster.remote_evict(action.worker_id, command):
+                self.service_metrics.applied.labels("evict_worker", "stale").inc()
+                return
+        self.cluster.stats.pop(action.worker_id, None)
+        self.service_metrics.applied.labels("evict_worker", "applied").inc()
+
+    # ------------------------------------------------------------------ running a job
+    async def _run_job(self, record: JobRecord, worker_id: str, uri: str) -> None:
+        job_id = record.id
+
+        async def first_token() -> None:
+            at = now_ms()
+            (updated,) = await self.store.apply([Transition(job_id, (DISPATCHED,), RUNNING, at)])
+            if updated is not None:
+                self.cluster.update(updated)
+                self._publish(updated, at, "running")
+
+        try:
+            timeout_s = self.config.timeout.default_ms / 1000
+            outcome = await self.runner.run(record, uri, timeout_s, first_token)
+        except asyncio.CancelledError:
+            await self._job_cancelled(job_id, worker_id)
+            raise
+        finally:
+            self._running.pop(job_id, None)
+        at = now_ms()
+        self.cluster.assign(worker_id, None, at)
+        if outcome.ok:
+            (done,) = await self.store.apply(
+                [
+                    Transition(
+                        job_id,
+                        IN_FLIGHT,
+                        COMPLETED,
+                        at,
+                        f"on {worker_id}",
+                        (
+                            ("finished_at", at),
+                            ("output", outcome.output),
+                            ("tokens_generated", outcome.tokens),
+                        ),
+                    )
+                ]
+            )
+            if done is not None:
+                self.cluster.record_completion(done, worker_id, at)
+                self._finished(done, at, "completed")
+            return
+        if outcome.worker_failed and self.local_pool is not None:
+            self.local_pool.mark_failed(worker_id, outcome.error)
+        await self._retry_or_fail(record, at, outcome.error)
+
+    async def _retry_or_fail(self, record: JobRecord, at: int, error: str) -> None:
+        delay = retry_delay_ms(self.config.retry, record.attempts)
+        if delay is None:
+            (failed,) = await self.store.apply(
+                [
+                    Transition(
+                        record.id,
+                        IN_FLIGHT,
+                        FAILED,
+                        at,
+                        error,
+                        (("finished_at", at), ("error", error)),
+                    )
+                ]
+            )
+            if failed is not None:
+                self._finished(failed, at, error)
+            return
+        (queued,) = await self.store.apply(
+            [
+                Transition(
+                    record.id,
+                    IN_FLIGHT,
+                    QUEUED,
+                    at,
+                    f"retry: {error}",
+                    (("not_before", at + delay), ("worker_id", None), ("error", error)),
+                )
+            ]
+        )
+        if queued is not None:
+            self.service_metrics.retried.inc()
+            self.cluster.enqueue(queued, at)
+            self._publish(queued, at, f"retry in {delay} ms: {error}")
+            self._wake.set()
+
+    async def _job_cancelled(self, job_id: str, worker_id: str) -> None:
+        at = now_ms()
+        self.cluster.assign(worker_id, None, at)
+        if job_id not in self._cancel_requested:
+            return  # shutting down: the job stays in flight in the store, retried on restart
+        self._cancel_requested.discard(job_id)
+        (cancelled,) = await self.store.apply(
+            [
+                Transition(
+                    job_id, IN_FLIGHT, CANCELLED, at, "cancelled by client", (("finished_at", at),)
+                )
+            ]
+        )
+        if cancelled is not None:
+            self._finished(cancelled, at, "cancelled by client")
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, object]:
+        breaker = self.engine.breaker
+        load_error = self.engine.user.load_error if self.engine.user else None
+        pools = self.cluster.pools(now_ms())
+        return {
+            "version": VERSION,
+            "deployment_mode": self.config.deployment_mode,
+            "mode": self.config.mode,
+            "scheduler": {
+                "name": self.scheduler_name,
+                "version": scheduler_version(self.scheduler_source),
+                "sha256": hashlib.sha256(self.scheduler_source.encode()).hexdigest(),
+                "active_since_ms": self.scheduler_since_ms,
+                "language": self.config.scheduler.language,
+                "circuit": breaker.state,
+                "load_error": str(load_error) if load_error else "",
+            },
+            "queue_depth": self.cluster.queue_depth,
+            "running_jobs": len(self.cluster.in_flight),
+            "pools": len(pools),
+            "workers": sum(len(p.workers) for p in pools),
+            "cycles": self.cycles,
+            "fallbacks": int(
+                sum(
+                    s.value
+                    for m in self.metrics.fallbacks.collect()
+                    for s in m.samples
+                    if s.name.endswith("_total")
+                )
+            ),
+            "uptime_ms": now_ms() - self.started_ms,
+            "draining": self.draining,
+            "gpu_source": self.gpu_source,
+        }
