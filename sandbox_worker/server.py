@@ -134,7 +134,6 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             hardening=self.hardening,
         )
 
-
     def Echo(
         self, request: sandbox_pb2.EchoMessage, context: grpc.ServicerContext
     ) -> sandbox_pb2.EchoMessage:

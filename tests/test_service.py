@@ -385,22 +385,43 @@ async def test_pool_manager_on_another_host_runs_jobs(tmp_path: Path) -> None:
     core_dir, pool_dir = tmp_path / "core", tmp_path / "pool"
     core_dir.mkdir()
     pool_dir.mkdir()
-    config = write_config(core_dir, local_pool={"enabled": False},
-                          pools={"heartbeat_ms": 100, "degraded_after_ms": 400, "offline_after_ms": 1000})
-    pool_config = write_config(pool_dir, local_pool={"id": "gpu-host-2", "endpoint": "http://gpu-host-2:9200"},
-                               pools={"heartbeat_ms": 100})
+    config = write_config(
+        core_dir,
+        local_pool={"enabled": False},
+        pools={"heartbeat_ms": 100, "degraded_after_ms": 400, "offline_after_ms": 1000},
+    )
+    pool_config = write_config(
+        pool_dir,
+        local_pool={"id": "gpu-host-2", "endpoint": "http://gpu-host-2:9200"},
+        pools={"heartbeat_ms": 100},
+    )
     async with running_service(config) as svc:
         manager = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "pool-manager", "--orchestrator",
-             f"127.0.0.1:{svc.server.grpc_port}", "--config", str(pool_config), "--log-format", "json"],
-            stdout=subprocess.DEVNULL, stderr=open(pool_dir / "log", "wb"),  # noqa: SIM115
+            [
+                sys.executable,
+                "-m",
+                "orchestrator.cli",
+                "pool-manager",
+                "--orchestrator",
+                f"127.0.0.1:{svc.server.grpc_port}",
+                "--config",
+                str(pool_config),
+                "--log-format",
+                "json",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(pool_dir / "log", "wb"),  # noqa: SIM115
         )
         try:
             done = await svc.wait_finished((await svc.submit(max_tokens=6, seed=3)).id, 60)
             assert done.state == pb.JOB_STATE_COMPLETED
             assert done.worker_id.startswith("gpu-host-2-w")
             (pool,) = svc.server.orchestrator.cluster.context().pools
-            assert (pool.id, pool.status, pool.endpoint) == ("gpu-host-2", "healthy", "http://gpu-host-2:9200")
+            assert (pool.id, pool.status, pool.endpoint) == (
+                "gpu-host-2",
+                "healthy",
+                "http://gpu-host-2:9200",
+            )
             assert [w.status for w in pool.workers] == ["ready"]
             assert pool.gpus[0].vram_allocated_bytes == 6442450944  # the model's VRAM, declared GPU
         finally:
