@@ -7,7 +7,6 @@ drain_timeout_s); SIGHUP reloads the catalog and tenants.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 
 from aiohttp import web
@@ -23,6 +22,7 @@ from orchestrator.log import get_logger
 from orchestrator.service import VERSION, Orchestrator
 from orchestrator.servicers import AdminServicer, JobServicer, PoolServicer
 from orchestrator.systemd import notify, watchdog_interval_s
+from orchestrator.tasks import cancel_and_wait
 
 log = get_logger("server")
 
@@ -132,10 +132,7 @@ class Server:
         interval = watchdog_interval_s()
         watchdog = loop.create_task(self._watchdog(interval)) if interval else None
         await self._stopped.wait()
-        if watchdog is not None:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+        await cancel_and_wait(watchdog)
 
     async def _watchdog(self, interval: float) -> None:
         # Ping only while the scheduling loop is alive: a wedged loop gets restarted.

@@ -62,6 +62,7 @@ from orchestrator.log import get_logger
 from orchestrator.metrics import EngineMetrics
 from orchestrator.model import Context, Gpu
 from orchestrator.store import AsyncJobStore, JobStore, Transition
+from orchestrator.tasks import cancel_and_wait
 
 log = get_logger("service")
 
@@ -279,10 +280,7 @@ class Orchestrator:
         log.info(
             "service.draining", running=len(self._running), timeout_s=self.config.drain_timeout_s
         )
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        await cancel_and_wait(self._loop_task)
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=self.config.drain_timeout_s)
         for task in list(self._running.values()):
@@ -291,10 +289,7 @@ class Orchestrator:
         await self.close()
 
     async def close(self) -> None:
-        if self._loop_task is not None and not self._loop_task.done():
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        await cancel_and_wait(self._loop_task)
         for task in list(self._running.values()):
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
@@ -370,9 +365,7 @@ class Orchestrator:
         task = self._running.get(job_id)
         if task is not None:
             self._cancel_requested.add(job_id)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
+            await cancel_and_wait(task)
         return await self.get(job_id)
 
     def _finished(self, record: JobRecord, at: int, detail: str) -> None:

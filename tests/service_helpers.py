@@ -46,16 +46,21 @@ def write_config(directory: Path, **overrides: Any) -> Path:
         "multiplier": 2.0,
         "max_delay_ms": 1000,
     }
+    merge(base, overrides)
+    path = directory / "orchestratord.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Deep-merge `overrides` into `base`; None removes a key."""
     for key, value in overrides.items():
         if value is None:
             base.pop(key, None)
         elif isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
+            merge(base[key], value)
         else:
             base[key] = value
-    path = directory / "orchestratord.yaml"
-    path.write_text(yaml.safe_dump(base))
-    return path
 
 
 @dataclass

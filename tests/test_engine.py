@@ -324,3 +324,21 @@ async def test_engine_without_spares_respawns_in_background(tmp_path: Path) -> N
         await asyncio.sleep(1.5)
         after = await engine.schedule(cycle(2))
         assert after.source == "user", after.error
+
+
+async def test_cancelling_a_cycle_while_a_spare_is_settling_is_not_swallowed(
+    make_engine: EngineFactory,
+) -> None:
+    """A cycle cancelled while it waits for a spare's sync really stops (no swallowed cancel)."""
+    engine = await make_engine(hostile("while true do end"))
+    await engine.schedule(cycle(0))
+    spare = engine.user.spares[0]  # type: ignore[union-attr]
+    never = asyncio.get_running_loop().create_future()
+    spare.sync_task = asyncio.ensure_future(never)  # a sync that does not finish
+    engine.user.active.kill()  # type: ignore[union-attr]  # the next cycle promotes the spare
+    task = asyncio.create_task(engine.schedule(cycle(1)))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    never.cancel()

@@ -126,11 +126,7 @@ class WorkerGroup:
                     continue
                 self.active = spare
                 self.metrics.worker_events.labels(self.role, "promoted").inc()
-                if spare.sync_task is not None and not spare.sync_task.done():
-                    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                        await asyncio.wait_for(
-                            asyncio.shield(spare.sync_task), max(0.0, deadline - time.monotonic())
-                        )
+                await self._settle(spare, deadline)
                 return spare
             self._replenish()
             remaining = deadline - time.monotonic()
@@ -141,6 +137,22 @@ class WorkerGroup:
             self._spare_ready.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._spare_ready.wait(), remaining)
+
+    @staticmethod
+    async def _settle(spare: WorkerProcess, deadline: float) -> None:
+        """Let a background sync to the spare finish (bounded), so the call that follows
+        does not race it. Whatever it did not bring, the Schedule call sends."""
+        task = spare.sync_task
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not task.cancelled() or (current is not None and current.cancelling()):
+                raise  # we are being cancelled ourselves: never swallow that
 
     def retire(self, worker: WorkerProcess, event: str) -> None:
         """Kill a worker (timeout, crash, violation...) and start its replacement."""

@@ -106,16 +106,19 @@ class WorkerProcess:
             )
         self.started_at = time.monotonic()
         try:
+            await self._ready_and_load(limits)
+        except BaseException:
+            self.kill()  # cancelled or failed half way: never leave the process behind
+            raise
+
+    async def _ready_and_load(self, limits: SandboxLimits) -> None:
+        try:
             await self._wait_ready(limits.spawn_timeout_ms / 1000)
             assert self.stub is not None
             reply = await self.stub.Load(
                 self.spec.load_request(), timeout=limits.load_timeout_ms / 1000
             )
-        except SandboxUnavailableError:
-            self.kill()
-            raise
         except grpc.RpcError as exc:
-            self.kill()
             if isinstance(exc, aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise SchedulerLoadError(
                     f"{self.spec.name}: loading took longer than {limits.load_timeout_ms} ms "
@@ -123,7 +126,6 @@ class WorkerProcess:
                 ) from None
             raise SandboxUnavailableError(f"{self.label}: Load failed: {exc}") from None
         if not reply.ok:
-            self.kill()
             raise SchedulerLoadError(
                 f"{self.spec.name}: {reply.error.message}", reply.error.traceback
             )
