@@ -360,10 +360,10 @@ class SchedulingEngine:
         """One Schedule RPC. None with `attempt.failure` unset means: resend in full."""
         try:
             # The event loop's timer is tighter than gRPC's deadline (~1 ms against
-            # ~3 ms late); the gRPC deadline stays as a backstop.
-            return await asyncio.wait_for(
-                worker.schedule(request, budget_s + DEADLINE_SLACK_S), budget_s
-            )
+            # ~3 ms late); the gRPC deadline stays as a backstop. asyncio.timeout, not
+            # wait_for: on 3.11 wait_for can swallow a cancellation of the caller.
+            async with asyncio.timeout(budget_s):
+                return await worker.schedule(request, budget_s + DEADLINE_SLACK_S)
         except (TimeoutError, aio.AioRpcError) as exc:
             code = (
                 exc.code()

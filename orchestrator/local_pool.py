@@ -257,7 +257,8 @@ class LocalPool:
             with contextlib.suppress(ProcessLookupError):
                 worker.process.terminate()
             try:
-                await asyncio.wait_for(worker.process.wait(), STOP_GRACE_S)
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await worker.process.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()

@@ -118,7 +118,8 @@ class PoolManager:
                     log.warning("pool_manager.core_unreachable", error=exc.details() or str(exc))
                     registered = False
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.interval_s)
+                    async with asyncio.timeout(self.interval_s):
+                        await self._stop.wait()
         await self.pool.close()
 
     def stop(self) -> None:

@@ -428,8 +428,11 @@ class Orchestrator:
         last_cycle = 0.0
         next_in = tick
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for may swallow the
+            # cancellation that stops this loop when the event fires at the same moment.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), next_in)
+                async with asyncio.timeout(next_in):
+                    await self._wake.wait()
             self._wake.clear()
             changed = self.cluster.version != seen_version
             due = time.monotonic() - last_cycle >= tick

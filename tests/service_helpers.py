@@ -112,7 +112,13 @@ async def running_service(config_path: Path, **kwargs: Any) -> AsyncIterator[Run
         yield Running(server, config, channel)
     finally:
         await channel.close()
-        await server.stop()
+        try:
+            async with asyncio.timeout(90):
+                await server.stop()
+        except TimeoutError:
+            for task in asyncio.all_tasks():
+                task.print_stack()  # name the coroutine that kept the drain from finishing
+            raise
 
 
 def code_of(exc: BaseException) -> grpc.StatusCode:

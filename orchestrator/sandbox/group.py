@@ -136,7 +136,8 @@ class WorkerGroup:
                 )
             self._spare_ready.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._spare_ready.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._spare_ready.wait()
 
     @staticmethod
     async def _settle(spare: WorkerProcess, deadline: float) -> None:
@@ -146,7 +147,8 @@ class WorkerGroup:
         if task is None or task.done():
             return
         try:
-            await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.shield(task)
         except TimeoutError:
             pass
         except asyncio.CancelledError:
