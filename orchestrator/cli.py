@@ -24,6 +24,7 @@ from orchestrator.config import load_config
 from orchestrator.context_file import context_to_dict, load_context
 from orchestrator.engine import CycleResult, EngineOptions, SchedulingEngine, platform_source
 from orchestrator.errors import OrchestratorError, UsageError
+from orchestrator.job_client import job_command
 from orchestrator.limits import SandboxLimits
 from orchestrator.log import configure_logging
 from orchestrator.model import Context
@@ -56,6 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: readable on a terminal, JSON otherwise (journald)",
     )
+
+    job = commands.add_parser(
+        "job", help="submit, follow and manage jobs on a running orchestrator"
+    )
+    job.add_argument(
+        "--address", default="127.0.0.1:50051", help="the orchestrator's gRPC HOST:PORT"
+    )
+    job_commands = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    submit = job_commands.add_parser("submit", help="submit a job and print it (--wait: follow it)")
+    submit.add_argument("--model", required=True, help="a catalog model_ref or alias")
+    submit.add_argument("--prompt", required=True)
+    submit.add_argument("--max-tokens", type=int, default=64)
+    submit.add_argument("--priority", choices=["interactive", "batch"], default="batch")
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--temperature", type=float, default=0.0)
+    submit.add_argument("--tenant", default="")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    for name, text in (
+        ("get", "print a job"),
+        ("cancel", "cancel a job"),
+        ("watch", "follow a job until it ends"),
+    ):
+        sub_job = job_commands.add_parser(name, help=text)
+        sub_job.add_argument("job_id")
+    listing = job_commands.add_parser("list", help="list jobs")
+    listing.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=["queued", "dispatched", "running", "completed", "failed", "cancelled"],
+    )
+    listing.add_argument("--limit", type=int, default=50)
 
     pool = commands.add_parser(
         "pool-manager",
@@ -110,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("serve", "pool-manager"):
             return _serve(args)
+        if args.command == "job":
+            return asyncio.run(job_command(args))
         configure_logging("console", "error")
         if args.scheduler_command == "test":
             return asyncio.run(_scheduler_test(args))

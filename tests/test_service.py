@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
@@ -430,3 +431,46 @@ async def test_pool_manager_on_another_host_runs_jobs(tmp_path: Path) -> None:
         await asyncio.sleep(1.2)
         (pool,) = svc.server.orchestrator.cluster.context().pools
         assert pool.status == "offline"
+
+
+async def test_job_cli_and_custom_metrics(tmp_path: Path) -> None:
+    """`orchestratord job submit --wait` follows a job; a script's emit_metric reaches /metrics."""
+    script = tmp_path / "policy.lua"
+    script.write_text(
+        "function schedule(ctx)\n"
+        "  ctx.emit_metric('custom_queue_seen', #ctx.queue)\n"
+        "  return ctx.platform_schedule(ctx)\n"
+        "end\n"
+    )
+    async with running_service(write_config(tmp_path, scheduler={"file": str(script)})) as svc:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "job",
+            "--address",
+            f"127.0.0.1:{svc.server.grpc_port}",
+            "submit",
+            "--model",
+            "mistral-7b",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "4",
+            "--seed",
+            "1",
+            "--wait",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        job = json.loads(out)
+        assert job["state"] == "JOB_STATE_COMPLETED" and job["tokens_generated"] == "4"
+        assert "queued" in err.decode() and "completed" in err.decode()
+        async with aiohttp.ClientSession() as http, http.get(svc.http + "/metrics") as response:
+            text = await response.text()
+        assert 'scheduler_custom_metric{name="custom_queue_seen"}' in text
+        assert 'scheduler_decisions_total{action="dispatch",source="user"}' in text
+        status = await svc.admin.GetStatus(pb.GetStatusRequest())
+        assert status.scheduler.name == "policy.lua"

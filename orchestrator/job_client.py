@@ -1,0 +1,73 @@
+"""`orchestratord job ...`: a small gRPC client for JobService, for people and scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from grpc import aio
+
+from orchestrator._proto import orchestrator_pb2 as pb
+from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
+
+STATE_ENUM = {
+    "queued": pb.JOB_STATE_QUEUED, "dispatched": pb.JOB_STATE_DISPATCHED,
+    "running": pb.JOB_STATE_RUNNING, "completed": pb.JOB_STATE_COMPLETED,
+    "failed": pb.JOB_STATE_FAILED, "cancelled": pb.JOB_STATE_CANCELLED,
+}  # fmt: skip
+
+
+def _print(message: Any) -> None:
+    data = MessageToDict(message, preserving_proto_field_name=True)
+    print(json.dumps(data, indent=2))
+
+
+async def _follow(jobs: pb_grpc.JobServiceStub, job_id: str) -> int:
+    last: Any = None
+    async for event in jobs.Watch(pb.WatchRequest(job_id=job_id)):
+        state = pb.JobState.Name(event.state).removeprefix("JOB_STATE_").lower()
+        print(f"{state:<10} {event.detail}", file=sys.stderr)
+        last = event.job
+    if last is not None:
+        _print(last)
+    return 0 if last is not None and last.state == pb.JOB_STATE_COMPLETED else 1
+
+
+async def job_command(args: argparse.Namespace) -> int:
+    """Run one job action; exit 0 on success, 1 when the job did not complete, 2 on errors."""
+    async with aio.insecure_channel(args.address) as channel:
+        jobs = pb_grpc.JobServiceStub(channel)
+        try:
+            if args.job_command == "submit":
+                request = pb.SubmitRequest(
+                    model=args.model,
+                    prompt=args.prompt,
+                    max_tokens=args.max_tokens,
+                    priority=args.priority,
+                    temperature=args.temperature,
+                    tenant_id=args.tenant,
+                )
+                if args.seed is not None:
+                    request.seed = args.seed
+                job = await jobs.Submit(request)
+                if args.wait:
+                    return await _follow(jobs, job.id)
+                _print(job)
+            elif args.job_command == "get":
+                _print(await jobs.Get(pb.GetJobRequest(job_id=args.job_id)))
+            elif args.job_command == "cancel":
+                _print(await jobs.Cancel(pb.CancelJobRequest(job_id=args.job_id)))
+            elif args.job_command == "watch":
+                return await _follow(jobs, args.job_id)
+            else:
+                reply = await jobs.List(
+                    pb.ListJobsRequest(states=[STATE_ENUM[s] for s in args.state], limit=args.limit)
+                )
+                _print(reply)
+        except aio.AioRpcError as exc:
+            print(f"orchestratord: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    return 0
