@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from orchestrator.model import (
     Context,
     Gpu,
     Job,
+    JobChanges,
     Pool,
     Tenant,
     Worker,
@@ -122,8 +124,13 @@ class ClusterState:
         self.stats: dict[str, WorkerStats] = {}
         # Jobs: queued (eligible now, in queue order), delayed (retry backoff), in flight.
         self.records: dict[str, JobRecord] = {}
-        self._queue: list[tuple[tuple[int, int, str], Job]] = []
+        self._keys: list[tuple[int, int, str]] = []  # queue order; parallel to _ordered
+        self._ordered: list[Job] = []
         self._jobs: dict[str, Job] = {}
+        # What changed in the queue since the last context (None: removed), so that
+        # the next context can say so and a cycle costs what changed.
+        self._job_changes: dict[str, Job | None] = {}
+        self._last_context: Context | None = None
         self._delayed: list[tuple[int, str]] = []
         self.in_flight: dict[str, JobRecord] = {}
         self.tokens_today: dict[str, int] = {}
@@ -146,14 +153,20 @@ class ClusterState:
     def _insert(self, record: JobRecord) -> None:
         job = record.to_job()
         self._jobs[job.id] = job
-        bisect.insort(self._queue, (job.queue_key(), job))
+        key = job.queue_key()
+        index = bisect.bisect_left(self._keys, key)
+        self._keys.insert(index, key)
+        self._ordered.insert(index, job)
+        self._job_changes[job.id] = job
 
     def _unqueue(self, job_id: str) -> None:
         job = self._jobs.pop(job_id, None)
         if job is not None:
-            index = bisect.bisect_left(self._queue, (job.queue_key(),))
-            if index < len(self._queue) and self._queue[index][1].id == job_id:
-                del self._queue[index]
+            index = bisect.bisect_left(self._keys, job.queue_key())
+            if index < len(self._keys) and self._ordered[index].id == job_id:
+                del self._keys[index]
+                del self._ordered[index]
+            self._job_changes[job_id] = None
 
     def start(self, record: JobRecord) -> None:
         """The job was dispatched."""
@@ -417,9 +430,17 @@ class ClusterState:
         self.release_due(at)
         while self.completions and self.completions[0] < at - 60_000:
             self.completions.popleft()
-        queue = tuple(job for _, job in self._queue)
+        queue = tuple(self._ordered)
         pools = self.pools(at, fresh=fresh)
-        return Context(
+        changes = None
+        if self._last_context is not None:
+            changes = JobChanges(
+                weakref.ref(self._last_context),
+                upserted=tuple(j for j in self._job_changes.values() if j is not None),
+                removed=frozenset(k for k, j in self._job_changes.items() if j is None),
+            )
+        self._job_changes = {}
+        ctx = Context(
             now_ms=at,
             queue=queue,
             pools=pools,
@@ -429,7 +450,10 @@ class ClusterState:
                 queue, pools, at, jobs_completed_last_minute=len(self.completions)
             ),
             config=self._context_config,
+            changes=changes,
         )
+        self._last_context = ctx
+        return ctx
 
 
 def _by_id(worker: Worker) -> str:

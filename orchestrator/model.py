@@ -7,9 +7,12 @@ in `orchestrator.snapshot`, loading from files in `orchestrator.context_file`.
 
 from __future__ import annotations
 
+import weakref
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from operator import attrgetter
 from types import MappingProxyType
 
 PRIORITY_RANK: Mapping[str, int] = MappingProxyType({"interactive": 0, "batch": 1})
@@ -238,6 +241,21 @@ class Config:
 
 
 @dataclass(frozen=True)
+class JobChanges:
+    """How a context's queue differs from an earlier context's.
+
+    A hint from whoever built the context (the live cluster state knows what it
+    changed), so that a cycle costs what changed: the snapshot diff and the job
+    index use it instead of walking every queued job. The parent is held weakly;
+    without it, everything falls back to the full walk.
+    """
+
+    parent: weakref.ref[Context]
+    upserted: tuple[Job, ...] = ()
+    removed: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Context:
     """One scheduling cycle's view of the world."""
 
@@ -248,10 +266,27 @@ class Context:
     tenants: tuple[Tenant, ...] = ()
     metrics: Metrics = Metrics()
     config: Config = Config()
+    changes: JobChanges | None = field(default=None, compare=False, repr=False)
+
+    def changes_since(self, other: Context) -> JobChanges | None:
+        """The job changes from `other` to this context, when they are known."""
+        changes = self.changes
+        if changes is not None and changes.parent() is other:
+            return changes
+        return None
 
     @cached_property
     def jobs_by_id(self) -> Mapping[str, Job]:
-        return {job.id: job for job in self.queue}
+        changes = self.changes
+        parent = changes.parent() if changes is not None else None
+        if changes is not None and parent is not None and "jobs_by_id" in parent.__dict__:
+            jobs = dict(parent.jobs_by_id)  # a C-level copy, then only what changed
+            for job_id in changes.removed:
+                jobs.pop(job_id, None)
+            for job in changes.upserted:
+                jobs[job.id] = job
+            return jobs
+        return dict(zip(map(_job_id, self.queue), self.queue, strict=True))
 
     @cached_property
     def workers_by_id(self) -> Mapping[str, tuple[Pool, Worker]]:
@@ -264,6 +299,9 @@ class Context:
     @cached_property
     def tenants_by_id(self) -> Mapping[str, Tenant]:
         return {tenant.id: tenant for tenant in self.tenants}
+
+
+_job_id = attrgetter("id")
 
 
 def estimate_job(catalog: Catalog, model_ref: str, max_tokens: int) -> tuple[int, int]:
@@ -283,26 +321,33 @@ def derive_metrics(
     *,
     jobs_completed_last_minute: int = 0,
 ) -> Metrics:
-    """ctx.metrics computed from the queue and pool state (runtime-spec 3.5)."""
+    """ctx.metrics computed from the queue and pool state (runtime-spec 3.5).
+
+    The queue part runs once per cycle over every queued job, so it stays in C
+    (map, Counter, sum) rather than in Python loops.
+    """
     workers = [w for pool in pools for w in pool.workers]
     gpus = [g for pool in pools for g in pool.gpus]
     rates = [w.avg_tokens_per_sec for w in workers if w.avg_tokens_per_sec > 0]
-    total_vram = sum(g.vram_total_bytes for g in gpus)
+    priorities = Counter(map(attrgetter("priority"), queue))
+    waited = len(queue) * now_ms - sum(map(attrgetter("queued_at"), queue))
+    statuses = Counter(w.status for w in workers)
+    pool_statuses = Counter(p.status for p in pools)
     return Metrics(
         queue_depth=len(queue),
-        queue_depth_interactive=sum(1 for j in queue if j.priority == "interactive"),
-        queue_depth_batch=sum(1 for j in queue if j.priority == "batch"),
-        avg_wait_time_ms=(sum(now_ms - j.queued_at for j in queue) / len(queue) if queue else 0.0),
+        queue_depth_interactive=priorities["interactive"],
+        queue_depth_batch=priorities["batch"],
+        avg_wait_time_ms=waited / len(queue) if queue else 0.0,
         total_workers=len(workers),
-        ready_workers=sum(1 for w in workers if w.status == "ready"),
-        busy_workers=sum(1 for w in workers if w.status == "busy"),
-        failed_workers=sum(1 for w in workers if w.status == "failed"),
+        ready_workers=statuses["ready"],
+        busy_workers=statuses["busy"],
+        failed_workers=statuses["failed"],
         total_pools=len(pools),
-        healthy_pools=sum(1 for p in pools if p.status == "healthy"),
-        degraded_pools=sum(1 for p in pools if p.status == "degraded"),
-        offline_pools=sum(1 for p in pools if p.status == "offline"),
+        healthy_pools=pool_statuses["healthy"],
+        degraded_pools=pool_statuses["degraded"],
+        offline_pools=pool_statuses["offline"],
         total_gpus=len(gpus),
-        total_vram_bytes=total_vram,
+        total_vram_bytes=sum(g.vram_total_bytes for g in gpus),
         allocated_vram_bytes=sum(g.vram_allocated_bytes for g in gpus),
         free_vram_bytes=sum(g.vram_free_bytes for g in gpus),
         avg_gpu_utilization=(sum(g.utilization_percent for g in gpus) / len(gpus) if gpus else 0.0),

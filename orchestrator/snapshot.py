@@ -8,7 +8,8 @@ cost what changed. Pure: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from operator import attrgetter
 
 from orchestrator._proto import context_pb2 as pb
 from orchestrator.model import (
@@ -23,28 +24,27 @@ from orchestrator.model import (
     Worker,
 )
 
-
-def job_to_proto(job: Job) -> pb.Job:
-    msg = pb.Job(
-        id=job.id,
-        priority=job.priority,
-        model_ref=job.model_ref,
-        prompt_hash=job.prompt_hash,
-        max_tokens=job.max_tokens,
-        temperature=job.temperature,
-        created_at=job.created_at,
-        queued_at=job.queued_at,
-        retry_count=job.retry_count,
-        estimated_vram_bytes=job.estimated_vram_bytes,
-        estimated_duration_ms=job.estimated_duration_ms,
+_JOB_COLUMNS = tuple(
+    (name, attrgetter(name))
+    for name in (
+        "id", "priority", "model_ref", "prompt_hash", "max_tokens", "temperature",
+        "created_at", "queued_at", "retry_count", "estimated_vram_bytes",
+        "estimated_duration_ms",
     )
-    if job.tenant_id is not None:
-        msg.tenant_id = job.tenant_id
-    if job.session_id is not None:
-        msg.session_id = job.session_id
-    if job.seed is not None:
-        msg.seed = job.seed
-    return msg
+)  # fmt: skip
+
+
+def jobs_to_columns(jobs: Sequence[Job], columns: pb.JobColumns) -> pb.JobColumns:
+    """Fill `columns` with the jobs; unset optionals become "" (tenant, session), -1 (seed).
+
+    Filled in place: building a message and then assigning it copies it.
+    """
+    for name, get in _JOB_COLUMNS:
+        getattr(columns, name).extend(list(map(get, jobs)))
+    columns.tenant_id.extend([j.tenant_id or "" for j in jobs])
+    columns.session_id.extend([j.session_id or "" for j in jobs])
+    columns.seed.extend([-1 if j.seed is None else j.seed for j in jobs])
+    return columns
 
 
 def gpu_to_proto(pool_id: str, gpu: Gpu) -> pb.Gpu:
@@ -101,12 +101,12 @@ def pool_info_to_proto(pool: Pool) -> pb.PoolInfo:
     )
 
 
-def pool_to_proto(pool: Pool) -> pb.Pool:
-    return pb.Pool(
-        info=pool_info_to_proto(pool),
-        gpus=[gpu_to_proto(pool.id, g) for g in pool.gpus],
-        workers=[worker_to_proto(pool.id, w) for w in pool.workers],
-    )
+def pool_to_proto(pool: Pool, msg: pb.Pool) -> pb.Pool:
+    """Fill `msg` with the pool, its GPUs and its workers."""
+    msg.info.CopyFrom(pool_info_to_proto(pool))
+    msg.gpus.extend(gpu_to_proto(pool.id, g) for g in pool.gpus)
+    msg.workers.extend(worker_to_proto(pool.id, w) for w in pool.workers)
+    return msg
 
 
 def catalog_to_proto(catalog: Catalog) -> pb.Catalog:
@@ -182,15 +182,17 @@ def config_to_proto(config: Config) -> pb.Config:
 
 def to_proto(ctx: Context) -> pb.Context:
     """The full snapshot."""
-    return pb.Context(
+    msg = pb.Context(
         now_ms=ctx.now_ms,
-        queue=[job_to_proto(j) for j in ctx.queue],
-        pools=[pool_to_proto(p) for p in ctx.pools],
         catalog=catalog_to_proto(ctx.catalog),
         tenants=tenants_to_proto(ctx.tenants),
         metrics=metrics_to_proto(ctx.metrics),
         config=config_to_proto(ctx.config),
     )
+    jobs_to_columns(ctx.queue, msg.queue)
+    for pool in ctx.pools:
+        pool_to_proto(pool, msg.pools.add())
+    return msg
 
 
 def _pool_header(pool: Pool) -> tuple[object, ...]:
@@ -209,12 +211,19 @@ def _pool_header(pool: Pool) -> tuple[object, ...]:
 def diff(old: Context, new: Context) -> pb.ContextDelta:
     """What turns `old` into `new` (what the worker holds into what it should hold)."""
     delta = pb.ContextDelta(now_ms=new.now_ms, metrics=metrics_to_proto(new.metrics))
-    old_jobs, new_jobs = old.jobs_by_id, new.jobs_by_id
-    delta.remove_jobs.extend(job_id for job_id in old_jobs if job_id not in new_jobs)
-    for job_id, job in new_jobs.items():
-        before = old_jobs.get(job_id)
-        if before is not job and before != job:
-            delta.upsert_jobs.append(job_to_proto(job))
+    known = new.changes_since(old)
+    if known is not None:  # the builder said what changed: no need to look at every job
+        delta.remove_jobs.extend(known.removed)
+        if known.upserted:
+            jobs_to_columns(known.upserted, delta.upsert_jobs)
+    elif old.queue is not new.queue:
+        old_jobs, new_jobs = old.jobs_by_id, new.jobs_by_id
+        delta.remove_jobs.extend(old_jobs.keys() - new_jobs.keys())
+        get = old_jobs.get
+        changed = [job for job_id, job in new_jobs.items() if get(job_id) is not job]
+        changed = [job for job in changed if get(job.id) != job]  # equal copies are no change
+        if changed:
+            jobs_to_columns(changed, delta.upsert_jobs)
 
     old_pools, new_pools = old.pools_by_id, new.pools_by_id
     delta.remove_pools.extend(pool_id for pool_id in old_pools if pool_id not in new_pools)

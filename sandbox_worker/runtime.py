@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -81,10 +82,7 @@ class LuaSchedulerRuntime:
         self.loaded = False
         self._counts = (0, 0, 0, 0, 0)
         h = self.host
-        self._put_job = h.put_job
-        self._remove_job = h.remove_job
-        self._put_gpu = h.put_gpu
-        self._put_worker = h.put_worker
+        self._put_jobs = h.put_jobs
         self._put_pool = h.put_pool
 
     # ------------------------------------------------------------------ load
@@ -123,27 +121,25 @@ class LuaSchedulerRuntime:
         h = self.host
         h.reset()
         h.set_now(snap.now_ms)
-        for job in snap.queue:
-            self._job(job)
+        self._jobs(snap.queue)
         for pool in snap.pools:
             self._pool_info(pool.info)
-            for gpu in pool.gpus:
-                self._gpu(gpu, pool.info.id)
-            for worker in pool.workers:
-                self._worker(worker, pool.info.id)
+        self._gpus([(p.info.id, g) for p in snap.pools for g in p.gpus])
+        self._workers([(p.info.id, w) for p in snap.pools for w in p.workers])
         self._catalog(snap.catalog)
         self._tenants(snap.tenants)
         self._metrics(snap.metrics)
         self._config(snap.config)
+        h.commit()
         self._update_memory_limit()
 
     def apply_delta(self, delta: context_pb2.ContextDelta) -> None:
         h = self.host
         h.set_now(delta.now_ms)
-        for job_id in delta.remove_jobs:
-            self._remove_job(job_id)
-        for job in delta.upsert_jobs:
-            self._job(job)
+        if delta.remove_jobs:
+            removed = list(delta.remove_jobs)
+            h.remove_jobs(len(removed), self.lua.table_from(removed))
+        self._jobs(delta.upsert_jobs)
         for worker_id in delta.remove_workers:
             h.remove_worker(worker_id)
         for key in delta.remove_gpus:
@@ -152,10 +148,8 @@ class LuaSchedulerRuntime:
             h.remove_pool(pool_id)
         for info in delta.upsert_pools:
             self._pool_info(info)
-        for gpu in delta.upsert_gpus:
-            self._gpu(gpu, gpu.pool_id)
-        for worker in delta.upsert_workers:
-            self._worker(worker, worker.pool_id)
+        self._gpus([(g.pool_id, g) for g in delta.upsert_gpus])
+        self._workers([(w.pool_id, w) for w in delta.upsert_workers])
         if delta.HasField("catalog"):
             self._catalog(delta.catalog)
         if delta.HasField("tenants"):
@@ -163,24 +157,30 @@ class LuaSchedulerRuntime:
         self._metrics(delta.metrics)
         if delta.HasField("config"):
             self._config(delta.config)
+        h.commit()
         self._update_memory_limit()
 
-    def _job(self, j: context_pb2.Job) -> None:
-        self._put_job(
-            j.id,
-            j.tenant_id if j.HasField("tenant_id") else None,
-            j.session_id if j.HasField("session_id") else None,
-            j.priority,
-            j.model_ref,
-            j.prompt_hash,
-            j.max_tokens,
-            j.seed if j.HasField("seed") else None,
-            j.temperature,
-            j.created_at,
-            j.queued_at,
-            j.retry_count,
-            j.estimated_vram_bytes,
-            j.estimated_duration_ms,
+    def _jobs(self, columns: context_pb2.JobColumns) -> None:
+        n = len(columns.id)
+        if n == 0:
+            return
+        t = self.lua.table_from
+        self._put_jobs(
+            n,
+            t(list(columns.id)),
+            t(list(columns.tenant_id)),
+            t(list(columns.session_id)),
+            t(list(columns.priority)),
+            t(list(columns.model_ref)),
+            t(list(columns.prompt_hash)),
+            t(list(columns.max_tokens)),
+            t(list(columns.seed)),
+            t(list(columns.temperature)),
+            t(list(columns.created_at)),
+            t(list(columns.queued_at)),
+            t(list(columns.retry_count)),
+            t(list(columns.estimated_vram_bytes)),
+            t(list(columns.estimated_duration_ms)),
         )
 
     def _pool_info(self, p: context_pb2.PoolInfo) -> None:
@@ -196,39 +196,38 @@ class LuaSchedulerRuntime:
             p.host_cpu_count,
         )
 
-    def _gpu(self, g: context_pb2.Gpu, pool_id: str) -> None:
-        self._put_gpu(
-            pool_id,
-            g.id,
-            g.device_name,
-            g.compute_capability,
-            g.vram_total_bytes,
-            g.vram_allocated_bytes,
-            g.vram_free_bytes,
-            g.utilization_percent,
-            g.temperature_celsius,
-            g.power_draw_watts,
-            g.supports_fp16,
-            g.supports_int8,
-            g.supports_tensor_cores,
-            g.measured,
+    def _gpus(self, gpus: Sequence[tuple[str, context_pb2.Gpu]]) -> None:
+        if not gpus:
+            return
+        t = self.lua.table_from
+        gs = [g for _, g in gpus]
+        self.host.put_gpus(
+            len(gs),
+            t([pool_id for pool_id, _ in gpus]),
+            *(t([getattr(g, name) for g in gs]) for name in _GPU_FIELDS),
         )
 
-    def _worker(self, w: context_pb2.Worker, pool_id: str) -> None:
-        self._put_worker(
-            pool_id,
-            w.id,
-            w.status,
-            w.model_ref,
-            self.lua.table_from(w.gpu_ids),
-            w.vram_bytes,
-            w.uri,
-            w.current_job_id if w.HasField("current_job_id") else None,
-            w.job_started_at if w.HasField("job_started_at") else None,
-            w.jobs_completed,
-            w.avg_tokens_per_sec,
-            w.started_at_ms,
-            w.last_used_at_ms,
+    def _workers(self, workers: Sequence[tuple[str, context_pb2.Worker]]) -> None:
+        if not workers:
+            return
+        t = self.lua.table_from
+        ws = [w for _, w in workers]
+        self.host.put_workers(
+            len(ws),
+            t([pool_id for pool_id, _ in workers]),
+            t([w.id for w in ws]),
+            t([w.status for w in ws]),
+            t([w.model_ref for w in ws]),
+            t([len(w.gpu_ids) for w in ws]),
+            t([gpu for w in ws for gpu in w.gpu_ids]),
+            t([w.vram_bytes for w in ws]),
+            t([w.uri for w in ws]),
+            t([w.current_job_id if w.HasField("current_job_id") else "" for w in ws]),
+            t([w.job_started_at if w.HasField("job_started_at") else -1 for w in ws]),
+            t([w.jobs_completed for w in ws]),
+            t([w.avg_tokens_per_sec for w in ws]),
+            t([w.started_at_ms for w in ws]),
+            t([w.last_used_at_ms for w in ws]),
         )
 
     def _catalog(self, c: context_pb2.Catalog) -> None:
@@ -293,6 +292,10 @@ class LuaSchedulerRuntime:
         )
         self.lua.set_max_memory(state + self.limits.lua_heap_bytes)
 
+    def gc_step(self, kb: int) -> bool:
+        """Advance the Lua collector a little; True when a full cycle completed."""
+        return bool(self.host.gc_step(kb))
+
     def lift_memory_limit(self) -> None:
         """Applying a context must not fail because of what the script left behind."""
         self.lua.set_max_memory(0)
@@ -338,6 +341,12 @@ class LuaSchedulerRuntime:
                 result.error_kind = ErrorKind.ERROR_KIND_MEMORY_LIMIT
         return result
 
+
+_GPU_FIELDS = (
+    "id", "device_name", "compute_capability", "vram_total_bytes", "vram_allocated_bytes",
+    "vram_free_bytes", "utilization_percent", "temperature_celsius", "power_draw_watts",
+    "supports_fp16", "supports_int8", "supports_tensor_cores", "measured",
+)  # fmt: skip
 
 _STATUS_KINDS = {
     "error": ErrorKind.ERROR_KIND_LUA_ERROR,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,7 +12,16 @@ from hypothesis import strategies as st
 from orchestrator import snapshot
 from orchestrator._proto import sandbox_pb2
 from orchestrator.journal import SnapshotJournal
-from orchestrator.model import Context, Gpu, Job, Pool, Tenant, Worker, derive_metrics
+from orchestrator.model import (
+    Context,
+    Gpu,
+    Job,
+    JobChanges,
+    Pool,
+    Tenant,
+    Worker,
+    derive_metrics,
+)
 from orchestrator.samples import LLAMA_8B, MISTRAL_7B, sample_context
 from tests.conftest import LUA_JSON, InProcessRuntime
 
@@ -128,8 +138,17 @@ def mutate(ctx: Context, op: str, n: int) -> Context:
         aliases = dict(ctx.catalog.aliases) | {f"alias-{n}": LLAMA_8B}
         ctx = dataclasses.replace(ctx, catalog=dataclasses.replace(ctx.catalog, aliases=aliases))
     queue_t, pools_t = tuple(sorted(queue, key=Job.queue_key)), tuple(pools)
+    changes = None
+    if n % 2:  # half the steps say what changed, as the live cluster state does
+        before = {id(j) for j in ctx.queue}
+        changes = JobChanges(
+            weakref.ref(ctx),
+            upserted=tuple(j for j in queue_t if id(j) not in before),
+            removed=frozenset(ctx.jobs_by_id.keys() - {j.id for j in queue_t}),
+        )
+    metrics = derive_metrics(queue_t, pools_t, now)
     return dataclasses.replace(
-        ctx, now_ms=now, queue=queue_t, pools=pools_t, metrics=derive_metrics(queue_t, pools_t, now)
+        ctx, now_ms=now, queue=queue_t, pools=pools_t, metrics=metrics, changes=changes
     )
 
 
@@ -177,12 +196,9 @@ def test_unchanged_context_sends_an_empty_delta() -> None:
     journal.advance(dataclasses.replace(ctx, now_ms=ctx.now_ms + 1))
     request = journal.request_for(journal.epoch, 1)
     (delta,) = request.deltas
+    assert not delta.HasField("upsert_jobs")
     assert not (
-        delta.upsert_jobs
-        or delta.remove_jobs
-        or delta.upsert_workers
-        or delta.upsert_gpus
-        or delta.upsert_pools
+        delta.remove_jobs or delta.upsert_workers or delta.upsert_gpus or delta.upsert_pools
     )
     assert not delta.HasField("catalog") and not delta.HasField("tenants")
 

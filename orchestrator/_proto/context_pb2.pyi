@@ -24,8 +24,13 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
-class Job(_message.Message):
-    """---------------------------------------------------------------- 3.1 queue"""
+class JobColumns(_message.Message):
+    """---------------------------------------------------------------- 3.1 queue
+    Jobs travel as columns: the i-th element of every field is the i-th job. The
+    queue is the part of the context that grows with the cluster, and columns turn
+    into Lua tables in bulk, where thousands of small messages would not.
+    Unset optional values: "" for tenant_id and session_id, -1 for seed.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -43,63 +48,73 @@ class Job(_message.Message):
     RETRY_COUNT_FIELD_NUMBER: _builtins.int
     ESTIMATED_VRAM_BYTES_FIELD_NUMBER: _builtins.int
     ESTIMATED_DURATION_MS_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    tenant_id: _builtins.str
-    """unset in home/lab mode"""
-    session_id: _builtins.str
-    priority: _builtins.str
-    """"interactive" or "batch" """
-    model_ref: _builtins.str
-    prompt_hash: _builtins.str
-    """"sha256:..." of the prompt, never the prompt"""
-    max_tokens: _builtins.int
-    seed: _builtins.int
-    """unset when the client gave none"""
-    temperature: _builtins.float
-    created_at: _builtins.int
-    """Unix ms"""
-    queued_at: _builtins.int
-    """Unix ms"""
-    retry_count: _builtins.int
-    estimated_vram_bytes: _builtins.int
-    """from the catalog"""
-    estimated_duration_ms: _builtins.int
+    @_builtins.property
+    def id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def tenant_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"" in home/lab mode"""
+
+    @_builtins.property
+    def session_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def priority(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"interactive" or "batch" """
+
+    @_builtins.property
+    def model_ref(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def prompt_hash(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"sha256:..." of the prompt, never the prompt"""
+
+    @_builtins.property
+    def max_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def seed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """-1 when the client gave none"""
+
+    @_builtins.property
+    def temperature(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def created_at(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Unix ms"""
+
+    @_builtins.property
+    def queued_at(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Unix ms"""
+
+    @_builtins.property
+    def retry_count(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def estimated_vram_bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """from the catalog"""
+
+    @_builtins.property
+    def estimated_duration_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
-        id: _builtins.str = ...,
-        tenant_id: _builtins.str | None = ...,
-        session_id: _builtins.str | None = ...,
-        priority: _builtins.str = ...,
-        model_ref: _builtins.str = ...,
-        prompt_hash: _builtins.str = ...,
-        max_tokens: _builtins.int = ...,
-        seed: _builtins.int | None = ...,
-        temperature: _builtins.float = ...,
-        created_at: _builtins.int = ...,
-        queued_at: _builtins.int = ...,
-        retry_count: _builtins.int = ...,
-        estimated_vram_bytes: _builtins.int = ...,
-        estimated_duration_ms: _builtins.int = ...,
+        id: _abc.Iterable[_builtins.str] | None = ...,
+        tenant_id: _abc.Iterable[_builtins.str] | None = ...,
+        session_id: _abc.Iterable[_builtins.str] | None = ...,
+        priority: _abc.Iterable[_builtins.str] | None = ...,
+        model_ref: _abc.Iterable[_builtins.str] | None = ...,
+        prompt_hash: _abc.Iterable[_builtins.str] | None = ...,
+        max_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        seed: _abc.Iterable[_builtins.int] | None = ...,
+        temperature: _abc.Iterable[_builtins.float] | None = ...,
+        created_at: _abc.Iterable[_builtins.int] | None = ...,
+        queued_at: _abc.Iterable[_builtins.int] | None = ...,
+        retry_count: _abc.Iterable[_builtins.int] | None = ...,
+        estimated_vram_bytes: _abc.Iterable[_builtins.int] | None = ...,
+        estimated_duration_ms: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_session_id", b"_session_id", "_tenant_id", b"_tenant_id", "seed", b"seed", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_session_id", b"_session_id", "_tenant_id", b"_tenant_id", "created_at", b"created_at", "estimated_duration_ms", b"estimated_duration_ms", "estimated_vram_bytes", b"estimated_vram_bytes", "id", b"id", "max_tokens", b"max_tokens", "model_ref", b"model_ref", "priority", b"priority", "prompt_hash", b"prompt_hash", "queued_at", b"queued_at", "retry_count", b"retry_count", "seed", b"seed", "session_id", b"session_id", "temperature", b"temperature", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "estimated_duration_ms", b"estimated_duration_ms", "estimated_vram_bytes", b"estimated_vram_bytes", "id", b"id", "max_tokens", b"max_tokens", "model_ref", b"model_ref", "priority", b"priority", "prompt_hash", b"prompt_hash", "queued_at", b"queued_at", "retry_count", b"retry_count", "seed", b"seed", "session_id", b"session_id", "temperature", b"temperature", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
-    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
-    _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
-    _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
-    _WhichOneofReturnType__tenant_id: _TypeAlias = _typing.Literal["tenant_id"]  # noqa: Y015
-    _WhichOneofArgType__tenant_id: _TypeAlias = _typing.Literal["_tenant_id", b"_tenant_id"]  # noqa: Y015
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__session_id) -> _WhichOneofReturnType__session_id | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__tenant_id) -> _WhichOneofReturnType__tenant_id | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Job: _TypeAlias = Job  # noqa: Y015
+Global___JobColumns: _TypeAlias = JobColumns  # noqa: Y015
 
 @_typing.final
 class Gpu(_message.Message):
@@ -743,7 +758,9 @@ class Context(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     now_ms: _builtins.int
     @_builtins.property
-    def queue(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]: ...
+    def queue(self) -> Global___JobColumns:
+        """in queue order"""
+
     @_builtins.property
     def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pool]: ...
     @_builtins.property
@@ -758,14 +775,14 @@ class Context(_message.Message):
         self,
         *,
         now_ms: _builtins.int = ...,
-        queue: _abc.Iterable[Global___Job] | None = ...,
+        queue: Global___JobColumns | None = ...,
         pools: _abc.Iterable[Global___Pool] | None = ...,
         catalog: Global___Catalog | None = ...,
         tenants: Global___TenantSet | None = ...,
         metrics: Global___Metrics | None = ...,
         config: Global___Config | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["catalog", b"catalog", "config", b"config", "metrics", b"metrics", "tenants", b"tenants"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["catalog", b"catalog", "config", b"config", "metrics", b"metrics", "queue", b"queue", "tenants", b"tenants"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["catalog", b"catalog", "config", b"config", "metrics", b"metrics", "now_ms", b"now_ms", "pools", b"pools", "queue", b"queue", "tenants", b"tenants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -816,7 +833,7 @@ class ContextDelta(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     now_ms: _builtins.int
     @_builtins.property
-    def upsert_jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]: ...
+    def upsert_jobs(self) -> Global___JobColumns: ...
     @_builtins.property
     def remove_jobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -853,7 +870,7 @@ class ContextDelta(_message.Message):
         self,
         *,
         now_ms: _builtins.int = ...,
-        upsert_jobs: _abc.Iterable[Global___Job] | None = ...,
+        upsert_jobs: Global___JobColumns | None = ...,
         remove_jobs: _abc.Iterable[_builtins.str] | None = ...,
         upsert_pools: _abc.Iterable[Global___PoolInfo] | None = ...,
         remove_pools: _abc.Iterable[_builtins.str] | None = ...,
@@ -866,7 +883,7 @@ class ContextDelta(_message.Message):
         metrics: Global___Metrics | None = ...,
         config: Global___Config | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_catalog", b"_catalog", "_config", b"_config", "_tenants", b"_tenants", "catalog", b"catalog", "config", b"config", "metrics", b"metrics", "tenants", b"tenants"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_catalog", b"_catalog", "_config", b"_config", "_tenants", b"_tenants", "catalog", b"catalog", "config", b"config", "metrics", b"metrics", "tenants", b"tenants", "upsert_jobs", b"upsert_jobs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["_catalog", b"_catalog", "_config", b"_config", "_tenants", b"_tenants", "catalog", b"catalog", "config", b"config", "metrics", b"metrics", "now_ms", b"now_ms", "remove_gpus", b"remove_gpus", "remove_jobs", b"remove_jobs", "remove_pools", b"remove_pools", "remove_workers", b"remove_workers", "tenants", b"tenants", "upsert_gpus", b"upsert_gpus", "upsert_jobs", b"upsert_jobs", "upsert_pools", b"upsert_pools", "upsert_workers", b"upsert_workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...

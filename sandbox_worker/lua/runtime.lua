@@ -29,10 +29,12 @@ local IS_LUAJIT = type(jit) == "table"
 local utf8_lib = utf8
 local bit_lib = bit
 
-local new_table
+local new_table, clear_table
 do
   local ok, tnew = pcall(require, "table.new")
   new_table = ok and tnew or function() return {} end
+  local cok, tclear = pcall(require, "table.clear")
+  clear_table = cok and tclear or nil
 end
 
 local host = {}
@@ -69,7 +71,7 @@ end
 -- next, rawget, rawset and the table library below make proxies behave like the
 -- plain tables they stand for, without ever handing out the master.
 -------------------------------------------------------------------------------
-local master_of = setmetatable({}, { __mode = "k" })
+local master_of = {}  -- proxy -> master; entries go when the job leaves the queue
 
 local function readonly_error(_, key)
   error("ctx is read-only: cannot set field '" .. tostring(key) .. "' of a queued job", 2)
@@ -92,14 +94,24 @@ local function proxy_next(proxy, key)
   return k, v
 end
 
+local function proxy_pairs(proxy) return proxy_next, proxy, nil end
+
+-- One metatable for every proxy: a per-job metatable would add a table per job
+-- for the collector to walk on every cycle.
+local proxy_mt = {
+  __index = function(proxy, key)
+    local master = master_of[proxy]
+    if master then return master[key] end
+    return nil
+  end,
+  __newindex = readonly_error,
+  __metatable = "ctx is read-only",
+  __pairs = proxy_pairs,
+}
+
 local function make_job_proxy(master)
   setmetatable(master, job_master_mt)
-  local proxy = setmetatable({}, {
-    __index = master,
-    __newindex = readonly_error,
-    __metatable = "ctx is read-only",
-    __pairs = function(p) return proxy_next, p, nil end,
-  })
+  local proxy = setmetatable({}, proxy_mt)
   master_of[proxy] = master
   return proxy
 end
@@ -132,58 +144,102 @@ local function job_before(a, b)
   return a.id < b.id
 end
 
--- First index whose job does not come before `master` (binary search).
-local function queue_position(master)
-  local lo, hi = 1, #queue + 1
-  while lo < hi do
-    local mid = m_floor((lo + hi) / 2)
-    if job_before(master_of[queue[mid]], master) then lo = mid + 1 else hi = mid end
-  end
-  return lo
-end
+local function proxy_before(a, b) return job_before(master_of[a], master_of[b]) end
 
-local function unqueue(proxy)
-  local index = queue_position(master_of[proxy])
-  if queue[index] ~= proxy then  -- cannot happen while the order is total; be safe
-    for i = 1, #queue do if queue[i] == proxy then index = i break end end
-  end
-  t_remove(queue, index)
-end
+-- Changes to the queue are collected and merged in one pass per update, so that an
+-- update costs what changed plus one linear merge, never a shift per job.
+local pending = {}         -- proxies added or re-ordered since the last commit
+local in_pending = {}      -- proxy -> true
+local moved = {}           -- proxy -> true: drop from its old place at commit
 
 function host.reset()
-  jobs, queue, pools, pool_ids, worker_pool = {}, {}, {}, {}, {}
+  jobs, queue, pending, in_pending, moved, master_of = {}, {}, {}, {}, {}, {}
+  pools, pool_ids, worker_pool = {}, {}, {}
   models, model_list, aliases, base_refs = {}, {}, {}, {}
   tenants, tenant_ids, metrics, config = {}, {}, {}, {}
 end
 
-function host.put_job(id, tenant_id, session_id, priority, model_ref, prompt_hash, max_tokens,
-                      seed, temperature, created_at, queued_at, retry_count, est_vram, est_duration)
-  local proxy = jobs[id]
-  if proxy then unqueue(proxy) end
-  local master = {
-    id = id, tenant_id = tenant_id, session_id = session_id, priority = priority,
-    model_ref = model_ref, prompt_hash = prompt_hash, max_tokens = max_tokens, seed = seed,
-    temperature = temperature, created_at = created_at, queued_at = queued_at,
-    retry_count = retry_count, estimated_vram_bytes = est_vram, estimated_duration_ms = est_duration,
-  }
-  if proxy then
-    -- Keep the proxy (user code may hold it); swap its master.
-    local old = master_of[proxy]
-    for k in pairs(old) do old[k] = nil end
-    for k, v in pairs(master) do old[k] = v end
-  else
-    proxy = make_job_proxy(master)
-    jobs[id] = proxy
+-- n jobs as columns (Lua arrays); "" and -1 stand for unset values.
+function host.put_jobs(n, ids, tenant_col, session_col, priorities, model_refs, hashes,
+                       max_tokens, seeds, temperatures, created, queued, retries, vram, duration)
+  for i = 1, n do
+    local id = ids[i]
+    local tenant, session, seed = tenant_col[i], session_col[i], seeds[i]
+    if tenant == "" then tenant = nil end
+    if session == "" then session = nil end
+    if seed < 0 then seed = nil end
+    local master = setmetatable({
+      id = id, tenant_id = tenant, session_id = session, priority = priorities[i],
+      model_ref = model_refs[i], prompt_hash = hashes[i], max_tokens = max_tokens[i],
+      seed = seed, temperature = temperatures[i], created_at = created[i],
+      queued_at = queued[i], retry_count = retries[i], estimated_vram_bytes = vram[i],
+      estimated_duration_ms = duration[i],
+    }, job_master_mt)
+    local proxy = jobs[id]
+    if proxy then  -- keep the proxy (a script may hold it), point it at the new master
+      master_of[proxy] = master
+      moved[proxy] = true
+    else
+      proxy = make_job_proxy(master)
+      jobs[id] = proxy
+    end
+    if not in_pending[proxy] then
+      in_pending[proxy] = true
+      pending[#pending + 1] = proxy
+    end
   end
-  t_insert(queue, queue_position(master_of[proxy]), proxy)
 end
 
-function host.remove_job(id)
-  local proxy = jobs[id]
-  if proxy then
-    unqueue(proxy)
-    jobs[id] = nil
+function host.remove_jobs(n, ids)
+  for i = 1, n do
+    local proxy = jobs[ids[i]]
+    if proxy then
+      jobs[ids[i]] = nil
+      master_of[proxy] = nil
+      moved[proxy] = true
+    end
   end
+end
+
+-- Merge what changed into the queue: the unchanged jobs are copied once, and each
+-- changed one finds its place by binary search.
+function host.commit()
+  if #pending == 0 and next(moved) == nil then return end
+  local kept, n = queue, #queue
+  if next(moved) ~= nil then
+    kept, n = new_table(#queue, 0), 0
+    for i = 1, #queue do
+      local p = queue[i]
+      if not moved[p] then n = n + 1; kept[n] = p end
+    end
+  end
+  local added, m = {}, 0
+  for i = 1, #pending do
+    local p = pending[i]
+    if master_of[p] ~= nil then m = m + 1; added[m] = p end  -- not removed since
+  end
+  for i = 2, m do  -- full snapshots arrive in order: sort only when they do not
+    if proxy_before(added[i], added[i - 1]) then t_sort(added, proxy_before) break end
+  end
+  if n == 0 then
+    queue = added
+  else
+    local merged, k, from = new_table(n + m, 0), 0, 1
+    for j = 1, m do
+      local a = master_of[added[j]]
+      local lo, hi = from, n + 1
+      while lo < hi do
+        local mid = m_floor((lo + hi) / 2)
+        if job_before(master_of[kept[mid]], a) then lo = mid + 1 else hi = mid end
+      end
+      for i = from, lo - 1 do k = k + 1; merged[k] = kept[i] end
+      k = k + 1; merged[k] = added[j]
+      from = lo
+    end
+    for i = from, n do k = k + 1; merged[k] = kept[i] end
+    queue = merged
+  end
+  pending, in_pending, moved = {}, {}, {}
 end
 
 local function insert_sorted(list, item, before)
@@ -232,17 +288,22 @@ local function remove_by(list, pred)
   end
 end
 
-function host.put_gpu(pool_id, id, device_name, compute_capability, vram_total, vram_allocated,
-                      vram_free, utilization, temperature, power, fp16, int8, tensor_cores, measured)
-  local pool = ensure_pool(pool_id)
-  remove_by(pool.gpus, function(g) return g.id == id end)
-  insert_sorted(pool.gpus, {
-    id = id, pool_id = pool_id, device_name = device_name, compute_capability = compute_capability,
-    vram_total_bytes = vram_total, vram_allocated_bytes = vram_allocated, vram_free_bytes = vram_free,
-    utilization_percent = utilization, temperature_celsius = temperature,
-    power_draw_watts = power, supports_fp16 = fp16, supports_int8 = int8,
-    supports_tensor_cores = tensor_cores, measured = measured,
-  }, by_id)
+-- GPUs and workers arrive as columns too (one call per update, not per record).
+function host.put_gpus(n, pool_col, ids, names, capabilities, totals, allocated, free, utilization,
+                       temperature, power, fp16, int8, tensor_cores, measured)
+  for i = 1, n do
+    local pool_id, id = pool_col[i], ids[i]
+    local pool = ensure_pool(pool_id)
+    remove_by(pool.gpus, function(g) return g.id == id end)
+    insert_sorted(pool.gpus, {
+      id = id, pool_id = pool_id, device_name = names[i], compute_capability = capabilities[i],
+      vram_total_bytes = totals[i], vram_allocated_bytes = allocated[i],
+      vram_free_bytes = free[i], utilization_percent = utilization[i],
+      temperature_celsius = temperature[i], power_draw_watts = power[i],
+      supports_fp16 = fp16[i], supports_int8 = int8[i], supports_tensor_cores = tensor_cores[i],
+      measured = measured[i],
+    }, by_id)
+  end
 end
 
 function host.remove_gpu(pool_id, id)
@@ -257,19 +318,29 @@ function host.remove_worker(id)
   worker_pool[id] = nil
 end
 
-function host.put_worker(pool_id, id, status, model_ref, gpu_ids, vram_bytes, uri, current_job_id,
-                         job_started_at, jobs_completed, avg_tps, started_at_ms, last_used_at_ms)
-  host.remove_worker(id)
-  local pool = ensure_pool(pool_id)
-  local gpus = {}
-  for i = 1, #gpu_ids do gpus[i] = gpu_ids[i] end
-  insert_sorted(pool.workers, {
-    id = id, pool_id = pool_id, status = status, model_ref = model_ref, gpu_ids = gpus,
-    vram_bytes = vram_bytes, uri = uri, current_job_id = current_job_id,
-    job_started_at = job_started_at, jobs_completed = jobs_completed,
-    avg_tokens_per_sec = avg_tps, started_at_ms = started_at_ms, last_used_at_ms = last_used_at_ms,
-  }, by_id)
-  worker_pool[id] = pool_id
+-- gpu_ids of worker i are gpu_flat[offset + 1 .. offset + gpu_counts[i]];
+-- "" and -1 stand for an unset current_job_id and job_started_at.
+function host.put_workers(n, pool_col, ids, statuses, model_refs, gpu_counts, gpu_flat, vram,
+                          uris, current_jobs, started_jobs, completed, tps, started, last_used)
+  local offset = 0
+  for i = 1, n do
+    local pool_id, id = pool_col[i], ids[i]
+    host.remove_worker(id)
+    local pool = ensure_pool(pool_id)
+    local gpus = {}
+    for j = 1, gpu_counts[i] do gpus[j] = gpu_flat[offset + j] end
+    offset = offset + gpu_counts[i]
+    local current, job_started = current_jobs[i], started_jobs[i]
+    if current == "" then current = nil end
+    if job_started < 0 then job_started = nil end
+    insert_sorted(pool.workers, {
+      id = id, pool_id = pool_id, status = statuses[i], model_ref = model_refs[i],
+      gpu_ids = gpus, vram_bytes = vram[i], uri = uris[i], current_job_id = current,
+      job_started_at = job_started, jobs_completed = completed[i], avg_tokens_per_sec = tps[i],
+      started_at_ms = started[i], last_used_at_ms = last_used[i],
+    }, by_id)
+    worker_pool[id] = pool_id
+  end
 end
 
 function host.clear_catalog()
@@ -338,10 +409,14 @@ function host.counts()
 end
 
 -------------------------------------------------------------------------------
--- The per-call ctx: jobs are shared proxies, everything else is a fresh copy,
--- so whatever a script does to ctx is gone by the next call.
+-- The per-call ctx. Jobs are the shared read-only proxies; everything else a script
+-- sees is a copy made for this call, so whatever it does to ctx is gone by the next.
+-- Copies are made on demand (ctx.pools, ctx.catalog and ctx.tenants on first use,
+-- single records when a built-in returns them) and remembered for the call, so the
+-- same master always yields the same table: ctx.find_ready_worker(m) is one of the
+-- tables in ctx.pools[i].workers. Built-ins read the masters, never the copies.
 -------------------------------------------------------------------------------
-local cur = nil  -- indexes over the ctx of the call in progress
+local cur = nil  -- the call in progress: { memo = {master -> copy}, ... }
 
 local function copy_array(source)
   local n = #source
@@ -350,59 +425,108 @@ local function copy_array(source)
   return out
 end
 
-local function build_state()
-  local state = {
-    pools = {}, pools_by_id = {}, workers = {}, workers_by_id = {}, pool_of_worker = {},
+local function gpu_copy(g)
+  local c = cur.memo[g]
+  if c then return c end
+  c = {
+    id = g.id, pool_id = g.pool_id, device_name = g.device_name,
+    compute_capability = g.compute_capability, vram_total_bytes = g.vram_total_bytes,
+    vram_allocated_bytes = g.vram_allocated_bytes, vram_free_bytes = g.vram_free_bytes,
+    utilization_percent = g.utilization_percent, temperature_celsius = g.temperature_celsius,
+    power_draw_watts = g.power_draw_watts, supports_fp16 = g.supports_fp16,
+    supports_int8 = g.supports_int8, supports_tensor_cores = g.supports_tensor_cores,
+    measured = g.measured,
   }
-  for pi, pool_id in ipairs(pool_ids) do
-    local master = pools[pool_id]
-    local info = master.info
-    local gpus = {}
-    for i, g in ipairs(master.gpus) do gpus[i] = copy_flat(g) end
-    local workers = {}
-    for i, w in ipairs(master.workers) do
-      local copy = copy_flat(w)
-      copy.gpu_ids = copy_array(w.gpu_ids)
-      copy.uptime_ms = now_ms - w.started_at_ms
-      workers[i] = copy
-      state.workers[#state.workers + 1] = copy
-      state.workers_by_id[copy.id] = copy
-    end
-    local pool = {
-      id = info.id, endpoint = info.endpoint, status = info.status,
-      last_heartbeat_ms = info.last_heartbeat_ms,
-      heartbeat_age_ms = now_ms - info.last_heartbeat_ms,
-      gpus = gpus, workers = workers, cached_models = copy_array(info.cached_models),
-      host_ram_total_bytes = info.host_ram_total_bytes or 0,
-      host_ram_available_bytes = info.host_ram_available_bytes or 0,
-      host_cpu_percent = info.host_cpu_percent or 0,
-      host_cpu_count = info.host_cpu_count or 0,
-    }
-    for _, w in ipairs(workers) do state.pool_of_worker[w.id] = pool end
-    state.pools[pi] = pool
-    state.pools_by_id[pool_id] = pool
-  end
-  local catalog_models = {}
-  for _, ref in ipairs(model_list) do
-    local copy = copy_flat(models[ref])
-    copy.estimated_tokens_per_sec = copy_flat(models[ref].estimated_tokens_per_sec)
-    catalog_models[ref] = copy
-  end
-  state.catalog = { models = catalog_models, aliases = copy_flat(aliases) }
-  state.tenants = {}
-  for _, id in ipairs(tenant_ids) do state.tenants[id] = copy_flat(tenants[id]) end
-  state.metrics = copy_flat(metrics)
-  state.metrics.timestamp_ms = now_ms
-  state.config = copy_flat(config)
-  for _, section in ipairs({ "queue", "timeout", "retry", "eviction" }) do
-    state.config[section] = copy_flat(config[section] or {})
-  end
-  return state
+  cur.memo[g] = c
+  return c
+end
+
+local function worker_copy(w)
+  local c = cur.memo[w]
+  if c then return c end
+  c = {
+    id = w.id, pool_id = w.pool_id, status = w.status, model_ref = w.model_ref,
+    gpu_ids = copy_array(w.gpu_ids), vram_bytes = w.vram_bytes, uri = w.uri,
+    current_job_id = w.current_job_id, job_started_at = w.job_started_at,
+    jobs_completed = w.jobs_completed, avg_tokens_per_sec = w.avg_tokens_per_sec,
+    uptime_ms = now_ms - w.started_at_ms, started_at_ms = w.started_at_ms,
+    last_used_at_ms = w.last_used_at_ms,
+  }
+  cur.memo[w] = c
+  return c
+end
+
+local function pool_copy(master)
+  local c = cur.memo[master]
+  if c then return c end
+  local info = master.info
+  local gpus, workers = {}, {}
+  for i, g in ipairs(master.gpus) do gpus[i] = gpu_copy(g) end
+  for i, w in ipairs(master.workers) do workers[i] = worker_copy(w) end
+  c = {
+    id = info.id, endpoint = info.endpoint, status = info.status,
+    last_heartbeat_ms = info.last_heartbeat_ms, heartbeat_age_ms = now_ms - info.last_heartbeat_ms,
+    gpus = gpus, workers = workers, cached_models = copy_array(info.cached_models),
+    host_ram_total_bytes = info.host_ram_total_bytes or 0,
+    host_ram_available_bytes = info.host_ram_available_bytes or 0,
+    host_cpu_percent = info.host_cpu_percent or 0, host_cpu_count = info.host_cpu_count or 0,
+  }
+  cur.memo[master] = c
+  return c
+end
+
+local function model_copy(m)
+  local c = cur.memo[m]
+  if c then return c end
+  c = copy_flat(m)
+  c.estimated_tokens_per_sec = copy_flat(m.estimated_tokens_per_sec)
+  cur.memo[m] = c
+  return c
+end
+
+local function all_pools()
+  local out = {}
+  for i, pool_id in ipairs(pool_ids) do out[i] = pool_copy(pools[pool_id]) end
+  return out
+end
+
+local helpers_table  -- defined with the built-ins below
+
+-- The ctx fields that are built when first read.
+local LAZY = {
+  pools = all_pools,
+  helpers = function() return helpers_table() end,
+  catalog = function()
+    local out = {}
+    for _, ref in ipairs(model_list) do out[ref] = model_copy(models[ref]) end
+    return { models = out, aliases = copy_flat(aliases) }
+  end,
+  tenants = function()
+    local out = {}
+    for _, id in ipairs(tenant_ids) do out[id] = copy_flat(tenants[id]) end
+    return out
+  end,
+}
+
+local lazy_ctx = setmetatable({}, { __mode = "k" })
+local ctx_mt = {
+  __index = function(ctx, key)
+    local make = LAZY[key]
+    if make == nil then return nil end
+    local value = make()
+    rawset(ctx, key, value)
+    return value
+  end,
+  __metatable = "ctx",
+}
+
+-- Build every lazy field of a ctx (before pairs/next walk it).
+local function materialize(ctx)
+  for key in pairs(LAZY) do local _ = ctx[key] end
 end
 
 -------------------------------------------------------------------------------
--- Built-ins (lua-runtime-spec section 4). They read the call's copies through
--- `cur`, so they agree with what the script sees in ctx.
+-- Built-ins (lua-runtime-spec section 4)
 -------------------------------------------------------------------------------
 local B = {}
 
@@ -430,10 +554,6 @@ local function resolve(model)
   return model
 end
 
-local function catalog_model(model_ref)
-  return cur.catalog.models[resolve(model_ref)]
-end
-
 local function tokens_per_sec(model, device_name)
   local tps = model.estimated_tokens_per_sec
   local exact = tps[device_name]
@@ -448,10 +568,11 @@ local function tokens_per_sec(model, device_name)
   return best or tps.default or 0
 end
 
-local function pool_online(pool) return pool ~= nil and pool.status ~= "offline" end
+local function online(pool) return pool ~= nil and pool.info.status ~= "offline" end
 
+-- The master GPUs a worker (master or copy) runs on.
 local function worker_gpus(worker)
-  local pool = cur.pool_of_worker[worker.id]
+  local pool = pools[worker_pool[worker.id] or ""]
   local out = {}
   if not pool then return out end
   for _, gpu_id in ipairs(worker.gpu_ids) do
@@ -462,12 +583,13 @@ local function worker_gpus(worker)
   return out
 end
 
--- Ready workers that serve `model_ref`, in pool then id order.
+-- Ready master workers that serve `model_ref`, in pool then id order.
 local function ready_workers(model_ref, pool_id)
   local want_ref = resolve(model_ref)
   local out = {}
-  for _, pool in ipairs(cur.pools) do
-    if pool_online(pool) and (pool_id == nil or pool.id == pool_id) then
+  for _, id in ipairs(pool_ids) do
+    local pool = pools[id]
+    if online(pool) and (pool_id == nil or id == pool_id) then
       for _, w in ipairs(pool.workers) do
         if w.status == "ready" and resolve(w.model_ref) == want_ref then out[#out + 1] = w end
       end
@@ -490,14 +612,20 @@ local function worker_vram_free(worker)
   return sum
 end
 
--- The candidate with the smallest key (ties broken by worker id).
+-- The candidate with the smallest key (ties broken by worker id), as a copy.
 local function pick_min(candidates, key)
   local best, best_key = nil, nil
   for _, w in ipairs(candidates) do
     local k = key(w)
     if best == nil or k < best_key or (k == best_key and w.id < best.id) then best, best_key = w, k end
   end
-  return best
+  return best and worker_copy(best)
+end
+
+local function each_worker(fn)
+  for _, id in ipairs(pool_ids) do
+    for _, w in ipairs(pools[id].workers) do fn(w) end
+  end
 end
 
 -- 3.1 queue -------------------------------------------------------------------
@@ -509,9 +637,9 @@ end
 function B.filter_jobs(criteria)
   local out = {}
   if type(criteria) == "function" then
-    for _, job in ipairs(cur.queue) do if criteria(job) then out[#out + 1] = job end end
+    for _, job in ipairs(queue) do if criteria(job) then out[#out + 1] = job end end
   elseif type(criteria) == "table" then
-    for _, job in ipairs(cur.queue) do
+    for _, job in ipairs(queue) do
       local match = true
       for k, v in pairs(criteria) do
         if job[k] ~= v then match = false break end
@@ -527,27 +655,30 @@ end
 -- 3.2 / 4.2 pools ---------------------------------------------------------------
 function B.get_pool(pool_id)
   want("get_pool", 1, pool_id, "string")
-  return cur.pools_by_id[pool_id]
+  local pool = pools[pool_id]
+  return pool and pool_copy(pool)
 end
 
 function B.filter_pools(predicate)
   want("filter_pools", 1, predicate, "function")
   local out = {}
-  for _, pool in ipairs(cur.pools) do if predicate(pool) then out[#out + 1] = pool end end
+  for _, pool in ipairs(all_pools()) do if predicate(pool) then out[#out + 1] = pool end end
   return out
 end
 
 function B.get_all_workers()
-  return copy_array(cur.workers)
+  local out = {}
+  each_worker(function(w) out[#out + 1] = worker_copy(w) end)
+  return out
 end
 
 function B.find_workers_by_model(model_ref)
   want("find_workers_by_model", 1, model_ref, "string")
   local want_ref = resolve(model_ref)
   local out = {}
-  for _, w in ipairs(cur.workers) do
-    if resolve(w.model_ref) == want_ref then out[#out + 1] = w end
-  end
+  each_worker(function(w)
+    if resolve(w.model_ref) == want_ref then out[#out + 1] = worker_copy(w) end
+  end)
   return out
 end
 
@@ -563,10 +694,11 @@ end
 function B.find_pools_with_capacity(vram_needed)
   want("find_pools_with_capacity", 1, vram_needed, "number")
   local out = {}
-  for _, pool in ipairs(cur.pools) do
-    if pool_online(pool) then
+  for _, id in ipairs(pool_ids) do
+    local pool = pools[id]
+    if online(pool) then
       for _, g in ipairs(pool.gpus) do
-        if g.vram_free_bytes >= vram_needed then out[#out + 1] = pool break end
+        if g.vram_free_bytes >= vram_needed then out[#out + 1] = pool_copy(pool) break end
       end
     end
   end
@@ -575,19 +707,24 @@ end
 
 function B.is_pool_healthy(pool_id)
   want("is_pool_healthy", 1, pool_id, "string")
-  local pool = cur.pools_by_id[pool_id]
-  return pool ~= nil and pool.status == "healthy"
+  local pool = pools[pool_id]
+  return pool ~= nil and pool.info.status == "healthy"
 end
 
-function B.get_pool_utilization(pool_id)
-  want("get_pool_utilization", 1, pool_id, "string")
-  local pool = cur.pools_by_id[pool_id]
-  if not pool then return 0 end
+local function vram_totals(pool)
   local total, allocated = 0, 0
   for _, g in ipairs(pool.gpus) do
     total = total + g.vram_total_bytes
     allocated = allocated + g.vram_allocated_bytes
   end
+  return total, allocated
+end
+
+function B.get_pool_utilization(pool_id)
+  want("get_pool_utilization", 1, pool_id, "string")
+  local pool = pools[pool_id]
+  if not pool then return 0 end
+  local total, allocated = vram_totals(pool)
   if total == 0 then return 0 end
   return allocated / total
 end
@@ -606,7 +743,8 @@ end
 
 function B.find_ready_worker(model_ref)
   want("find_ready_worker", 1, model_ref, "string")
-  return ready_workers(model_ref)[1]
+  local w = ready_workers(model_ref)[1]
+  return w and worker_copy(w)
 end
 
 function B.find_worker_round_robin(model_ref)
@@ -623,13 +761,16 @@ function B.find_worker_round_robin(model_ref)
     end
   end
   rr_last[key] = chosen.id
-  return chosen
+  return worker_copy(chosen)
 end
 
 function B.filter_workers(predicate)
   want("filter_workers", 1, predicate, "function")
   local out = {}
-  for _, w in ipairs(cur.workers) do if predicate(w) then out[#out + 1] = w end end
+  each_worker(function(w)
+    local copy = worker_copy(w)
+    if predicate(copy) then out[#out + 1] = copy end
+  end)
   return out
 end
 
@@ -637,10 +778,11 @@ end
 function B.find_gpus_with_vram(vram_needed)
   want("find_gpus_with_vram", 1, vram_needed, "number")
   local out = {}
-  for _, pool in ipairs(cur.pools) do
-    if pool_online(pool) then
+  for _, id in ipairs(pool_ids) do
+    local pool = pools[id]
+    if online(pool) then
       for _, g in ipairs(pool.gpus) do
-        if g.vram_free_bytes >= vram_needed then out[#out + 1] = g end
+        if g.vram_free_bytes >= vram_needed then out[#out + 1] = gpu_copy(g) end
       end
     end
   end
@@ -650,9 +792,9 @@ end
 function B.get_gpu(pool_id, gpu_id)
   want("get_gpu", 1, pool_id, "string")
   want("get_gpu", 2, gpu_id, "number")
-  local pool = cur.pools_by_id[pool_id]
+  local pool = pools[pool_id]
   if not pool then return nil end
-  for _, g in ipairs(pool.gpus) do if g.id == gpu_id then return g end end
+  for _, g in ipairs(pool.gpus) do if g.id == gpu_id then return gpu_copy(g) end end
   return nil
 end
 
@@ -669,7 +811,7 @@ end
 function B.check_gpu_compatibility(gpu, model_ref)
   want("check_gpu_compatibility", 1, gpu, "table")
   want("check_gpu_compatibility", 2, model_ref, "string")
-  local model = catalog_model(model_ref)
+  local model = models[resolve(model_ref)]
   if not model then return false, "unknown_model" end
   if gpu.vram_total_bytes < model.vram_required_bytes then return false, "insufficient_vram" end
   if not version_at_least(gpu.compute_capability, model.min_compute_capability) then
@@ -681,7 +823,7 @@ end
 function B.estimate_performance(model_ref, gpu)
   want("estimate_performance", 1, model_ref, "string")
   want("estimate_performance", 2, gpu, "table")
-  local model = catalog_model(model_ref)
+  local model = models[resolve(model_ref)]
   if not model then return 0 end
   return tokens_per_sec(model, gpu.device_name or "")
 end
@@ -694,32 +836,37 @@ end
 
 function B.get_model(model_ref)
   want("get_model", 1, model_ref, "string")
-  return catalog_model(model_ref)
+  local model = models[resolve(model_ref)]
+  return model and model_copy(model)
 end
 
 function B.model_exists(model_ref)
   want("model_exists", 1, model_ref, "string")
-  return catalog_model(model_ref) ~= nil
+  return models[resolve(model_ref)] ~= nil
 end
 
 function B.filter_models(predicate)
   want("filter_models", 1, predicate, "function")
   local out = {}
   for _, ref in ipairs(model_list) do
-    local model = cur.catalog.models[ref]
-    if model and predicate(model) then out[#out + 1] = model end
+    local model = model_copy(models[ref])
+    if predicate(model) then out[#out + 1] = model end
   end
   return out
 end
 
 function B.find_models_by_family(family)
   want("find_models_by_family", 1, family, "string")
-  return B.filter_models(function(m) return m.family == family end)
+  local out = {}
+  for _, ref in ipairs(model_list) do
+    if models[ref].family == family then out[#out + 1] = model_copy(models[ref]) end
+  end
+  return out
 end
 
 function B.get_model_vram(model_ref)
   want("get_model_vram", 1, model_ref, "string")
-  local model = catalog_model(model_ref)
+  local model = models[resolve(model_ref)]
   return model and model.vram_required_bytes or nil
 end
 
@@ -735,7 +882,7 @@ function B.estimate_job_duration(job, worker)
   if worker then
     local tps = worker.avg_tokens_per_sec or 0
     if tps <= 0 then
-      local model = catalog_model(job.model_ref)
+      local model = models[resolve(job.model_ref)]
       local gpu = worker_gpus(worker)[1]
       if model and gpu then tps = tokens_per_sec(model, gpu.device_name) end
     end
@@ -749,8 +896,8 @@ function B.can_job_fit(job, worker)
   want("can_job_fit", 1, job, "table")
   if worker == nil then return false, "no_worker" end
   want("can_job_fit", 2, worker, "table")
-  local pool = cur.pool_of_worker[worker.id]
-  if pool and pool.status == "offline" then return false, "pool_offline" end
+  local pool = pools[worker_pool[worker.id] or ""]
+  if pool and pool.info.status == "offline" then return false, "pool_offline" end
   if worker.status ~= "ready" then return false, "worker_not_ready" end
   if resolve(worker.model_ref) ~= resolve(job.model_ref) then return false, "model_mismatch" end
   if (worker.vram_bytes or 0) < (job.estimated_vram_bytes or 0) then
@@ -774,7 +921,7 @@ function B.check_tenant_quota(tenant_id, job)
   want("check_tenant_quota", 2, job, "table")
   if tenant_id == nil then return true, nil end  -- home/lab mode: no tenants
   want("check_tenant_quota", 1, tenant_id, "string")
-  local t = cur.tenants[tenant_id]
+  local t = tenants[tenant_id]
   if not t then return false, "unknown_tenant" end
   if t.quota_exceeded then return false, "quota_exceeded", "flagged" end
   if t.quota_max_concurrent_jobs and t.concurrent_jobs + 1 > t.quota_max_concurrent_jobs then
@@ -791,7 +938,7 @@ end
 
 function B.get_tenant_usage(tenant_id)
   want("get_tenant_usage", 1, tenant_id, "string")
-  local t = cur.tenants[tenant_id]
+  local t = tenants[tenant_id]
   if not t then return nil end
   return {
     tenant_id = t.id, vram_used_bytes = t.vram_used_bytes, concurrent_jobs = t.concurrent_jobs,
@@ -812,9 +959,9 @@ end
 -- Only idle workers are candidates: evicting a busy one would kill its job.
 local function idle_workers(pool_id)
   local out = {}
-  for _, pool in ipairs(cur.pools) do
-    if pool_id == nil or pool.id == pool_id then
-      for _, w in ipairs(pool.workers) do
+  for _, id in ipairs(pool_ids) do
+    if pool_id == nil or id == pool_id then
+      for _, w in ipairs(pools[id].workers) do
         if (w.status == "ready" or w.status == "failed") and w.current_job_id == nil then
           out[#out + 1] = w
         end
@@ -843,13 +990,9 @@ end
 -- Returns needed, and how many bytes of VRAM are allocated beyond the threshold.
 function B.should_evict(pool_id)
   want("should_evict", 1, pool_id, "string")
-  local pool = cur.pools_by_id[pool_id]
+  local pool = pools[pool_id]
   if not pool then return false, 0 end
-  local total, allocated = 0, 0
-  for _, g in ipairs(pool.gpus) do
-    total = total + g.vram_total_bytes
-    allocated = allocated + g.vram_allocated_bytes
-  end
+  local total, allocated = vram_totals(pool)
   local threshold = (config.eviction and config.eviction.vram_threshold) or 0.9
   local over = allocated - m_floor(threshold * total)
   if total > 0 and allocated / total > threshold then return true, over end
@@ -858,11 +1001,11 @@ end
 
 function B.find_model_to_evict(pool_id)
   want("find_model_to_evict", 1, pool_id, "string")
-  local pool = cur.pools_by_id[pool_id]
+  local pool = pools[pool_id]
   if not pool then return nil end
   local served = {}
   for _, w in ipairs(pool.workers) do served[resolve(w.model_ref)] = true end
-  for _, ref in ipairs(pool.cached_models) do  -- least recently used first
+  for _, ref in ipairs(pool.info.cached_models) do  -- least recently used first
     if not served[resolve(ref)] then return ref end
   end
   return nil
@@ -1033,7 +1176,7 @@ end
 -- The older spec's names (programmable-scheduler-spec section 4 and 6.2).
 B.find_worker_most_vram_free = B.find_most_vram_free_worker
 
-local function helpers_table()
+function helpers_table()
   local helpers = {}
   for name, fn in pairs(B) do helpers[name] = fn end
   helpers.find_worker = B.find_least_loaded_worker
@@ -1052,16 +1195,29 @@ local function helpers_table()
   return helpers
 end
 
+-- ctx.queue is the one per-call copy that grows with the cluster. Where LuaJIT's
+-- table.clear exists, the same table is emptied and refilled each call (whatever a
+-- script left in it is wiped), which spares the collector 8 bytes per job per call.
+local queue_copy = nil
+
+local function fresh_queue()
+  if clear_table == nil then return copy_array(queue) end
+  if queue_copy == nil then queue_copy = new_table(#queue, 0) else clear_table(queue_copy) end
+  for i = 1, #queue do queue_copy[i] = queue[i] end
+  return queue_copy
+end
+
 local function build_ctx()
-  local state = build_state()
-  state.queue = copy_array(queue)
-  cur = state
-  local ctx = {
-    queue = state.queue, pools = state.pools, catalog = state.catalog, tenants = state.tenants,
-    metrics = state.metrics, config = state.config,
-  }
+  cur = { memo = {} }
+  local ctx = setmetatable({
+    queue = fresh_queue(), metrics = copy_flat(metrics), config = copy_flat(config),
+  }, ctx_mt)
+  ctx.metrics.timestamp_ms = now_ms
+  for _, section in ipairs({ "queue", "timeout", "retry", "eviction" }) do
+    ctx.config[section] = copy_flat(config[section] or {})
+  end
   for name, fn in pairs(B) do ctx[name] = fn end
-  ctx.helpers = helpers_table()
+  lazy_ctx[ctx] = true
   return ctx
 end
 
@@ -1105,14 +1261,16 @@ local function make_env(print_level)
   env.rawequal, env.ipairs = rawequal, ipairs
   env.next = function(t, k)
     if master_of[t] then return proxy_next(t, k) end
+    if lazy_ctx[t] then materialize(t) end
     return next(t, k)
   end
   env.pairs = function(t)
     if master_of[t] then return proxy_next, t, nil end
+    if lazy_ctx[t] then materialize(t) end
     return pairs(t)
   end
   env.rawget = function(t, k)
-    if master_of[t] then return t[k] end
+    if master_of[t] or lazy_ctx[t] then return t[k] end
     return rawget(t, k)
   end
   env.rawset = function(t, k, v)
