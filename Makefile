@@ -12,12 +12,13 @@ PROTO_SRC := $(wildcard proto/*.proto)
 PROTO_OUT := orchestrator/_proto
 CONFIG ?=
 
-.PHONY: help venv test test-all run lint proto proto-check clean
+.PHONY: help venv test test-all run bench lint proto proto-check clean
 
 help:
 	@echo "make run          start orchestratord with the embedded default config"
 	@echo "make test         proto-check, lint and the test suite (what CI runs)"
 	@echo "make test-all     the test suite including tests marked slow"
+	@echo "make bench        measure and write BENCHMARKS.md (a few minutes)"
 	@echo "make lint         ruff and mypy"
 	@echo "make proto        regenerate $(PROTO_OUT) from proto/*.proto"
 	@echo "make proto-check  fail if the committed stubs differ from proto/*.proto"
@@ -34,6 +35,9 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/orchestratord serve $(if $(CONFIG),--config $(CONFIG),)
+
+bench: $(STAMP)
+	$(BIN)/orchestratord bench --output BENCHMARKS.md
 
 test: $(STAMP) proto-check lint
 	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider

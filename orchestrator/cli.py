@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: readable on a terminal, JSON otherwise (journald)",
     )
 
+    bench = commands.add_parser("bench", help="measure, and write BENCHMARKS.md")
+    bench.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    bench.add_argument("--quick", action="store_true", help="small runs, for a smoke check")
+
     job = commands.add_parser(
         "job", help="submit, follow and manage jobs on a running orchestrator"
     )
@@ -145,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "job":
             return asyncio.run(job_command(args))
+        if args.command == "bench":
+            configure_logging("console", "error")
+            from orchestrator.bench import main as bench_main  # noqa: PLC0415 - heavy, rare
+
+            return bench_main(args.output, args.quick)
         configure_logging("console", "error")
         if args.scheduler_command == "test":
             return asyncio.run(_scheduler_test(args))

@@ -392,11 +392,12 @@ class SchedulingEngine:
     def _account(self, result: CycleResult) -> None:
         m = self.metrics
         for action in decisions.flatten(result.decision):
-            m.decisions.labels(action.action, result.source).inc()
-        m.latency.labels(result.source).observe(result.latency_ms / 1000)
+            m.decision(action.action, result.source).inc()
+        m.latency_for(result.source).observe(result.latency_ms / 1000)
         for name, value in result.metrics:
             m.record_custom(name, value)
-        m.circuit_open.labels("user").set(1 if self.breaker.state == "open" else 0)
+        if self.user is not None:
+            m.circuit_open.labels("user").set(1 if self.breaker.state == "open" else 0)
         error = result.error
         if error is not None:
             failed = "user" if self.user is not None else "platform"
@@ -412,7 +413,7 @@ class SchedulingEngine:
             "snapshot_hash": result.snapshot_hash[:16],
             "seq": result.seq,
             "source": result.source,
-            "decision": decisions.describe(result.decision),
+            "decision": Described(result.decision),
             "latency_ms": round(result.latency_ms, 3),
         }
         if error is None:
@@ -427,6 +428,20 @@ class SchedulingEngine:
                 reason=error.message,
                 traceback=error.traceback or None,
             )
+
+
+class Described:
+    """A decision rendered as text only if a log line is actually written."""
+
+    __slots__ = ("decision",)
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+
+    def __repr__(self) -> str:
+        return decisions.describe(self.decision)
+
+    __str__ = __repr__
 
 
 def _with_logs(result: CycleResult, attempt: Attempt) -> CycleResult:

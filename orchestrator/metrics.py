@@ -6,6 +6,8 @@ share counters. The service exposes `registry` at /metrics.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Custom metrics from ctx.emit_metric become one labelled gauge; the number of
@@ -98,6 +100,23 @@ class EngineMetrics:
             registry=r,
         )
         self._custom_names: set[str] = set()
+        # labels() costs microseconds per call; the hot path reuses the children.
+        self._decision_children: dict[tuple[str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+
+    def decision(self, action: str, source: str) -> Any:
+        """The decisions counter for (action, source), looked up once per pair."""
+        key = (action, source)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(action, source)
+        return child
+
+    def latency_for(self, source: str) -> Any:
+        child = self._latency_children.get(source)
+        if child is None:
+            child = self._latency_children[source] = self.latency.labels(source)
+        return child
 
     def record_custom(self, name: str, value: float) -> None:
         if name not in self._custom_names and len(self._custom_names) >= MAX_CUSTOM_METRICS:

@@ -77,7 +77,16 @@ class WorkerProcess:
 
     @property
     def alive(self) -> bool:
-        return not self.killed and self.process is not None and self.process.returncode is None
+        """Running, as far as the kernel knows: a crash is seen before the next call,
+        not when the call fails (the reaper thread may not have told asyncio yet)."""
+        if self.killed or self.process is None or self.process.returncode is not None:
+            return False
+        try:
+            with open(f"/proc/{self.process.pid}/stat", "rb") as stat:
+                state = stat.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in (b"Z", b"X")
 
     async def start(self) -> None:
         """Spawn, wait until it serves, and load the scheduler.
