@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import platform
 import signal
@@ -352,11 +353,19 @@ def bare_lupa(count: int) -> tuple[float, float]:
     return summary(times)
 
 
+def settle() -> None:
+    """Between stages: collect what the last stage left, so it is not billed to the next."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run(quick: bool = False) -> Report:
     report = Report()
+    settle()
     n = 50 if quick else 1000
     await decision_vs_echo(report, n)
     big_jobs, cycles = (10_000, 40) if quick else (10_000, 300)
+    settle()
     deltas, fulls = await cycle_cost(big_jobs, 1024, cycles)
     (dm, dp), (fm, fp) = summary(deltas), summary(fulls)
     report.figures.append(
@@ -370,9 +379,13 @@ async def run(quick: bool = False) -> Report:
     )  # fmt: skip
     if quick:
         return report
+    settle()
     await runaway(report, 20)
+    settle()
     await crash_to_spare(report, 20)
+    settle()
     await throughput_and_rss(report, 2000)
+    settle()
     fm_, fp_ = in_process_floor(10_000, 300)
     report.figures.append(
         Figure("floor: same deltas and script in-process (no isolation)", fm_, fp_,
@@ -382,11 +395,13 @@ async def run(quick: bool = False) -> Report:
     lm, lp = bare_lupa(10_000)
     report.figures.append(Figure("floor: one lupa call into Lua", lm * 1000, lp * 1000, unit="µs"))
     for language in ("luajit", "lua54"):
+        settle()
         d, f = await cycle_cost(10_000, 1024, 100, language)
         report.runtimes.append((language, "delta cycle, 10k jobs", *summary(d)))
         report.runtimes.append((language, "full resync, 10k jobs", *summary(f)))
     for language in ("luajit", "lua54"):
         base = sample_context()
+        settle()
         async with engine(None, language=language) as eng:
             times = []
             for i in range(500):
@@ -394,6 +409,7 @@ async def run(quick: bool = False) -> Report:
                 times.append(result.latency_ms)
         report.runtimes.append((language, "platform scheduler, sample context", *summary(times)))
     for jobs in (100, 1_000, 10_000, 100_000):
+        settle()
         d, f = await cycle_cost(jobs, 1024, 60 if jobs == 100_000 else 150)
         report.growth.append((jobs, *summary(d), statistics.median(f)))
     return report
