@@ -16,7 +16,6 @@ import platform
 import signal
 import statistics
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,11 +28,10 @@ from orchestrator._proto import sandbox_pb2
 from orchestrator.engine import EngineOptions, SchedulingEngine, platform_source
 from orchestrator.journal import SnapshotJournal
 from orchestrator.limits import SandboxLimits
-from orchestrator.model import Context, Gpu, Job, JobChanges, Pool, Worker, derive_metrics
-from orchestrator.samples import LLAMA_8B, LLAMA_13B, MISTRAL_7B, sample_catalog, sample_context
+from orchestrator.samples import churn, sample_context
+from orchestrator.samples import synthetic_cluster as cluster
 from sandbox_worker.runtime import LuaSchedulerRuntime
 
-MODELS = (LLAMA_8B, LLAMA_13B, MISTRAL_7B)
 ENTRY_POINT = """
 function schedule(ctx)
   local job = ctx.queue[1]
@@ -74,65 +72,6 @@ def pct(values: list[float], q: float) -> float:
 
 def summary(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), pct(values, 0.99)
-
-
-# ---------------------------------------------------------------- synthetic clusters
-def cluster(n_jobs: int, n_workers: int, now: int = 1_700_000_000_000) -> Context:
-    """n_jobs queued over three models; n_workers in pools of 16 on 8 A100s each."""
-    pools = []
-    for p in range(max(1, n_workers // 16)):
-        gpus = tuple(
-            Gpu(i, "NVIDIA A100", 80 * 2**30, 40 * 2**30, compute_capability="8.0")
-            for i in range(8)
-        )
-        workers = tuple(
-            Worker(
-                f"w-{p * 16 + w}",
-                MODELS[(p * 16 + w) % 3],
-                "ready" if w % 2 else "busy",
-                (w % 8,),
-                8 * 2**30,
-                started_at_ms=now - 10**6,
-                last_used_at_ms=now - w,
-            )
-            for w in range(16)
-        )
-        pools.append(Pool(f"pool-{p:03d}", last_heartbeat_ms=now, gpus=gpus, workers=workers))
-    jobs = tuple(
-        sorted(
-            (
-                Job(f"job-{i}", MODELS[i % 3], "interactive" if i % 5 == 0 else "batch",
-                    queued_at=now - i, max_tokens=100, estimated_vram_bytes=8 * 2**30)
-                for i in range(n_jobs)
-            ),
-            key=Job.queue_key,
-        )
-    )  # fmt: skip
-    pools_t = tuple(pools)
-    return Context(now, jobs, pools_t, sample_catalog(), (), derive_metrics(jobs, pools_t, now))
-
-
-def churn(ctx: Context, step: int, fraction: float = 0.01) -> Context:
-    """The next cycle: `fraction` of the jobs leave and as many arrive; as many workers flip."""
-    n = max(1, int(len(ctx.queue) * fraction))
-    gone, kept = ctx.queue[:n], ctx.queue[n:]
-    arrived = tuple(
-        Job(f"job-s{step}-{i}", MODELS[i % 3], "batch", queued_at=ctx.now_ms + 1, max_tokens=100)
-        for i in range(n)
-    )
-    pools = list(ctx.pools)
-    for i in range(max(1, int(sum(len(p.workers) for p in pools) * fraction))):
-        index = (step * 7 + i) % len(pools)
-        workers = list(pools[index].workers)
-        j = (step + i) % len(workers)
-        flipped = "busy" if workers[j].status == "ready" else "ready"
-        workers[j] = dataclasses.replace(workers[j], status=flipped)
-        pools[index] = dataclasses.replace(pools[index], workers=tuple(workers))
-    queue, pools_t, now = kept + arrived, tuple(pools), ctx.now_ms + 100
-    return dataclasses.replace(
-        ctx, now_ms=now, queue=queue, pools=pools_t, metrics=derive_metrics(queue, pools_t, now),
-        changes=JobChanges(weakref.ref(ctx), arrived, frozenset(j.id for j in gone)),
-    )  # fmt: skip
 
 
 def engine(user: str | None, *, language: str = "luajit", deadline_ms: int = 5000,

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
 
+import grpc
 import yaml
+from google.protobuf.json_format import MessageToDict
+from grpc import aio
 
 from orchestrator import decision as decisions
+from orchestrator._proto import orchestrator_pb2 as pb
+from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.config import load_config
 from orchestrator.context_file import context_to_dict, load_context
 from orchestrator.engine import CycleResult, EngineOptions, SchedulingEngine, platform_source
@@ -28,6 +34,9 @@ from orchestrator.job_client import job_command
 from orchestrator.limits import SandboxLimits
 from orchestrator.log import configure_logging
 from orchestrator.model import Context
+from orchestrator.policy.compile import compile_yaml
+from orchestrator.policy.parse import PolicyError
+from orchestrator.policy.validate import detect_language, policy_version, to_lua, validate_policy
 from orchestrator.pool_manager import run_pool_manager
 from orchestrator.samples import sample_context
 from orchestrator.server import serve
@@ -131,6 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--deadline-ms", type=int, default=SandboxLimits.deadline_ms, help="decision deadline"
     )
 
+    validate = sub.add_parser(
+        "validate",
+        help="validate a policy: syntax, semantics on the validation bank, speed",
+        description="Syntax (compile or load), semantics (every context of the validation "
+        "bank decided by the policy itself, each decision valid), speed (p99 within the "
+        "budget). Runs locally in real sandbox workers. Exit 0 valid, 1 invalid, 2 usage.",
+    )
+    validate.add_argument("file", type=Path)
+    validate.add_argument("--json", action="store_true", help="print the report as JSON")
+    validate.add_argument("--deadline-ms", type=int, default=SandboxLimits.deadline_ms)
+    compile_ = sub.add_parser("compile", help="compile a YAML policy to Lua and print it")
+    compile_.add_argument("file", type=Path)
+    compile_.add_argument("--json", action="store_true", help="print {lua, sha256, version}")
+    deploy = sub.add_parser("deploy", help="validate and deploy a policy to a running orchestrator")
+    deploy.add_argument("file", type=Path)
+    deploy.add_argument("--address", default="127.0.0.1:50051")
+    deploy.add_argument("--deployer", default=os.environ.get("USER", "cli"))
+    deploy.add_argument("--json", action="store_true")
+    versions = sub.add_parser("versions", help="list the deployed versions")
+    versions.add_argument("--address", default="127.0.0.1:50051")
+    versions.add_argument("--json", action="store_true")
+    rollback = sub.add_parser("rollback", help="go back to an earlier version (one call)")
+    rollback.add_argument("--to", type=int, default=0, help="version id; default: the one before")
+    rollback.add_argument("--address", default="127.0.0.1:50051")
+    rollback.add_argument("--json", action="store_true")
+
     sub.add_parser("platform-source", help="print the platform scheduler's Lua source")
     sample = sub.add_parser("sample-context", help="print the sample context as YAML")
     sample.add_argument("--json", action="store_true", help="print JSON instead of YAML")
@@ -157,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging("console", "error")
         if args.scheduler_command == "test":
             return asyncio.run(_scheduler_test(args))
+        if args.scheduler_command in ADMIN_COMMANDS:
+            return asyncio.run(ADMIN_COMMANDS[args.scheduler_command](args))
         if args.scheduler_command == "platform-source":
             sys.stdout.write(platform_source())
             return 0
@@ -190,16 +227,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _scheduler_test(args: argparse.Namespace) -> int:
-    path: Path = args.file
-    if path.suffix in (".yaml", ".yml"):
-        raise UsageError(f"{path}: YAML policies are not supported by this build yet; use Lua")
+def read_policy(path: Path) -> tuple[str, str]:
+    """(source, language) of a policy file; usage errors for unreadable files."""
     try:
         source = path.read_text()
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not a text file (Lua bytecode is not accepted)") from None
+    return source, detect_language(source, path.name)
+
+
+async def _scheduler_test(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    text, language = read_policy(path)
+    try:
+        source = to_lua(text, language, path.name)
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from None
     if args.deadline_ms <= 0:
         raise UsageError("--deadline-ms must be positive")
     ctx = load_context(args.context) if args.context else sample_context()
@@ -211,32 +256,84 @@ async def _scheduler_test(args: argparse.Namespace) -> int:
     ) as engine:
         result = await engine.schedule(ctx)
     if args.json:
-        print(json.dumps(result_to_json(result), indent=2))
+        print(json.dumps(result.to_json(), indent=2))
     else:
         print(render(result, ctx))
     return EXIT_USER if result.source == "user" else EXIT_FALLBACK
 
 
-def result_to_json(result: CycleResult) -> dict[str, Any]:
-    error = result.error
-    return {
-        "decision": decisions.to_dict(result.decision),
-        "source": result.source,
-        "error": None
-        if error is None
-        else {
-            "kind": error.kind,
-            "message": error.message,
-            "traceback": error.traceback,
-            "rejections": [
-                {"index": r.index, "action": r.action, "reason": r.reason, "detail": r.detail}
-                for r in error.rejections
-            ],
-        },
-        "logs": [{"level": line.level, "message": line.message} for line in result.logs],
-        "metrics": [{"name": name, "value": value} for name, value in result.metrics],
-        "latency_ms": round(result.latency_ms, 3),
-    }
+async def _validate(args: argparse.Namespace) -> int:
+    source, language = read_policy(args.file)
+    report = await validate_policy(source, args.file.name, language, budget_ms=args.deadline_ms)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "summary": report.summary()}, indent=2))
+    else:
+        print(f"{args.file}: {report.summary()}")
+        for case in report.semantics.get("cases", []):
+            mark = "ok  " if case["ok"] else "FAIL"
+            what = case["decision"] if case["ok"] else case["error"]
+            print(f"  {mark} {case['context']:<18} {what}")
+    return 0 if report.ok else 1
+
+
+async def _compile(args: argparse.Namespace) -> int:
+    source, language = read_policy(args.file)
+    if language != "yaml":
+        raise UsageError(f"{args.file}: only YAML policies compile; Lua runs as it is")
+    try:
+        lua = compile_yaml(source, args.file.name)
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        version = policy_version(source, "yaml", args.file.name)
+        sha = hashlib.sha256(source.encode()).hexdigest()
+        print(json.dumps({"lua": lua, "sha256": sha, "version": version}, indent=2))
+    else:
+        sys.stdout.write(lua)
+    return 0
+
+
+async def _admin(args: argparse.Namespace) -> int:
+    """deploy, versions, rollback: through AdminService on a running orchestrator."""
+    async with aio.insecure_channel(args.address) as channel:
+        admin = pb_grpc.AdminServiceStub(channel)
+        try:
+            if args.scheduler_command == "deploy":
+                source, language = read_policy(args.file)
+                reply = await admin.DeployScheduler(pb.DeployRequest(
+                    scheduler=pb.SchedulerSource(source=source, language=language,
+                                                 name=args.file.name),
+                    deployer=args.deployer,
+                ))  # fmt: skip
+                versions = [reply.version]
+            elif args.scheduler_command == "rollback":
+                reply = await admin.Rollback(pb.RollbackRequest(version_id=args.to))
+                versions = [reply.version] if reply.HasField("version") else []
+            else:
+                versions = list((await admin.ListVersions(pb.ListVersionsRequest())).versions)
+        except aio.AioRpcError as exc:
+            print(f"orchestratord: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1 if exc.code() != grpc.StatusCode.UNAVAILABLE else 2
+    rows = [MessageToDict(v, preserving_proto_field_name=True) for v in versions]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("the platform scheduler is in charge")
+    else:
+        for v in versions:
+            mark = "*" if v.active else " "
+            print(f"{mark} #{v.id:<4} {v.name:<28} {v.version or '-':<8} {v.sha256[:12]} "
+                  f"{v.reason:<24} {v.deployer} - {v.summary}")  # fmt: skip
+    return 0
+
+
+ADMIN_COMMANDS = {
+    "validate": _validate,
+    "compile": _compile,
+    "deploy": _admin,
+    "versions": _admin,
+    "rollback": _admin,
+}
 
 
 def render(result: CycleResult, ctx: Context) -> str:

@@ -46,8 +46,12 @@ class BreakerConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    file: str | None = None  # a Lua scheduler; None: the platform scheduler
-    language: str = "luajit"
+    file: str | None = None  # a Lua or YAML scheduler; None: the platform scheduler
+    language: str = "luajit"  # the Lua runtime: luajit or lua54
+    hot_reload: bool = True  # home/lab: redeploy the file when it changes (validated first)
+    # Home/lab: when the circuit breaker trips for a version deployed within this
+    # window and an earlier one exists, switch back to it. 0 disables.
+    auto_rollback_window_s: float = 600.0
     deadline_ms: int = 50
     tick_ms: int = 250
     spares: int = 1

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -105,6 +106,28 @@ class CycleResult:
     seq: int = 0
     worker_pid: int = 0
 
+    def to_json(self) -> dict[str, Any]:
+        """The dry-run's JSON: decision, source, error, logs, metrics, latency_ms."""
+        error = self.error
+        return {
+            "decision": decisions.to_dict(self.decision),
+            "source": self.source,
+            "error": None
+            if error is None
+            else {
+                "kind": error.kind,
+                "message": error.message,
+                "traceback": error.traceback,
+                "rejections": [
+                    {"index": r.index, "action": r.action, "reason": r.reason, "detail": r.detail}
+                    for r in error.rejections
+                ],
+            },
+            "logs": [{"level": line.level, "message": line.message} for line in self.logs],
+            "metrics": [{"name": name, "value": value} for name, value in self.metrics],
+            "latency_ms": round(self.latency_ms, 3),
+        }
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -148,28 +171,52 @@ class SchedulingEngine:
             expose_platform_source=options.expose_platform_source,
             seccomp=options.seccomp,
         )
+        self.language = language
         self.platform = WorkerGroup(
             "platform", spec, self.runtime_dir, spares=options.platform_spares, metrics=self.metrics
         )
         self.user: WorkerGroup | None = None
         if user_source is not None:
-            user_spec = SchedulerSpec(
-                name=user_name,
-                source=user_source,
-                platform_source=self.platform_source,
-                language=language,
-                limits=options.limits,
-                expose_platform_source=options.expose_platform_source,
-                seccomp=options.seccomp,
-            )
-            self.user = WorkerGroup(
-                "user",
-                user_spec,
-                self.runtime_dir,
-                spares=options.user_spares,
-                metrics=self.metrics,
-            )
+            self.user = self._user_group(user_source, user_name)
         self._lock = asyncio.Lock()
+
+    def _user_group(self, source: str, name: str) -> WorkerGroup:
+        spec = SchedulerSpec(
+            name=name,
+            source=source,
+            platform_source=self.platform_source,
+            language=self.language,
+            limits=self.options.limits,
+            expose_platform_source=self.options.expose_platform_source,
+            seccomp=self.options.seccomp,
+        )
+        return WorkerGroup(
+            "user", spec, self.runtime_dir, spares=self.options.user_spares, metrics=self.metrics
+        )
+
+    async def replace_user(self, source: str | None, name: str = "scheduler.lua") -> None:
+        """Put another user scheduler in charge (None: the platform scheduler alone).
+
+        The new one's workers are started and loaded first; if it does not load,
+        SchedulerLoadError is raised and the running one stays. The switch happens
+        between cycles, and the circuit breaker starts afresh.
+        """
+        group = None
+        if source is not None:
+            group = self._user_group(source, name)
+            try:
+                await group.start()
+            except BaseException:
+                await group.close()
+                raise
+        async with self._lock:
+            old, self.user = self.user, group
+            o = self.options
+            self.breaker = CircuitBreaker(
+                o.breaker_threshold, o.breaker_base_backoff_s, o.breaker_max_backoff_s
+            )
+        if old is not None:
+            await old.close()
 
     async def start(self) -> None:
         """Spawn the sandboxes. A user script that fails to load is not fatal: its

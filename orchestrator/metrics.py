@@ -99,6 +99,12 @@ class EngineMetrics:
             "ctx.emit_metric samples over the per-call quota or the name cap.",
             registry=r,
         )
+        self.reloads = Counter(
+            "scheduler_reload",
+            "Scheduler deployments and reloads, by result.",
+            ["result"],
+            registry=r,
+        )
         self._custom_names: set[str] = set()
         # labels() costs microseconds per call; the hot path reuses the children.
         self._decision_children: dict[tuple[str, str], Any] = {}

@@ -86,7 +86,7 @@ class Server:
             grpc=f"{split_address(self.config.listen.grpc)[0]}:{self.grpc_port}",
             http=f"http://{host}:{self.http_port}",
             deployment_mode=self.config.deployment_mode,
-            scheduler=o.scheduler_name,
+            scheduler=o.active.name,
             gpus=o.gpu_source,
             state_dir=str(o.state_dir),
         )

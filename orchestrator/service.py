@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
+import json
 import re
 import secrets
 import time
@@ -25,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import watchfiles
 from prometheus_client import Counter, Gauge, Histogram
 
 from orchestrator import decision as decisions
@@ -61,8 +64,17 @@ from orchestrator.local_pool import LocalPool, PoolError
 from orchestrator.log import get_logger
 from orchestrator.metrics import EngineMetrics
 from orchestrator.model import Context, Gpu
+from orchestrator.policy.parse import PolicyError
+from orchestrator.policy.validate import (
+    Report,
+    detect_language,
+    policy_version,
+    to_lua,
+    validate_policy,
+)
 from orchestrator.store import AsyncJobStore, JobStore, Transition
 from orchestrator.tasks import cancel_and_wait
+from orchestrator.versions import Version, VersionStore
 
 log = get_logger("service")
 
@@ -74,7 +86,36 @@ class ServiceUnavailableError(OrchestratorError):
 
 
 class NotFoundError(OrchestratorError):
-    """No such job or pool."""
+    """No such job, pool or scheduler version."""
+
+
+class PermissionDeniedError(OrchestratorError):
+    """Not allowed in this deployment mode."""
+
+
+class ValidationFailedError(OrchestratorError):
+    """A scheduler was refused: the report says at which stage and why."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+
+@dataclass(frozen=True)
+class ActiveScheduler:
+    name: str
+    source: str
+    language: str  # "lua" or "yaml"
+    version_id: int  # 0: the platform scheduler
+    since_ms: int
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    name: str
+    source: str
+    language: str
+    lua: str
 
 
 def scheduler_version(source: str) -> str:
@@ -159,20 +200,16 @@ class Orchestrator:
         self.store = AsyncJobStore(
             JobStore(self.state_dir / "jobs.sqlite3", durability=config.durability)
         )
-        self.scheduler_name = "platform"
-        self.scheduler_source = platform_source()
-        user_source = None
-        if config.scheduler.file:
-            path = config.path(config.scheduler.file)
-            try:
-                user_source = path.read_text()
-            except OSError as exc:
-                raise OrchestratorError(f"scheduler.file: {path}: {exc.strerror}") from None
-            self.scheduler_name, self.scheduler_source = path.name, user_source
-        self.scheduler_since_ms = now_ms()
+        self.versions = VersionStore(self.state_dir / "schedulers.sqlite3")
+        self.active = ActiveScheduler("platform", platform_source(), "lua", 0, now_ms())
+        self._initial = self._read_scheduler_file()
+        self._deploy_lock = asyncio.Lock()
+        self._trips_at_activation = 0
+        self._rollback_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self.engine = SchedulingEngine(
-            user_source=user_source,
-            user_name=self.scheduler_name,
+            user_source=self._initial.lua if self._initial else None,
+            user_name=self._initial.name if self._initial else "scheduler.lua",
             language=config.scheduler.language,
             options=EngineOptions(
                 limits=SandboxLimits(deadline_ms=config.scheduler.deadline_ms),
@@ -227,8 +264,13 @@ class Orchestrator:
             if killed:
                 log.warning("pool.leftover_workers_killed", count=killed)
         await self.engine.start()
+        self._record_initial_scheduler()
         await self._recover()
-        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self._loop_task = loop.create_task(self._loop())
+        watch = bool(self.config.scheduler.file) and self.config.scheduler.hot_reload
+        if watch and not self.config.platform_mode:
+            self._watch_task = loop.create_task(self._watch_scheduler_file())
 
     async def _recover(self) -> None:
         """Queued jobs go back in the queue; jobs that were running are retried."""
@@ -289,6 +331,8 @@ class Orchestrator:
         await self.close()
 
     async def close(self) -> None:
+        await cancel_and_wait(self._watch_task)
+        await cancel_and_wait(self._rollback_task)
         await cancel_and_wait(self._loop_task)
         for task in list(self._running.values()):
             task.cancel()
@@ -298,6 +342,7 @@ class Orchestrator:
             await self.local_pool.close()
         await self.runner.close()
         await self.store.close()
+        self.versions.close()
 
     # ------------------------------------------------------------------ jobs
     async def submit(self, spec: SubmitSpec) -> JobRecord:
@@ -421,6 +466,179 @@ class Orchestrator:
         self._wake.set()
         return commands
 
+    # ------------------------------------------------------------------ schedulers
+    def _read_scheduler_file(self) -> PolicyFile | None:
+        """The scheduler named in the config, compiled if it is YAML; None if it is unusable
+        (the platform scheduler then runs, and status says why)."""
+        if not self.config.scheduler.file:
+            return None
+        path = self.config.path(self.config.scheduler.file)
+        try:
+            source = path.read_text()
+        except OSError as exc:
+            raise OrchestratorError(f"scheduler.file: {path}: {exc.strerror}") from None
+        language = detect_language(source, path.name)
+        try:
+            lua = to_lua(source, language, path.name)
+        except PolicyError as exc:
+            log.error("scheduler.load_failed", error=str(exc))
+            self.startup_error = str(exc)
+            return None
+        return PolicyFile(path.name, source, language, lua)
+
+    startup_error = ""
+
+    def _record_initial_scheduler(self) -> None:
+        initial = self._initial
+        if initial is None or self.engine.user is None or self.engine.user.load_error:
+            if self.engine.user is not None and self.engine.user.load_error:
+                self.startup_error = str(self.engine.user.load_error)
+            return
+        sha = hashlib.sha256(initial.source.encode()).hexdigest()
+        active = self.versions.active()
+        if active is None or active.sha256 != sha:
+            active = self.versions.add(self._version_entry(
+                initial.name, initial.source, initial.language, "file", "startup",
+                "loaded at start-up from scheduler.file", "{}",
+            ))  # fmt: skip
+        self._activate(active)
+
+    def _version_entry(self, name: str, source: str, language: str, deployer: str, reason: str,
+                       summary: str, report: str) -> Version:  # fmt: skip
+        return Version(
+            0, hashlib.sha256(source.encode()).hexdigest(), name,
+            policy_version(source, language, name), language, source, deployer, now_ms(), reason,
+            summary, report, True,
+        )  # fmt: skip
+
+    def _activate(self, version: Version | None) -> None:
+        if version is None:
+            self.active = ActiveScheduler("platform", platform_source(), "lua", 0, now_ms())
+        else:
+            self.active = ActiveScheduler(
+                version.name, version.source, version.language, version.id, now_ms()
+            )
+        self._trips_at_activation = self.engine.breaker.trips
+
+    async def validate(self, source: str, language: str, name: str) -> Report:
+        return await validate_policy(
+            source, name or "policy", language or None,
+            budget_ms=self.config.scheduler.deadline_ms, seccomp=self.config.scheduler.seccomp,
+        )  # fmt: skip
+
+    async def deploy(
+        self, source: str, language: str = "", name: str = "", deployer: str = "", *,
+        reason: str = "deploy",
+    ) -> tuple[Version, Report]:  # fmt: skip
+        """Validate, then put the scheduler in charge. The running one stays on any failure."""
+        if self.config.platform_mode:
+            raise PermissionDeniedError("platform mode: the platform scheduler cannot be replaced")
+        async with self._deploy_lock:
+            name = name or "policy"
+            language = language or detect_language(source, name)
+            report = await self.validate(source, language, name)
+            if not report.ok:
+                self.metrics.reloads.labels("rejected").inc()
+                log.warning("scheduler.deploy_rejected", name=name, reason=reason,
+                            summary=report.summary())  # fmt: skip
+                raise ValidationFailedError(report)
+            await self.engine.replace_user(report.lua, name)
+            version = self.versions.add(self._version_entry(
+                name, source, language, deployer or "unknown", reason, report.summary(),
+                json.dumps(report.to_dict()),
+            ))  # fmt: skip
+            self._activate(version)
+            self.metrics.reloads.labels("applied").inc()
+            log.info("scheduler.deployed", version_id=version.id, name=name,
+                     semver=version.version, sha256=version.sha256[:12], reason=reason)  # fmt: skip
+            return version, report
+
+    async def rollback(self, version_id: int = 0, *, reason: str = "") -> Version | None:
+        """Back to `version_id`, or to the version before the active one; None: the
+        platform scheduler. Rolled-back versions were validated when first deployed."""
+        if self.config.platform_mode:
+            raise PermissionDeniedError("platform mode: there is no user scheduler to roll back")
+        async with self._deploy_lock:
+            active = self.versions.active()
+            if version_id:
+                target = self.versions.get(version_id)
+                if target is None:
+                    raise NotFoundError(f"scheduler version #{version_id} does not exist")
+            else:
+                target = self.versions.before(active.id) if active else None
+                if active is None:
+                    raise NotFoundError("no user scheduler is active; nothing to roll back")
+            why = reason or (f"rollback to #{target.id}" if target else "rollback to platform")
+            if target is None:
+                await self.engine.replace_user(None)
+                self.versions.deactivate()
+                self._activate(None)
+                log.info("scheduler.rolled_back", to="platform", reason=why)
+                return None
+            await self.engine.replace_user(to_lua(target.source, target.language, target.name),
+                                           target.name)  # fmt: skip
+            version = self.versions.add(dataclasses.replace(
+                target, deployer="rollback", reason=why, deployed_at=now_ms(),
+            ))  # fmt: skip
+            self._activate(version)
+            self.metrics.reloads.labels("rollback").inc()
+            log.info("scheduler.rolled_back", to=target.id, version_id=version.id, reason=why)
+            return version
+
+    async def _watch_scheduler_file(self) -> None:
+        """Home/lab hot reload: a changed file is validated, then deployed or refused."""
+        path = self.config.path(self.config.scheduler.file or "").resolve()
+        async for changes in watchfiles.awatch(path.parent, debounce=200, recursive=False):
+            if not any(Path(changed).resolve() == path for _, changed in changes):
+                continue
+            try:
+                source = path.read_text()
+            except OSError as exc:
+                log.warning("scheduler.reload_rejected", file=str(path), error=exc.strerror)
+                continue
+            if hashlib.sha256(source.encode()).hexdigest() == self.versions_active_sha():
+                continue
+            try:
+                await self.deploy(source, "", path.name, "file", reason="reload")
+            except (ValidationFailedError, OrchestratorError) as exc:
+                log.warning("scheduler.reload_rejected", file=str(path), error=str(exc),
+                            running=self.active.name)  # fmt: skip
+
+    def versions_active_sha(self) -> str:
+        active = self.versions.active()
+        return active.sha256 if active else ""
+
+    def _check_auto_rollback(self) -> None:
+        """DESIGN.md: a version that trips the breaker soon after deploy goes back to
+        the one before it, if there is one (home/lab only)."""
+        window = self.config.scheduler.auto_rollback_window_s
+        if self.config.platform_mode or window <= 0 or self.active.version_id == 0:
+            return
+        if self.engine.breaker.trips <= self._trips_at_activation:
+            return
+        if now_ms() - self.active.since_ms > window * 1000:
+            return
+        if self._rollback_task is not None and not self._rollback_task.done():
+            return
+        previous = self.versions.before(self.active.version_id)
+        if previous is None:
+            return
+        self._trips_at_activation = self.engine.breaker.trips
+        reason = (f"auto-rollback: circuit breaker tripped for #{self.active.version_id} "
+                  f"within {window:.0f}s of its deployment")  # fmt: skip
+        log.warning("scheduler.auto_rollback", from_version=self.active.version_id,
+                    to_version=previous.id)  # fmt: skip
+        self.metrics.reloads.labels("auto_rollback").inc()
+        self._rollback_task = asyncio.get_running_loop().create_task(
+            self._auto_rollback(previous.id, reason)
+        )
+
+    async def _auto_rollback(self, version_id: int, reason: str) -> None:
+        try:
+            await self.rollback(version_id, reason=reason)
+        except OrchestratorError as exc:
+            log.error("scheduler.auto_rollback_failed", error=str(exc))
+
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
         tick = self.config.scheduler.tick_ms / 1000
@@ -460,6 +678,7 @@ class Orchestrator:
         self.cycles += 1
         self.last_result = result
         self.service_metrics.cycles.inc()
+        self._check_auto_rollback()
         await self._apply(result.decision)
         self._update_gauges(result.context)
         return result
@@ -705,13 +924,16 @@ class Orchestrator:
             "deployment_mode": self.config.deployment_mode,
             "mode": self.config.mode,
             "scheduler": {
-                "name": self.scheduler_name,
-                "version": scheduler_version(self.scheduler_source),
-                "sha256": hashlib.sha256(self.scheduler_source.encode()).hexdigest(),
-                "active_since_ms": self.scheduler_since_ms,
+                "version_id": self.active.version_id,
+                "name": self.active.name,
+                "version": policy_version(
+                    self.active.source, self.active.language, self.active.name
+                ),
+                "sha256": hashlib.sha256(self.active.source.encode()).hexdigest(),
+                "active_since_ms": self.active.since_ms,
                 "language": self.config.scheduler.language,
                 "circuit": breaker.state,
-                "load_error": str(load_error) if load_error else "",
+                "load_error": str(load_error) if load_error else self.startup_error,
             },
             "queue_depth": self.cluster.queue_depth,
             "running_jobs": len(self.cluster.in_flight),

@@ -8,6 +8,7 @@ service is UNAVAILABLE / RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,15 +18,18 @@ from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.cluster import ProcessInfo
 from orchestrator.decision import EvictWorker
 from orchestrator.engine import platform_source
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, SchedulerLoadError
 from orchestrator.jobs import TERMINAL, InvalidJobError, JobRecord, SubmitSpec
 from orchestrator.model import Gpu
 from orchestrator.service import (
     NotFoundError,
     Orchestrator,
+    PermissionDeniedError,
     ServiceUnavailableError,
+    ValidationFailedError,
     scheduler_version,
 )
+from orchestrator.versions import Version
 
 pb = orchestrator_pb2
 
@@ -73,6 +77,10 @@ async def _fail(context: aio.ServicerContext, exc: OrchestratorError) -> None:
         code = grpc.StatusCode.INVALID_ARGUMENT
     elif isinstance(exc, NotFoundError):
         code = grpc.StatusCode.NOT_FOUND
+    elif isinstance(exc, PermissionDeniedError):
+        code = grpc.StatusCode.PERMISSION_DENIED
+    elif isinstance(exc, ValidationFailedError | SchedulerLoadError):
+        code = grpc.StatusCode.FAILED_PRECONDITION
     elif isinstance(exc, ServiceUnavailableError):
         full = "queue is full" in str(exc)
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE
@@ -274,3 +282,48 @@ class AdminServicer(orchestrator_pb2_grpc.AdminServiceServicer):
             version=scheduler_version(source),
             sha256=hashlib.sha256(source.encode()).hexdigest(),
         )
+
+    async def ValidateScheduler(
+        self, request: orchestrator_pb2.SchedulerSource, context: aio.ServicerContext
+    ) -> orchestrator_pb2.ValidationReply:
+        report = await self.o.validate(request.source, request.language, request.name)
+        return pb.ValidationReply(
+            ok=report.ok, summary=report.summary(), report_json=json.dumps(report.to_dict()),
+            lua=report.lua,
+        )  # fmt: skip
+
+    async def DeployScheduler(
+        self, request: orchestrator_pb2.DeployRequest, context: aio.ServicerContext
+    ) -> orchestrator_pb2.DeployReply:
+        s = request.scheduler
+        try:
+            version, report = await self.o.deploy(s.source, s.language, s.name, request.deployer)
+        except OrchestratorError as exc:
+            await _fail(context, exc)
+            raise
+        return pb.DeployReply(
+            version=version_info(version), report_json=json.dumps(report.to_dict())
+        )
+
+    async def ListVersions(
+        self, request: orchestrator_pb2.ListVersionsRequest, context: aio.ServicerContext
+    ) -> orchestrator_pb2.ListVersionsReply:
+        return pb.ListVersionsReply(versions=[version_info(v) for v in self.o.versions.all()])
+
+    async def Rollback(
+        self, request: orchestrator_pb2.RollbackRequest, context: aio.ServicerContext
+    ) -> orchestrator_pb2.DeployReply:
+        try:
+            version = await self.o.rollback(request.version_id)
+        except OrchestratorError as exc:
+            await _fail(context, exc)
+            raise
+        return pb.DeployReply(version=version_info(version) if version else None)
+
+
+def version_info(v: Version) -> orchestrator_pb2.SchedulerVersion:
+    return pb.SchedulerVersion(
+        id=v.id, sha256=v.sha256, name=v.name, version=v.version, language=v.language,
+        deployer=v.deployer, deployed_at_ms=v.deployed_at, reason=v.reason, active=v.active,
+        summary=v.summary,
+    )  # fmt: skip

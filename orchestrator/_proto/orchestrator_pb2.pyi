@@ -462,6 +462,213 @@ class HeartbeatReply(_message.Message):
 Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015
 
 @_typing.final
+class SchedulerSource(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    language: _builtins.str
+    """"yaml" or "lua"; "" guesses from the name and the text"""
+    name: _builtins.str
+    """a file name, shown in errors and tracebacks"""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        language: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "name", b"name", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerSource: _TypeAlias = SchedulerSource  # noqa: Y015
+
+@_typing.final
+class ValidationReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    REPORT_JSON_FIELD_NUMBER: _builtins.int
+    LUA_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    summary: _builtins.str
+    report_json: _builtins.str
+    """the structured report: syntax, semantics, speed"""
+    lua: _builtins.str
+    """what the policy runs as (YAML compiled)"""
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        summary: _builtins.str = ...,
+        report_json: _builtins.str = ...,
+        lua: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lua", b"lua", "ok", b"ok", "report_json", b"report_json", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationReply: _TypeAlias = ValidationReply  # noqa: Y015
+
+@_typing.final
+class DeployRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULER_FIELD_NUMBER: _builtins.int
+    DEPLOYER_FIELD_NUMBER: _builtins.int
+    deployer: _builtins.str
+    @_builtins.property
+    def scheduler(self) -> Global___SchedulerSource: ...
+    def __init__(
+        self,
+        *,
+        scheduler: Global___SchedulerSource | None = ...,
+        deployer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scheduler", b"scheduler"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployer", b"deployer", "scheduler", b"scheduler"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeployRequest: _TypeAlias = DeployRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerVersion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    DEPLOYER_FIELD_NUMBER: _builtins.int
+    DEPLOYED_AT_MS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    sha256: _builtins.str
+    name: _builtins.str
+    version: _builtins.str
+    """semver from the policy header"""
+    language: _builtins.str
+    deployer: _builtins.str
+    deployed_at_ms: _builtins.int
+    reason: _builtins.str
+    """deploy, reload, rollback to #N, auto-rollback, startup"""
+    active: _builtins.bool
+    summary: _builtins.str
+    """the validation report in one line"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        language: _builtins.str = ...,
+        deployer: _builtins.str = ...,
+        deployed_at_ms: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        active: _builtins.bool = ...,
+        summary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "deployed_at_ms", b"deployed_at_ms", "deployer", b"deployer", "id", b"id", "language", b"language", "name", b"name", "reason", b"reason", "sha256", b"sha256", "summary", b"summary", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerVersion: _TypeAlias = SchedulerVersion  # noqa: Y015
+
+@_typing.final
+class DeployReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    REPORT_JSON_FIELD_NUMBER: _builtins.int
+    report_json: _builtins.str
+    @_builtins.property
+    def version(self) -> Global___SchedulerVersion: ...
+    def __init__(
+        self,
+        *,
+        version: Global___SchedulerVersion | None = ...,
+        report_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report_json", b"report_json", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeployReply: _TypeAlias = DeployReply  # noqa: Y015
+
+@_typing.final
+class ListVersionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVersionsRequest: _TypeAlias = ListVersionsRequest  # noqa: Y015
+
+@_typing.final
+class ListVersionsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SchedulerVersion]: ...
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___SchedulerVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVersionsReply: _TypeAlias = ListVersionsReply  # noqa: Y015
+
+@_typing.final
+class RollbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    version_id: _builtins.int
+    """0: the version before the active one"""
+    def __init__(
+        self,
+        *,
+        version_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
+
+@_typing.final
 class GetStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -480,6 +687,7 @@ Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 class SchedulerStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    VERSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
@@ -487,6 +695,8 @@ class SchedulerStatus(_message.Message):
     LANGUAGE_FIELD_NUMBER: _builtins.int
     CIRCUIT_FIELD_NUMBER: _builtins.int
     LOAD_ERROR_FIELD_NUMBER: _builtins.int
+    version_id: _builtins.int
+    """the active entry of ListVersions; 0 for the platform scheduler"""
     name: _builtins.str
     """"platform" or the user scheduler's file name"""
     version: _builtins.str
@@ -500,6 +710,7 @@ class SchedulerStatus(_message.Message):
     def __init__(
         self,
         *,
+        version_id: _builtins.int = ...,
         name: _builtins.str = ...,
         version: _builtins.str = ...,
         sha256: _builtins.str = ...,
@@ -510,7 +721,7 @@ class SchedulerStatus(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_since_ms", b"active_since_ms", "circuit", b"circuit", "language", b"language", "load_error", b"load_error", "name", b"name", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_since_ms", b"active_since_ms", "circuit", b"circuit", "language", b"language", "load_error", b"load_error", "name", b"name", "sha256", b"sha256", "version", b"version", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -419,6 +419,26 @@ class AdminServiceStub:
                 request_serializer=orchestrator__pb2.GetPlatformSourceRequest.SerializeToString,
                 response_deserializer=orchestrator__pb2.PlatformSourceReply.FromString,
                 _registered_method=True)
+        self.ValidateScheduler = channel.unary_unary(
+                '/orchestrator.v1.AdminService/ValidateScheduler',
+                request_serializer=orchestrator__pb2.SchedulerSource.SerializeToString,
+                response_deserializer=orchestrator__pb2.ValidationReply.FromString,
+                _registered_method=True)
+        self.DeployScheduler = channel.unary_unary(
+                '/orchestrator.v1.AdminService/DeployScheduler',
+                request_serializer=orchestrator__pb2.DeployRequest.SerializeToString,
+                response_deserializer=orchestrator__pb2.DeployReply.FromString,
+                _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/orchestrator.v1.AdminService/ListVersions',
+                request_serializer=orchestrator__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=orchestrator__pb2.ListVersionsReply.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/orchestrator.v1.AdminService/Rollback',
+                request_serializer=orchestrator__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=orchestrator__pb2.DeployReply.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -437,6 +457,34 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ValidateScheduler(self, request, context):
+        """Syntax, then semantics on the validation bank, then speed; never deploys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeployScheduler(self, request, context):
+        """Validates, then replaces the user scheduler. PERMISSION_DENIED in platform
+        mode; FAILED_PRECONDITION (with the report) when validation fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVersions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Back to an earlier version (by default the one before the active one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -449,6 +497,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetPlatformSource,
                     request_deserializer=orchestrator__pb2.GetPlatformSourceRequest.FromString,
                     response_serializer=orchestrator__pb2.PlatformSourceReply.SerializeToString,
+            ),
+            'ValidateScheduler': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidateScheduler,
+                    request_deserializer=orchestrator__pb2.SchedulerSource.FromString,
+                    response_serializer=orchestrator__pb2.ValidationReply.SerializeToString,
+            ),
+            'DeployScheduler': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeployScheduler,
+                    request_deserializer=orchestrator__pb2.DeployRequest.FromString,
+                    response_serializer=orchestrator__pb2.DeployReply.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=orchestrator__pb2.ListVersionsRequest.FromString,
+                    response_serializer=orchestrator__pb2.ListVersionsReply.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=orchestrator__pb2.RollbackRequest.FromString,
+                    response_serializer=orchestrator__pb2.DeployReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -506,6 +574,114 @@ class AdminService:
             '/orchestrator.v1.AdminService/GetPlatformSource',
             orchestrator__pb2.GetPlatformSourceRequest.SerializeToString,
             orchestrator__pb2.PlatformSourceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidateScheduler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.AdminService/ValidateScheduler',
+            orchestrator__pb2.SchedulerSource.SerializeToString,
+            orchestrator__pb2.ValidationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeployScheduler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.AdminService/DeployScheduler',
+            orchestrator__pb2.DeployRequest.SerializeToString,
+            orchestrator__pb2.DeployReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.AdminService/ListVersions',
+            orchestrator__pb2.ListVersionsRequest.SerializeToString,
+            orchestrator__pb2.ListVersionsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.AdminService/Rollback',
+            orchestrator__pb2.RollbackRequest.SerializeToString,
+            orchestrator__pb2.DeployReply.FromString,
             options,
             channel_credentials,
             insecure,

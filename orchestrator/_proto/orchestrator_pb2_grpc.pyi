@@ -156,6 +156,15 @@ class AdminServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     GetStatus: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetStatusRequest, _orchestrator_pb2.StatusReply]
     GetPlatformSource: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetPlatformSourceRequest, _orchestrator_pb2.PlatformSourceReply]
+    ValidateScheduler: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SchedulerSource, _orchestrator_pb2.ValidationReply]
+    """Syntax, then semantics on the validation bank, then speed; never deploys."""
+    DeployScheduler: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeployRequest, _orchestrator_pb2.DeployReply]
+    """Validates, then replaces the user scheduler. PERMISSION_DENIED in platform
+    mode; FAILED_PRECONDITION (with the report) when validation fails.
+    """
+    ListVersions: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListVersionsRequest, _orchestrator_pb2.ListVersionsReply]
+    Rollback: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RollbackRequest, _orchestrator_pb2.DeployReply]
+    """Back to an earlier version (by default the one before the active one)."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -164,6 +173,15 @@ class AdminServiceAsyncStub(AdminServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetStatusRequest, _orchestrator_pb2.StatusReply]  # type: ignore[assignment]
     GetPlatformSource: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetPlatformSourceRequest, _orchestrator_pb2.PlatformSourceReply]  # type: ignore[assignment]
+    ValidateScheduler: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SchedulerSource, _orchestrator_pb2.ValidationReply]  # type: ignore[assignment]
+    """Syntax, then semantics on the validation bank, then speed; never deploys."""
+    DeployScheduler: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeployRequest, _orchestrator_pb2.DeployReply]  # type: ignore[assignment]
+    """Validates, then replaces the user scheduler. PERMISSION_DENIED in platform
+    mode; FAILED_PRECONDITION (with the report) when validation fails.
+    """
+    ListVersions: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListVersionsRequest, _orchestrator_pb2.ListVersionsReply]  # type: ignore[assignment]
+    Rollback: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RollbackRequest, _orchestrator_pb2.DeployReply]  # type: ignore[assignment]
+    """Back to an earlier version (by default the one before the active one)."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- admin"""
@@ -181,5 +199,38 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.GetPlatformSourceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.PlatformSourceReply, _abc.Awaitable[_orchestrator_pb2.PlatformSourceReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ValidateScheduler(
+        self,
+        request: _orchestrator_pb2.SchedulerSource,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ValidationReply, _abc.Awaitable[_orchestrator_pb2.ValidationReply]]:
+        """Syntax, then semantics on the validation bank, then speed; never deploys."""
+
+    @_abc_1.abstractmethod
+    def DeployScheduler(
+        self,
+        request: _orchestrator_pb2.DeployRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.DeployReply, _abc.Awaitable[_orchestrator_pb2.DeployReply]]:
+        """Validates, then replaces the user scheduler. PERMISSION_DENIED in platform
+        mode; FAILED_PRECONDITION (with the report) when validation fails.
+        """
+
+    @_abc_1.abstractmethod
+    def ListVersions(
+        self,
+        request: _orchestrator_pb2.ListVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListVersionsReply, _abc.Awaitable[_orchestrator_pb2.ListVersionsReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Rollback(
+        self,
+        request: _orchestrator_pb2.RollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.DeployReply, _abc.Awaitable[_orchestrator_pb2.DeployReply]]:
+        """Back to an earlier version (by default the one before the active one)."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,6 +26,9 @@ from orchestrator.sandbox.process import SchedulerSpec, WorkerProcess
 log = get_logger("sandbox")
 
 SPAWN_RETRY_S = 1.0
+# Socket names must be unique in the runtime directory across groups: a replaced
+# user scheduler's group still runs while its successor starts.
+_labels = itertools.count(1)
 # A replacement is spawned this long after a worker is retired, not at once: the
 # fork and the new interpreter's start-up would compete with the fallback call
 # that is serving the same cycle.
@@ -53,7 +56,6 @@ class WorkerGroup:
         self.load_error: SchedulerLoadError | None = None
         self._spawning: set[asyncio.Task[None]] = set()
         self._spare_ready = asyncio.Event()
-        self._labels = itertools.count(1)
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -91,7 +93,7 @@ class WorkerGroup:
         return ([self.active] if self.active else []) + list(self.spares)
 
     async def _spawn(self) -> WorkerProcess:
-        worker = WorkerProcess(self.spec, self.runtime_dir, f"{self.role[0]}{next(self._labels)}")
+        worker = WorkerProcess(self.spec, self.runtime_dir, f"{self.role[0]}{next(_labels)}")
         started = time.perf_counter()
         await worker.start()
         self.metrics.worker_events.labels(self.role, "spawned").inc()

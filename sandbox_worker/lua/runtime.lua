@@ -922,7 +922,13 @@ function B.check_tenant_quota(tenant_id, job)
   if tenant_id == nil then return true, nil end  -- home/lab mode: no tenants
   want("check_tenant_quota", 1, tenant_id, "string")
   local t = tenants[tenant_id]
-  if not t then return false, "unknown_tenant" end
+  if not t then
+    -- As the validator: outside platform mode, a tenant nobody configured has no quota.
+    if config.deployment_mode == "platform" or config.mode == "platform" then
+      return false, "unknown_tenant"
+    end
+    return true, nil
+  end
   if t.quota_exceeded then return false, "quota_exceeded", "flagged" end
   if t.quota_max_concurrent_jobs and t.concurrent_jobs + 1 > t.quota_max_concurrent_jobs then
     return false, "quota_exceeded", "concurrent_jobs"
