@@ -3,6 +3,9 @@
     orchestratord scheduler test --file F [--dry-run] [--context FILE] [--json]
     orchestratord scheduler platform-source
     orchestratord scheduler sample-context [--json]
+    orchestratord scheduler simulate --file F [--queue-depth N --pools N ...]
+    orchestratord scheduler compare A B [workload options]
+    orchestratord scheduler replay --log FILE --file CANDIDATE
 
 Exit status of `scheduler test`: 0 when the user's scheduler decided, 3 when the
 cycle fell back, 2 on bad usage (unreadable file, bad context, bad flags).
@@ -36,10 +39,17 @@ from orchestrator.log import configure_logging
 from orchestrator.model import Context
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import PolicyError
-from orchestrator.policy.validate import detect_language, policy_version, to_lua, validate_policy
+from orchestrator.policy.validate import (
+    policy_version,
+    read_policy,
+    to_lua,
+    validate_policy,
+)
 from orchestrator.pool_manager import run_pool_manager
 from orchestrator.samples import sample_context
 from orchestrator.server import serve
+from orchestrator.sim.cli import COMMANDS as SIM_COMMANDS
+from orchestrator.sim.cli import add_commands as add_sim_commands
 
 EXIT_USER = 0
 EXIT_USAGE = 2
@@ -166,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--address", default="127.0.0.1:50051")
     rollback.add_argument("--json", action="store_true")
 
+    add_sim_commands(sub)
+    shadow = sub.add_parser(
+        "shadow",
+        help="run a candidate beside the active scheduler, without executing it",
+        description="start FILE: the candidate decides every cycle on the same context as the "
+        "active scheduler; nothing it decides is executed. status: how often they differ. "
+        "stop: end it (prints the final figures).",
+    )
+    shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True, metavar="ACTION")
+    shadow_start = shadow_sub.add_parser("start", help="start (or replace) the shadow")
+    shadow_start.add_argument("file", type=Path)
+    shadow_sub.add_parser("status", help="the diff rate and the latest differences")
+    shadow_sub.add_parser("stop", help="stop the shadow")
+    for action_parser in shadow_sub.choices.values():
+        action_parser.add_argument("--address", default="127.0.0.1:50051")
+        action_parser.add_argument("--json", action="store_true")
     sub.add_parser("platform-source", help="print the platform scheduler's Lua source")
     sample = sub.add_parser("sample-context", help="print the sample context as YAML")
     sample.add_argument("--json", action="store_true", help="print JSON instead of YAML")
@@ -192,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging("console", "error")
         if args.scheduler_command == "test":
             return asyncio.run(_scheduler_test(args))
+        if args.scheduler_command in SIM_COMMANDS:
+            return asyncio.run(SIM_COMMANDS[args.scheduler_command](args))
         if args.scheduler_command in ADMIN_COMMANDS:
             return asyncio.run(ADMIN_COMMANDS[args.scheduler_command](args))
         if args.scheduler_command == "platform-source":
@@ -225,17 +253,6 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-def read_policy(path: Path) -> tuple[str, str]:
-    """(source, language) of a policy file; usage errors for unreadable files."""
-    try:
-        source = path.read_text()
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not a text file (Lua bytecode is not accepted)") from None
-    return source, detect_language(source, path.name)
 
 
 async def _scheduler_test(args: argparse.Namespace) -> int:
@@ -327,7 +344,41 @@ async def _admin(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _shadow(args: argparse.Namespace) -> int:
+    """shadow start FILE | stop | status, through AdminService."""
+    async with aio.insecure_channel(args.address) as channel:
+        admin = pb_grpc.AdminServiceStub(channel)
+        try:
+            if args.shadow_command == "start":
+                source, language = read_policy(args.file)
+                status = await admin.StartShadow(
+                    pb.SchedulerSource(source=source, language=language, name=args.file.name)
+                )
+            elif args.shadow_command == "stop":
+                status = await admin.StopShadow(pb.StopShadowRequest())
+            else:
+                status = (await admin.GetStatus(pb.GetStatusRequest())).shadow
+        except aio.AioRpcError as exc:
+            print(f"orchestratord: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1 if exc.code() != grpc.StatusCode.UNAVAILABLE else 2
+    if args.json:
+        print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
+        return 0
+    if not status.name:
+        print("no shadow scheduler")
+        return 0
+    state = "running" if status.active else "stopped"
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(status.by_kind.items()))
+    print(f"shadow {status.name} ({state}): {status.cycles} cycles, {status.differing} differ "
+          f"({status.diff_rate:.1%}){': ' + kinds if kinds else ''}; {status.skipped} skipped, "
+          f"{status.fallbacks} fell back")  # fmt: skip
+    for line in status.recent:
+        print(f"  {line}")
+    return 0
+
+
 ADMIN_COMMANDS = {
+    "shadow": _shadow,
     "validate": _validate,
     "compile": _compile,
     "deploy": _admin,

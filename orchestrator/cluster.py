@@ -11,10 +11,8 @@ records merge both.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,14 +20,13 @@ from datetime import UTC, datetime, timedelta
 
 from orchestrator.config import ServiceConfig
 from orchestrator.decision import EvictWorker, StartWorker
+from orchestrator.jobqueue import JobQueue
 from orchestrator.jobs import JobRecord
 from orchestrator.local_pool import LocalPool
 from orchestrator.model import (
     Catalog,
     Context,
     Gpu,
-    Job,
-    JobChanges,
     Pool,
     Tenant,
     Worker,
@@ -124,12 +121,7 @@ class ClusterState:
         self.stats: dict[str, WorkerStats] = {}
         # Jobs: queued (eligible now, in queue order), delayed (retry backoff), in flight.
         self.records: dict[str, JobRecord] = {}
-        self._keys: list[tuple[int, int, str]] = []  # queue order; parallel to _ordered
-        self._ordered: list[Job] = []
-        self._jobs: dict[str, Job] = {}
-        # What changed in the queue since the last context (None: removed), so that
-        # the next context can say so and a cycle costs what changed.
-        self._job_changes: dict[str, Job | None] = {}
+        self._queue = JobQueue()
         self._last_context: Context | None = None
         self._delayed: list[tuple[int, str]] = []
         self.in_flight: dict[str, JobRecord] = {}
@@ -151,22 +143,10 @@ class ClusterState:
         self.version += 1
 
     def _insert(self, record: JobRecord) -> None:
-        job = record.to_job()
-        self._jobs[job.id] = job
-        key = job.queue_key()
-        index = bisect.bisect_left(self._keys, key)
-        self._keys.insert(index, key)
-        self._ordered.insert(index, job)
-        self._job_changes[job.id] = job
+        self._queue.insert(record.to_job())
 
     def _unqueue(self, job_id: str) -> None:
-        job = self._jobs.pop(job_id, None)
-        if job is not None:
-            index = bisect.bisect_left(self._keys, job.queue_key())
-            if index < len(self._keys) and self._ordered[index].id == job_id:
-                del self._keys[index]
-                del self._ordered[index]
-            self._job_changes[job_id] = None
+        self._queue.remove(job_id)
 
     def start(self, record: JobRecord) -> None:
         """The job was dispatched."""
@@ -193,7 +173,7 @@ class ClusterState:
         while self._delayed and self._delayed[0][0] <= at_ms:
             _, job_id = heapq.heappop(self._delayed)
             record = self.records.get(job_id)
-            if record is not None and job_id not in self.in_flight and job_id not in self._jobs:
+            if record is not None and job_id not in self.in_flight and job_id not in self._queue:
                 self._insert(record)
                 self.version += 1
 
@@ -430,16 +410,8 @@ class ClusterState:
         self.release_due(at)
         while self.completions and self.completions[0] < at - 60_000:
             self.completions.popleft()
-        queue = tuple(self._ordered)
+        queue = self._queue.jobs()
         pools = self.pools(at, fresh=fresh)
-        changes = None
-        if self._last_context is not None:
-            changes = JobChanges(
-                weakref.ref(self._last_context),
-                upserted=tuple(j for j in self._job_changes.values() if j is not None),
-                removed=frozenset(k for k, j in self._job_changes.items() if j is None),
-            )
-        self._job_changes = {}
         ctx = Context(
             now_ms=at,
             queue=queue,
@@ -447,10 +419,14 @@ class ClusterState:
             catalog=self.catalog,
             tenants=self.tenants(at),
             metrics=derive_metrics(
-                queue, pools, at, jobs_completed_last_minute=len(self.completions)
+                queue,
+                pools,
+                at,
+                jobs_completed_last_minute=len(self.completions),
+                totals=self._queue.totals(),
             ),
             config=self._context_config,
-            changes=changes,
+            changes=self._queue.take_changes(self._last_context),
         )
         self._last_context = ctx
         return ctx

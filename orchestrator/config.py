@@ -118,6 +118,15 @@ class SubmitLimits:
 
 
 @dataclass(frozen=True)
+class DecisionLogConfig:
+    """Every cycle's context and decision in state_dir/decisions, for replay."""
+
+    enabled: bool = True
+    max_file_mb: float = 32.0  # then a new file starts (with a full snapshot)
+    keep_files: int = 4  # older files are deleted
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     deployment_mode: str = "lab"
     mode: str = "agentic"
@@ -132,6 +141,7 @@ class ServiceConfig:
     limits: SubmitLimits = SubmitLimits()
     local_pool: LocalPoolConfig = LocalPoolConfig()
     pools: PoolsConfig = PoolsConfig()
+    decision_log: DecisionLogConfig = DecisionLogConfig()
     catalog: Mapping[str, Any] = field(default_factory=dict)
     catalog_file: str | None = None
     tenants: Mapping[str, Any] = field(default_factory=dict)

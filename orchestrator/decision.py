@@ -143,3 +143,36 @@ def describe(decision: Decision) -> str:
                 f" {decision.retry_after_ms} ms" if decision.retry_after_ms is not None else ""
             )
     return text + (f" ({decision.reason})" if decision.reason else "")
+
+
+def _essence(action: Decision) -> tuple[str, ...]:
+    match action:
+        case Dispatch():
+            return ("dispatch", action.job_id, action.worker_id)
+        case StartWorker():
+            return ("start_worker", action.pool_id, str(action.gpu_id), action.model_ref)
+        case EvictWorker():
+            return ("evict_worker", action.worker_id)
+    return (action.action,)
+
+
+def difference(a: Decision, b: Decision) -> str | None:
+    """How `b` would act differently from `a`, ignoring rules, reasons and wait times.
+
+    None when they do the same; otherwise the first that applies of: "action" (other
+    kinds of action), "job" (other jobs dispatched), "worker" (same jobs, other
+    workers), "target" (other workers started or evicted), "order" (same, reordered).
+    """
+    ea, eb = [_essence(x) for x in flatten(a)], [_essence(x) for x in flatten(b)]
+    if ea == eb:
+        return None
+    if sorted(ea) == sorted(eb):
+        return "order"
+    if sorted(e[0] for e in ea) != sorted(e[0] for e in eb):
+        return "action"
+    jobs_a = sorted(e[1] for e in ea if e[0] == "dispatch")
+    if jobs_a != sorted(e[1] for e in eb if e[0] == "dispatch"):
+        return "job"
+    if sorted(e for e in ea if e[0] == "dispatch") != sorted(e for e in eb if e[0] == "dispatch"):
+        return "worker"
+    return "target"

@@ -7,6 +7,8 @@ bodies only, so that a cross-site form cannot post to them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,6 +29,8 @@ from orchestrator.service import (
     PermissionDeniedError,
     ValidationFailedError,
 )
+from orchestrator.sim.settings import SimSettings
+from orchestrator.tasks import cancel_and_wait
 from orchestrator.versions import Version
 
 ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
@@ -46,6 +50,9 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
     app.router.add_post(f"{PREFIX}/deploy", deploy)
     app.router.add_post(f"{PREFIX}/rollback", rollback)
     app.router.add_post(f"{PREFIX}/simulate", simulate)
+    app.router.add_get(f"{PREFIX}/shadow", shadow_status)
+    app.router.add_post(f"{PREFIX}/shadow", shadow_start)
+    app.router.add_post(f"{PREFIX}/shadow/stop", shadow_stop)
     return app
 
 
@@ -154,9 +161,13 @@ async def rollback(request: web.Request) -> web.Response:
     return web.json_response({"version": version_json(version)})
 
 
-async def simulate(request: web.Request) -> web.Response:
-    """The dry run with sample data (programmable-spec 8.3): one cycle, nothing applied."""
+async def simulate(request: web.Request) -> web.StreamResponse:
+    """With a `workload`: a simulation, its report as JSON (`{"reports": [...]}`), or
+    with ?stream=1 as NDJSON progress lines ending in the reports. Without: the dry
+    run with sample data (programmable-spec 8.3), one cycle, nothing applied."""
     data = await body(request)
+    if "workload" in data:
+        return await simulation(request, data)
     source, language, name = source_fields(data)
     ctx = context_from_dict(data["context"]) if data.get("context") else sample_context()
     lua = to_lua(source, language, name)
@@ -175,3 +186,64 @@ async def simulate(request: web.Request) -> web.Response:
     async with engine:
         result = await engine.schedule(ctx)
     return web.json_response({**result.to_json(), "lua": lua if language == "yaml" else None})
+
+
+async def simulation(request: web.Request, data: dict[str, Any]) -> web.StreamResponse:
+    workload = data["workload"]
+    if not isinstance(workload, dict):
+        raise ConfigError("workload: expected an object of simulation settings")
+    settings = SimSettings.from_mapping(workload)
+    source = data.get("source") or ""
+    if not isinstance(source, str):
+        raise ConfigError("source: expected the policy text, or nothing for the platform")
+    name = str(data.get("name") or ("draft" if source.strip() else "platform"))
+    language = str(data.get("language") or "")
+    o = request.app[ORCHESTRATOR]
+    compare_active = bool(data.get("compare_active"))
+    if request.query.get("stream") not in ("1", "true"):
+        reports = await o.simulate(source, language, name, settings, compare_active=compare_active)
+        return web.json_response({"reports": [r.to_dict() for r in reports]})
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    updates: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def progress(fraction: float, message: str) -> None:
+        line = {"progress": round(fraction, 4), "message": message}
+        updates.put_nowait(json.dumps(line).encode() + b"\n")
+
+    run = asyncio.create_task(o.simulate(
+        source, language, name, settings, compare_active=compare_active, progress=progress
+    ))  # fmt: skip
+    try:
+        while not run.done() or not updates.empty():
+            line = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    line = await updates.get()
+            if line is not None:
+                await response.write(line)
+        try:
+            final: dict[str, Any] = {"reports": [r.to_dict() for r in run.result()]}
+        except OrchestratorError as exc:
+            final = {"error": str(exc)}
+        await response.write(json.dumps(final).encode() + b"\n")
+    finally:
+        await cancel_and_wait(run)
+    await response.write_eof()
+    return response
+
+
+async def shadow_status(request: web.Request) -> web.Response:
+    o = request.app[ORCHESTRATOR]
+    return web.json_response(o.shadow.status() if o.shadow else {"active": False})
+
+
+async def shadow_start(request: web.Request) -> web.Response:
+    source, language, name = source_fields(await body(request))
+    shadow = await request.app[ORCHESTRATOR].start_shadow(source, language, name)
+    return web.json_response(shadow.status())
+
+
+async def shadow_stop(request: web.Request) -> web.Response:
+    await body(request)  # JSON only, like every state-changing call
+    return web.json_response(await request.app[ORCHESTRATOR].stop_shadow())

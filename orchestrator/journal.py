@@ -36,6 +36,11 @@ class SnapshotJournal:
             self.snapshot_hash = hashlib.sha256(data).hexdigest()
             return
         delta = diff(previous, ctx)
+        # Keep the job index warm along the chain: with the parent's index it is a
+        # copy plus the changes (~35 µs at 10,000 jobs); cold, the validator's first
+        # dispatch check rebuilds it (~1 ms).
+        if ctx.changes_since(previous) is not None:
+            ctx.jobs_by_id  # noqa: B018 - evaluated for its cache
         self._deltas.append((self.seq, delta))
         data = delta.SerializeToString(deterministic=True)
         self.snapshot_hash = hashlib.sha256(self.snapshot_hash.encode() + data).hexdigest()
@@ -46,15 +51,22 @@ class SnapshotJournal:
             self._full = (self.seq, to_proto(self.context))
         return self._full[1]
 
+    def deltas_since(self, epoch: int, seq: int) -> list[context_pb2.ContextDelta] | None:
+        """The deltas from cycle `seq` to the current one; None when they are not kept."""
+        if epoch != self.epoch or seq > self.seq:
+            return None
+        oldest = self._deltas[0][0] if self._deltas else self.seq + 1
+        if seq != self.seq and not oldest <= seq + 1:
+            return None
+        return [d for s, d in self._deltas if s > seq]
+
     def request_for(self, worker_epoch: int, worker_seq: int) -> sandbox_pb2.ScheduleRequest:
         """What brings a worker holding (epoch, seq) to the current cycle."""
         request = sandbox_pb2.ScheduleRequest(epoch=self.epoch, seq=self.seq)
-        oldest = self._deltas[0][0] if self._deltas else self.seq + 1
-        if worker_epoch == self.epoch and worker_seq == self.seq:
-            request.base_seq = self.seq
-        elif worker_epoch == self.epoch and oldest <= worker_seq + 1 <= self.seq:
-            request.base_seq = worker_seq
-            request.deltas.extend(d for seq, d in self._deltas if seq > worker_seq)
-        else:
+        deltas = self.deltas_since(worker_epoch, worker_seq)
+        if deltas is None:
             request.snapshot.CopyFrom(self.full_snapshot())
+        else:
+            request.base_seq = worker_seq
+            request.deltas.extend(deltas)
         return request

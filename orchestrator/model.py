@@ -314,30 +314,44 @@ def estimate_job(catalog: Catalog, model_ref: str, max_tokens: int) -> tuple[int
     return model.vram_required_bytes, duration
 
 
+@dataclass(frozen=True, slots=True)
+class QueueTotals:
+    """What ctx.metrics needs of the queue, kept up to date as jobs come and go."""
+
+    count: int
+    interactive: int
+    batch: int
+    queued_at_sum: int
+
+    @classmethod
+    def of(cls, queue: tuple[Job, ...]) -> QueueTotals:
+        """Walks the queue (in C: map, Counter, sum) when nobody kept the totals."""
+        priorities = Counter(map(attrgetter("priority"), queue))
+        return cls(len(queue), priorities["interactive"], priorities["batch"],
+                   sum(map(attrgetter("queued_at"), queue)))  # fmt: skip
+
+
 def derive_metrics(
     queue: tuple[Job, ...],
     pools: tuple[Pool, ...],
     now_ms: int,
     *,
     jobs_completed_last_minute: int = 0,
+    totals: QueueTotals | None = None,
 ) -> Metrics:
-    """ctx.metrics computed from the queue and pool state (runtime-spec 3.5).
-
-    The queue part runs once per cycle over every queued job, so it stays in C
-    (map, Counter, sum) rather than in Python loops.
-    """
+    """ctx.metrics computed from the queue and pool state (runtime-spec 3.5)."""
     workers = [w for pool in pools for w in pool.workers]
     gpus = [g for pool in pools for g in pool.gpus]
     rates = [w.avg_tokens_per_sec for w in workers if w.avg_tokens_per_sec > 0]
-    priorities = Counter(map(attrgetter("priority"), queue))
-    waited = len(queue) * now_ms - sum(map(attrgetter("queued_at"), queue))
+    q = totals or QueueTotals.of(queue)
+    waited = q.count * now_ms - q.queued_at_sum
     statuses = Counter(w.status for w in workers)
     pool_statuses = Counter(p.status for p in pools)
     return Metrics(
-        queue_depth=len(queue),
-        queue_depth_interactive=priorities["interactive"],
-        queue_depth_batch=priorities["batch"],
-        avg_wait_time_ms=waited / len(queue) if queue else 0.0,
+        queue_depth=q.count,
+        queue_depth_interactive=q.interactive,
+        queue_depth_batch=q.batch,
+        avg_wait_time_ms=waited / q.count if q.count else 0.0,
         total_workers=len(workers),
         ready_workers=statuses["ready"],
         busy_workers=statuses["busy"],

@@ -34,13 +34,14 @@ from orchestrator import decision as decisions
 from orchestrator.cluster import ClusterState, ProcessInfo, RemoteCommand, now_ms
 from orchestrator.config import ServiceConfig, load_catalog, load_tenants
 from orchestrator.decision import Decision, Dispatch, EvictWorker, StartWorker, Wait
+from orchestrator.decision_log import DecisionLog
 from orchestrator.engine import (
     CycleResult,
     EngineOptions,
     SchedulingEngine,
     platform_source,
 )
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.executor import JobRunner
 from orchestrator.hardware import GpuProbe, HostProbe, NvmlProbe, PsutilProbe
 from orchestrator.jobs import (
@@ -72,6 +73,10 @@ from orchestrator.policy.validate import (
     to_lua,
     validate_policy,
 )
+from orchestrator.shadow import Shadow
+from orchestrator.sim.report import SimReport
+from orchestrator.sim.run import Progress, part_progress, simulate
+from orchestrator.sim.settings import SimSettings
 from orchestrator.store import AsyncJobStore, JobStore, Transition
 from orchestrator.tasks import cancel_and_wait
 from orchestrator.versions import Version, VersionStore
@@ -79,6 +84,7 @@ from orchestrator.versions import Version, VersionStore
 log = get_logger("service")
 
 VERSION = "0.1.0"
+MAX_SIMULATED_JOBS = 20_000  # a simulation in the service shares its CPU with scheduling
 
 
 class ServiceUnavailableError(OrchestratorError):
@@ -157,6 +163,15 @@ class ServiceMetrics:
             registry=r,
         )
         self.cycles = Counter("orchestrator_cycles", "Scheduling cycles run.", registry=r)
+        self.shadow_cycles = Counter(
+            "orchestrator_shadow_cycles", "Cycles decided by the shadow scheduler.", registry=r
+        )
+        self.shadow_differing = Counter(
+            "orchestrator_shadow_differing",
+            "Shadow decisions that differ from the executed one, by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.workers = Gauge(
             "orchestrator_workers", "Inference workers by status.", ["status"], registry=r
         )
@@ -224,6 +239,17 @@ class Orchestrator:
             ),
             metrics=self.metrics,
         )
+        self.decision_log: DecisionLog | None = None
+        if config.decision_log.enabled:
+            self.decision_log = DecisionLog(
+                self.state_dir / "decisions",
+                max_file_bytes=int(config.decision_log.max_file_mb * 2**20),
+                keep_files=config.decision_log.keep_files,
+            )
+            self.engine.decision_log = self.decision_log
+        self.shadow: Shadow | None = None
+        self._shadow_lock = asyncio.Lock()
+        self._simulations = asyncio.Semaphore(1)
         self.runner = JobRunner()
         self.started_ms = now_ms()
         self.cycles = 0
@@ -337,7 +363,10 @@ class Orchestrator:
         for task in list(self._running.values()):
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await self.stop_shadow()
         await self.engine.close()
+        if self.decision_log is not None:
+            self.decision_log.close()
         if self.local_pool is not None:
             await self.local_pool.close()
         await self.runner.close()
@@ -553,6 +582,83 @@ class Orchestrator:
                      semver=version.version, sha256=version.sha256[:12], reason=reason)  # fmt: skip
             return version, report
 
+    # ------------------------------------------------------------------ shadow, simulation
+    async def start_shadow(self, source: str, language: str = "", name: str = "") -> Shadow:
+        """Run a candidate beside the active scheduler (replacing any earlier shadow)."""
+        name = name or "shadow"
+        language = language or detect_language(source, name)
+        lua = to_lua(source, language, name)
+        c = self.config.scheduler
+        shadow = Shadow(
+            lua, name, source, c.language,
+            EngineOptions(
+                limits=SandboxLimits(deadline_ms=c.deadline_ms), user_spares=0,
+                platform_spares=0, seccomp=c.seccomp,
+                expose_platform_source=not self.config.platform_mode,
+            ),
+            on_decided=self._shadow_decided,
+        )  # fmt: skip
+        await shadow.start()
+        if shadow.engine.user is not None and shadow.engine.user.load_error is not None:
+            error = shadow.engine.user.load_error
+            await shadow.close()
+            raise ConfigError(f"{name}: the shadow scheduler does not load: {error}")
+        async with self._shadow_lock:
+            old, self.shadow = self.shadow, shadow
+        if old is not None:
+            await old.close()
+        log.info("shadow.started", name=name, sha256=shadow.sha256[:12])
+        return shadow
+
+    def _shadow_decided(self, kind: str | None) -> None:
+        self.service_metrics.shadow_cycles.inc()
+        if kind is not None:
+            self.service_metrics.shadow_differing.labels(kind).inc()
+
+    async def stop_shadow(self) -> dict[str, object]:
+        """Stop the shadow; returns its final status."""
+        async with self._shadow_lock:
+            shadow, self.shadow = self.shadow, None
+        if shadow is None:
+            return {"active": False}
+        await shadow.close()
+        final = {**shadow.status(), "active": False}
+        log.info("shadow.stopped", name=shadow.name, cycles=shadow.cycles,
+                 diff_rate=final["diff_rate"])  # fmt: skip
+        return final
+
+    async def simulate(
+        self, source: str, language: str, name: str, settings: SimSettings, *,
+        compare_active: bool = False, progress: Progress | None = None,
+    ) -> list[SimReport]:  # fmt: skip
+        """Simulate a policy (empty source: the platform scheduler) on this service's
+        catalog, and optionally the active scheduler on the same arrivals. One at a time."""
+        if settings.expected_jobs() > MAX_SIMULATED_JOBS:
+            raise ConfigError(
+                f"workload: about {settings.expected_jobs()} jobs; the service simulates at "
+                f"most {MAX_SIMULATED_JOBS} (use `orchestratord scheduler simulate` for more)"
+            )
+        policies: list[tuple[str | None, str]] = [(None, "platform")]
+        if source.strip():
+            name = name or "draft"
+            policies = [(to_lua(source, language or detect_language(source, name), name), name)]
+        if compare_active:
+            a = self.active
+            policies.append((None if a.version_id == 0 else to_lua(a.source, a.language, a.name),
+                             f"active: {a.name}"))  # fmt: skip
+        if self._simulations.locked():
+            log.info("simulation.queued", name=name)
+        async with self._simulations:
+            arrivals = settings.arrivals(self.catalog)
+            reports = []
+            for i, (policy, label) in enumerate(policies):
+                reports.append(await simulate(
+                    policy, label, settings, catalog=self.catalog, arrivals=arrivals,
+                    language=self.config.scheduler.language, seccomp=self.config.scheduler.seccomp,
+                    progress=part_progress(progress, i, len(policies), label),
+                ))  # fmt: skip
+        return reports
+
     async def rollback(self, version_id: int = 0, *, reason: str = "") -> Version | None:
         """Back to `version_id`, or to the version before the active one; None: the
         platform scheduler. Rolled-back versions were validated when first deployed."""
@@ -681,6 +787,8 @@ class Orchestrator:
         self._check_auto_rollback()
         await self._apply(result.decision)
         self._update_gauges(result.context)
+        if self.shadow is not None:
+            self.shadow.offer(result)
         return result
 
     async def _refresh(self) -> Context:
@@ -951,4 +1059,6 @@ class Orchestrator:
             "uptime_ms": now_ms() - self.started_ms,
             "draining": self.draining,
             "gpu_source": self.gpu_source,
+            "shadow": self.shadow.status() if self.shadow is not None else {"active": False},
+            "decision_log": str(self.decision_log.path or "") if self.decision_log else "",
         }

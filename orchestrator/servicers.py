@@ -7,6 +7,7 @@ service is UNAVAILABLE / RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -18,9 +19,10 @@ from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.cluster import ProcessInfo
 from orchestrator.decision import EvictWorker
 from orchestrator.engine import platform_source
-from orchestrator.errors import OrchestratorError, SchedulerLoadError
+from orchestrator.errors import ConfigError, OrchestratorError, SchedulerLoadError
 from orchestrator.jobs import TERMINAL, InvalidJobError, JobRecord, SubmitSpec
 from orchestrator.model import Gpu
+from orchestrator.policy.parse import PolicyError
 from orchestrator.service import (
     NotFoundError,
     Orchestrator,
@@ -29,6 +31,8 @@ from orchestrator.service import (
     ValidationFailedError,
     scheduler_version,
 )
+from orchestrator.sim.settings import SimSettings
+from orchestrator.tasks import cancel_and_wait
 from orchestrator.versions import Version
 
 pb = orchestrator_pb2
@@ -73,7 +77,7 @@ def job_info(record: JobRecord) -> orchestrator_pb2.JobInfo:
 
 async def _fail(context: aio.ServicerContext, exc: OrchestratorError) -> None:
     code = grpc.StatusCode.INTERNAL
-    if isinstance(exc, InvalidJobError):
+    if isinstance(exc, InvalidJobError | ConfigError | PolicyError):
         code = grpc.StatusCode.INVALID_ARGUMENT
     elif isinstance(exc, NotFoundError):
         code = grpc.StatusCode.NOT_FOUND
@@ -271,7 +275,12 @@ class AdminServicer(orchestrator_pb2_grpc.AdminServiceServicer):
     ) -> orchestrator_pb2.StatusReply:
         status = self.o.status()
         scheduler = dict(status.pop("scheduler"))  # type: ignore[call-overload]
-        return pb.StatusReply(scheduler=pb.SchedulerStatus(**scheduler), **status)  # type: ignore[arg-type]
+        shadow = shadow_status(status.pop("shadow"))  # type: ignore[arg-type]
+        return pb.StatusReply(
+            scheduler=pb.SchedulerStatus(**scheduler),
+            shadow=shadow,
+            **status,  # type: ignore[arg-type]
+        )
 
     async def GetPlatformSource(
         self, request: orchestrator_pb2.GetPlatformSourceRequest, context: aio.ServicerContext
@@ -319,6 +328,56 @@ class AdminServicer(orchestrator_pb2_grpc.AdminServiceServicer):
             await _fail(context, exc)
             raise
         return pb.DeployReply(version=version_info(version) if version else None)
+
+    async def Simulate(
+        self, request: orchestrator_pb2.SimulateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[orchestrator_pb2.SimulateProgress]:
+        fields = {f.name: value for f, value in request.workload.ListFields()}
+        s = request.scheduler
+        updates: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
+        try:
+            settings = SimSettings.from_mapping(fields)
+            run = asyncio.create_task(self.o.simulate(
+                s.source, s.language, s.name, settings, compare_active=request.compare_active,
+                progress=lambda fraction, message: updates.put_nowait((fraction, message)),
+            ))  # fmt: skip
+            try:
+                while not run.done():
+                    waiter = asyncio.ensure_future(updates.get())
+                    await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
+                    if waiter.done():
+                        fraction, message = waiter.result()
+                        yield pb.SimulateProgress(fraction=fraction, message=message)
+                    else:
+                        waiter.cancel()
+                reports = run.result()
+            finally:
+                await cancel_and_wait(run)
+        except OrchestratorError as exc:
+            await _fail(context, exc)
+            raise
+        yield pb.SimulateProgress(
+            fraction=1.0, message="done", report_json=json.dumps([r.to_dict() for r in reports])
+        )
+
+    async def StartShadow(
+        self, request: orchestrator_pb2.SchedulerSource, context: aio.ServicerContext
+    ) -> orchestrator_pb2.ShadowStatus:
+        try:
+            shadow = await self.o.start_shadow(request.source, request.language, request.name)
+        except OrchestratorError as exc:
+            await _fail(context, exc)
+            raise
+        return shadow_status(shadow.status())
+
+    async def StopShadow(
+        self, request: orchestrator_pb2.StopShadowRequest, context: aio.ServicerContext
+    ) -> orchestrator_pb2.ShadowStatus:
+        return shadow_status(await self.o.stop_shadow())
+
+
+def shadow_status(status: dict[str, object]) -> orchestrator_pb2.ShadowStatus:
+    return pb.ShadowStatus(**status)  # type: ignore[arg-type]
 
 
 def version_info(v: Version) -> orchestrator_pb2.SchedulerVersion:

@@ -14,13 +14,18 @@ from operator import attrgetter
 from orchestrator._proto import context_pb2 as pb
 from orchestrator.model import (
     Catalog,
+    CatalogModel,
     Config,
     Context,
+    EvictionConfig,
     Gpu,
     Job,
     Metrics,
     Pool,
+    QueueConfig,
+    RetryConfig,
     Tenant,
+    TimeoutConfig,
     Worker,
 )
 
@@ -262,3 +267,178 @@ def diff(old: Context, new: Context) -> pb.ContextDelta:
     if old.config != new.config:
         delta.config.CopyFrom(config_to_proto(new.config))
     return delta
+
+
+# ---------------------------------------------------------------- and back
+def jobs_from_columns(columns: pb.JobColumns) -> list[Job]:
+    c = columns
+    return [
+        Job(
+            id=c.id[i],
+            model_ref=c.model_ref[i],
+            priority=c.priority[i],
+            tenant_id=c.tenant_id[i] or None,
+            session_id=c.session_id[i] or None,
+            prompt_hash=c.prompt_hash[i],
+            max_tokens=c.max_tokens[i],
+            seed=None if c.seed[i] < 0 else c.seed[i],
+            temperature=c.temperature[i],
+            created_at=c.created_at[i],
+            queued_at=c.queued_at[i],
+            retry_count=c.retry_count[i],
+            estimated_vram_bytes=c.estimated_vram_bytes[i],
+            estimated_duration_ms=c.estimated_duration_ms[i],
+        )
+        for i in range(len(c.id))
+    ]
+
+
+def gpu_from_proto(g: pb.Gpu) -> Gpu:
+    return Gpu(
+        id=g.id, device_name=g.device_name, vram_total_bytes=g.vram_total_bytes,
+        vram_allocated_bytes=g.vram_allocated_bytes, vram_free_bytes=g.vram_free_bytes,
+        compute_capability=g.compute_capability, utilization_percent=g.utilization_percent,
+        temperature_celsius=g.temperature_celsius, power_draw_watts=g.power_draw_watts,
+        supports_fp16=g.supports_fp16, supports_int8=g.supports_int8,
+        supports_tensor_cores=g.supports_tensor_cores, measured=g.measured,
+    )  # fmt: skip
+
+
+def worker_from_proto(w: pb.Worker) -> Worker:
+    return Worker(
+        id=w.id, model_ref=w.model_ref, status=w.status, gpu_ids=tuple(w.gpu_ids),
+        vram_bytes=w.vram_bytes, uri=w.uri,
+        current_job_id=w.current_job_id if w.HasField("current_job_id") else None,
+        job_started_at=w.job_started_at if w.HasField("job_started_at") else None,
+        jobs_completed=w.jobs_completed, avg_tokens_per_sec=w.avg_tokens_per_sec,
+        started_at_ms=w.started_at_ms, last_used_at_ms=w.last_used_at_ms,
+    )  # fmt: skip
+
+
+def _pool(info: pb.PoolInfo, gpus: Iterable[Gpu], workers: Iterable[Worker]) -> Pool:
+    return Pool(
+        id=info.id, endpoint=info.endpoint, status=info.status,
+        last_heartbeat_ms=info.last_heartbeat_ms,
+        gpus=tuple(sorted(gpus, key=lambda g: g.id)),
+        workers=tuple(sorted(workers, key=lambda w: w.id)),
+        cached_models=tuple(info.cached_models),
+        host_ram_total_bytes=info.host_ram_total_bytes,
+        host_ram_available_bytes=info.host_ram_available_bytes,
+        host_cpu_percent=info.host_cpu_percent, host_cpu_count=info.host_cpu_count,
+    )  # fmt: skip
+
+
+def catalog_from_proto(c: pb.Catalog) -> Catalog:
+    return Catalog(
+        models={
+            m.model_ref: CatalogModel(
+                model_ref=m.model_ref, vram_required_bytes=m.vram_required_bytes,
+                family=m.family, size=m.size, quantization=m.quantization,
+                context_length=m.context_length, supports_determinism=m.supports_determinism,
+                supports_streaming=m.supports_streaming,
+                estimated_tokens_per_sec=dict(m.estimated_tokens_per_sec),
+                file_size_bytes=m.file_size_bytes, file_hash=m.file_hash,
+                min_compute_capability=m.min_compute_capability,
+            )
+            for m in c.models
+        },
+        aliases=dict(c.aliases),
+    )  # fmt: skip
+
+
+def tenants_from_proto(ts: pb.TenantSet) -> tuple[Tenant, ...]:
+    def opt(t: pb.Tenant, name: str) -> int | None:
+        return getattr(t, name) if t.HasField(name) else None  # type: ignore[arg-type]
+
+    return tuple(
+        Tenant(
+            id=t.id, name=t.name, quota_vram_bytes=opt(t, "quota_vram_bytes"),
+            quota_max_concurrent_jobs=opt(t, "quota_max_concurrent_jobs"),
+            quota_tokens_daily=opt(t, "quota_tokens_daily"), vram_used_bytes=t.vram_used_bytes,
+            concurrent_jobs=t.concurrent_jobs, tokens_used_today=t.tokens_used_today,
+            quota_reset_at=t.quota_reset_at, quota_exceeded=t.quota_exceeded,
+        )
+        for t in ts.tenants
+    )  # fmt: skip
+
+
+def metrics_from_proto(m: pb.Metrics) -> Metrics:
+    return Metrics(**{name: getattr(m, name) for name in Metrics.__slots__})
+
+
+def config_from_proto(c: pb.Config) -> Config:
+    return Config(
+        mode=c.mode, deployment_mode=c.deployment_mode,
+        queue=QueueConfig(c.queue.capacity, c.queue.policy),
+        timeout=TimeoutConfig(c.timeout.default_ms, c.timeout.max_ms),
+        retry=RetryConfig(c.retry.enabled, c.retry.max_attempts, c.retry.initial_delay_ms,
+                          c.retry.multiplier, c.retry.max_delay_ms),
+        eviction=EvictionConfig(c.eviction.model_cache_policy, c.eviction.worker_policy,
+                                c.eviction.vram_threshold),
+    )  # fmt: skip
+
+
+def from_proto(msg: pb.Context) -> Context:
+    """A full snapshot back into a Context (the decision log's replay reads these)."""
+    return Context(
+        now_ms=msg.now_ms,
+        queue=tuple(sorted(jobs_from_columns(msg.queue), key=Job.queue_key)),
+        pools=tuple(
+            sorted(
+                (
+                    _pool(p.info, map(gpu_from_proto, p.gpus), map(worker_from_proto, p.workers))
+                    for p in msg.pools
+                ),
+                key=lambda p: p.id,
+            )
+        ),
+        catalog=catalog_from_proto(msg.catalog),
+        tenants=tenants_from_proto(msg.tenants),
+        metrics=metrics_from_proto(msg.metrics),
+        config=config_from_proto(msg.config),
+    )
+
+
+def apply_delta(ctx: Context, delta: pb.ContextDelta) -> Context:
+    """The context a delta turns `ctx` into, as the sandbox worker holds it."""
+    jobs = dict(ctx.jobs_by_id)
+    for job_id in delta.remove_jobs:
+        jobs.pop(job_id, None)
+    for job in jobs_from_columns(delta.upsert_jobs):
+        jobs[job.id] = job
+    infos = {p.id: pool_info_to_proto(p) for p in ctx.pools}
+    gpus = {(p.id, g.id): g for p in ctx.pools for g in p.gpus}
+    workers = {w.id: (p.id, w) for p in ctx.pools for w in p.workers}
+    for worker_id in delta.remove_workers:
+        workers.pop(worker_id, None)
+    for key in delta.remove_gpus:
+        gpus.pop((key.pool_id, key.id), None)
+    for pool_id in delta.remove_pools:
+        infos.pop(pool_id, None)
+        gpus = {k: g for k, g in gpus.items() if k[0] != pool_id}
+        workers = {k: v for k, v in workers.items() if v[0] != pool_id}
+    for info in delta.upsert_pools:
+        infos[info.id] = info
+    for g in delta.upsert_gpus:
+        gpus[(g.pool_id, g.id)] = gpu_from_proto(g)
+    for w in delta.upsert_workers:
+        workers[w.id] = (w.pool_id, worker_from_proto(w))
+    for pool_id in {k[0] for k in gpus} | {v[0] for v in workers.values()}:
+        infos.setdefault(pool_id, pb.PoolInfo(id=pool_id, status="offline"))
+    pools = tuple(
+        _pool(
+            info,
+            (g for (pid, _), g in gpus.items() if pid == pool_id),
+            (w for pid, w in workers.values() if pid == pool_id),
+        )
+        for pool_id, info in sorted(infos.items())
+    )
+    return Context(
+        now_ms=delta.now_ms,
+        queue=tuple(sorted(jobs.values(), key=Job.queue_key)),
+        pools=pools,
+        catalog=catalog_from_proto(delta.catalog) if delta.HasField("catalog") else ctx.catalog,
+        tenants=tenants_from_proto(delta.tenants) if delta.HasField("tenants") else ctx.tenants,
+        metrics=metrics_from_proto(delta.metrics),
+        config=config_from_proto(delta.config) if delta.HasField("config") else ctx.config,
+    )

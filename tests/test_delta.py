@@ -216,3 +216,34 @@ def test_worker_behind_the_journal_gets_a_full_snapshot() -> None:
     assert [d.now_ms for d in caught_up.deltas] == [ctx.now_ms + 3, ctx.now_ms + 4]
     assert caught_up.base_seq == 3 and caught_up.seq == 5
     assert isinstance(caught_up, sandbox_pb2.ScheduleRequest)
+
+
+def normalized(ctx: Context) -> Context:
+    """Pools, GPUs and workers in id order, as snapshots carry them."""
+    pools = tuple(
+        sorted(
+            (
+                dataclasses.replace(
+                    p,
+                    gpus=tuple(sorted(p.gpus, key=lambda g: g.id)),
+                    workers=tuple(sorted(p.workers, key=lambda w: w.id)),
+                )
+                for p in ctx.pools
+            ),
+            key=lambda p: p.id,
+        )
+    )
+    return dataclasses.replace(ctx, pools=pools, changes=None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 1000)), min_size=1, max_size=20))
+def test_python_side_round_trips(steps: list[tuple[str, int]]) -> None:
+    """from_proto(to_proto(c)) == c, and apply_delta(a, diff(a, b)) == b, for any changes."""
+    ctx = sample_context()
+    assert snapshot.from_proto(snapshot.to_proto(ctx)) == normalized(ctx)
+    for op, n in steps:
+        after = mutate(ctx, op, n)
+        assert snapshot.apply_delta(ctx, snapshot.diff(ctx, after)) == normalized(after)
+        assert snapshot.from_proto(snapshot.to_proto(after)) == normalized(after)
+        ctx = after

@@ -669,6 +669,302 @@ class RollbackRequest(_message.Message):
 Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
 
 @_typing.final
+class SimulationWorkload(_message.Message):
+    """Workload and cluster of a simulation; unset fields take the CLI's defaults.
+    Mixes use the CLI's syntax: "tenant-a:3,tenant-b:1", token ranges "100-2000".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOLS_FIELD_NUMBER: _builtins.int
+    WORKERS_PER_POOL_FIELD_NUMBER: _builtins.int
+    GPUS_PER_POOL_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    INTERACTIVE_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    BURST_EVERY_S_FIELD_NUMBER: _builtins.int
+    BURST_SIZE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    START_DELAY_MS_FIELD_NUMBER: _builtins.int
+    EVICT_DELAY_MS_FIELD_NUMBER: _builtins.int
+    pools: _builtins.int
+    workers_per_pool: _builtins.int
+    gpus_per_pool: _builtins.int
+    queue_depth: _builtins.int
+    rate: _builtins.float
+    duration_s: _builtins.float
+    jobs: _builtins.int
+    interactive: _builtins.float
+    tenants: _builtins.str
+    models: _builtins.str
+    prompt_tokens: _builtins.str
+    output_tokens: _builtins.str
+    burst_every_s: _builtins.float
+    burst_size: _builtins.int
+    seed: _builtins.int
+    deadline_ms: _builtins.int
+    start_delay_ms: _builtins.int
+    evict_delay_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        pools: _builtins.int | None = ...,
+        workers_per_pool: _builtins.int | None = ...,
+        gpus_per_pool: _builtins.int | None = ...,
+        queue_depth: _builtins.int | None = ...,
+        rate: _builtins.float | None = ...,
+        duration_s: _builtins.float | None = ...,
+        jobs: _builtins.int | None = ...,
+        interactive: _builtins.float | None = ...,
+        tenants: _builtins.str | None = ...,
+        models: _builtins.str | None = ...,
+        prompt_tokens: _builtins.str | None = ...,
+        output_tokens: _builtins.str | None = ...,
+        burst_every_s: _builtins.float | None = ...,
+        burst_size: _builtins.int | None = ...,
+        seed: _builtins.int | None = ...,
+        deadline_ms: _builtins.int | None = ...,
+        start_delay_ms: _builtins.int | None = ...,
+        evict_delay_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_burst_every_s", b"_burst_every_s", "_burst_size", b"_burst_size", "_deadline_ms", b"_deadline_ms", "_duration_s", b"_duration_s", "_evict_delay_ms", b"_evict_delay_ms", "_gpus_per_pool", b"_gpus_per_pool", "_interactive", b"_interactive", "_jobs", b"_jobs", "_models", b"_models", "_output_tokens", b"_output_tokens", "_pools", b"_pools", "_prompt_tokens", b"_prompt_tokens", "_queue_depth", b"_queue_depth", "_rate", b"_rate", "_seed", b"_seed", "_start_delay_ms", b"_start_delay_ms", "_tenants", b"_tenants", "_workers_per_pool", b"_workers_per_pool", "burst_every_s", b"burst_every_s", "burst_size", b"burst_size", "deadline_ms", b"deadline_ms", "duration_s", b"duration_s", "evict_delay_ms", b"evict_delay_ms", "gpus_per_pool", b"gpus_per_pool", "interactive", b"interactive", "jobs", b"jobs", "models", b"models", "output_tokens", b"output_tokens", "pools", b"pools", "prompt_tokens", b"prompt_tokens", "queue_depth", b"queue_depth", "rate", b"rate", "seed", b"seed", "start_delay_ms", b"start_delay_ms", "tenants", b"tenants", "workers_per_pool", b"workers_per_pool"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_burst_every_s", b"_burst_every_s", "_burst_size", b"_burst_size", "_deadline_ms", b"_deadline_ms", "_duration_s", b"_duration_s", "_evict_delay_ms", b"_evict_delay_ms", "_gpus_per_pool", b"_gpus_per_pool", "_interactive", b"_interactive", "_jobs", b"_jobs", "_models", b"_models", "_output_tokens", b"_output_tokens", "_pools", b"_pools", "_prompt_tokens", b"_prompt_tokens", "_queue_depth", b"_queue_depth", "_rate", b"_rate", "_seed", b"_seed", "_start_delay_ms", b"_start_delay_ms", "_tenants", b"_tenants", "_workers_per_pool", b"_workers_per_pool", "burst_every_s", b"burst_every_s", "burst_size", b"burst_size", "deadline_ms", b"deadline_ms", "duration_s", b"duration_s", "evict_delay_ms", b"evict_delay_ms", "gpus_per_pool", b"gpus_per_pool", "interactive", b"interactive", "jobs", b"jobs", "models", b"models", "output_tokens", b"output_tokens", "pools", b"pools", "prompt_tokens", b"prompt_tokens", "queue_depth", b"queue_depth", "rate", b"rate", "seed", b"seed", "start_delay_ms", b"start_delay_ms", "tenants", b"tenants", "workers_per_pool", b"workers_per_pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__burst_every_s: _TypeAlias = _typing.Literal["burst_every_s"]  # noqa: Y015
+    _WhichOneofArgType__burst_every_s: _TypeAlias = _typing.Literal["_burst_every_s", b"_burst_every_s"]  # noqa: Y015
+    _WhichOneofReturnType__burst_size: _TypeAlias = _typing.Literal["burst_size"]  # noqa: Y015
+    _WhichOneofArgType__burst_size: _TypeAlias = _typing.Literal["_burst_size", b"_burst_size"]  # noqa: Y015
+    _WhichOneofReturnType__deadline_ms: _TypeAlias = _typing.Literal["deadline_ms"]  # noqa: Y015
+    _WhichOneofArgType__deadline_ms: _TypeAlias = _typing.Literal["_deadline_ms", b"_deadline_ms"]  # noqa: Y015
+    _WhichOneofReturnType__duration_s: _TypeAlias = _typing.Literal["duration_s"]  # noqa: Y015
+    _WhichOneofArgType__duration_s: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s"]  # noqa: Y015
+    _WhichOneofReturnType__evict_delay_ms: _TypeAlias = _typing.Literal["evict_delay_ms"]  # noqa: Y015
+    _WhichOneofArgType__evict_delay_ms: _TypeAlias = _typing.Literal["_evict_delay_ms", b"_evict_delay_ms"]  # noqa: Y015
+    _WhichOneofReturnType__gpus_per_pool: _TypeAlias = _typing.Literal["gpus_per_pool"]  # noqa: Y015
+    _WhichOneofArgType__gpus_per_pool: _TypeAlias = _typing.Literal["_gpus_per_pool", b"_gpus_per_pool"]  # noqa: Y015
+    _WhichOneofReturnType__interactive: _TypeAlias = _typing.Literal["interactive"]  # noqa: Y015
+    _WhichOneofArgType__interactive: _TypeAlias = _typing.Literal["_interactive", b"_interactive"]  # noqa: Y015
+    _WhichOneofReturnType__jobs: _TypeAlias = _typing.Literal["jobs"]  # noqa: Y015
+    _WhichOneofArgType__jobs: _TypeAlias = _typing.Literal["_jobs", b"_jobs"]  # noqa: Y015
+    _WhichOneofReturnType__models: _TypeAlias = _typing.Literal["models"]  # noqa: Y015
+    _WhichOneofArgType__models: _TypeAlias = _typing.Literal["_models", b"_models"]  # noqa: Y015
+    _WhichOneofReturnType__output_tokens: _TypeAlias = _typing.Literal["output_tokens"]  # noqa: Y015
+    _WhichOneofArgType__output_tokens: _TypeAlias = _typing.Literal["_output_tokens", b"_output_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__pools: _TypeAlias = _typing.Literal["pools"]  # noqa: Y015
+    _WhichOneofArgType__pools: _TypeAlias = _typing.Literal["_pools", b"_pools"]  # noqa: Y015
+    _WhichOneofReturnType__prompt_tokens: _TypeAlias = _typing.Literal["prompt_tokens"]  # noqa: Y015
+    _WhichOneofArgType__prompt_tokens: _TypeAlias = _typing.Literal["_prompt_tokens", b"_prompt_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__queue_depth: _TypeAlias = _typing.Literal["queue_depth"]  # noqa: Y015
+    _WhichOneofArgType__queue_depth: _TypeAlias = _typing.Literal["_queue_depth", b"_queue_depth"]  # noqa: Y015
+    _WhichOneofReturnType__rate: _TypeAlias = _typing.Literal["rate"]  # noqa: Y015
+    _WhichOneofArgType__rate: _TypeAlias = _typing.Literal["_rate", b"_rate"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__start_delay_ms: _TypeAlias = _typing.Literal["start_delay_ms"]  # noqa: Y015
+    _WhichOneofArgType__start_delay_ms: _TypeAlias = _typing.Literal["_start_delay_ms", b"_start_delay_ms"]  # noqa: Y015
+    _WhichOneofReturnType__tenants: _TypeAlias = _typing.Literal["tenants"]  # noqa: Y015
+    _WhichOneofArgType__tenants: _TypeAlias = _typing.Literal["_tenants", b"_tenants"]  # noqa: Y015
+    _WhichOneofReturnType__workers_per_pool: _TypeAlias = _typing.Literal["workers_per_pool"]  # noqa: Y015
+    _WhichOneofArgType__workers_per_pool: _TypeAlias = _typing.Literal["_workers_per_pool", b"_workers_per_pool"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__burst_every_s) -> _WhichOneofReturnType__burst_every_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__burst_size) -> _WhichOneofReturnType__burst_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__deadline_ms) -> _WhichOneofReturnType__deadline_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__duration_s) -> _WhichOneofReturnType__duration_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__evict_delay_ms) -> _WhichOneofReturnType__evict_delay_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpus_per_pool) -> _WhichOneofReturnType__gpus_per_pool | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__interactive) -> _WhichOneofReturnType__interactive | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__jobs) -> _WhichOneofReturnType__jobs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__models) -> _WhichOneofReturnType__models | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_tokens) -> _WhichOneofReturnType__output_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pools) -> _WhichOneofReturnType__pools | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt_tokens) -> _WhichOneofReturnType__prompt_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__queue_depth) -> _WhichOneofReturnType__queue_depth | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rate) -> _WhichOneofReturnType__rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start_delay_ms) -> _WhichOneofReturnType__start_delay_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tenants) -> _WhichOneofReturnType__tenants | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__workers_per_pool) -> _WhichOneofReturnType__workers_per_pool | None: ...
+
+Global___SimulationWorkload: _TypeAlias = SimulationWorkload  # noqa: Y015
+
+@_typing.final
+class SimulateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULER_FIELD_NUMBER: _builtins.int
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    COMPARE_ACTIVE_FIELD_NUMBER: _builtins.int
+    compare_active: _builtins.bool
+    """also simulate the active scheduler on the same workload"""
+    @_builtins.property
+    def scheduler(self) -> Global___SchedulerSource:
+        """empty source: the platform scheduler"""
+
+    @_builtins.property
+    def workload(self) -> Global___SimulationWorkload: ...
+    def __init__(
+        self,
+        *,
+        scheduler: Global___SchedulerSource | None = ...,
+        workload: Global___SimulationWorkload | None = ...,
+        compare_active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scheduler", b"scheduler", "workload", b"workload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compare_active", b"compare_active", "scheduler", b"scheduler", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateRequest: _TypeAlias = SimulateRequest  # noqa: Y015
+
+@_typing.final
+class SimulateProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRACTION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REPORT_JSON_FIELD_NUMBER: _builtins.int
+    fraction: _builtins.float
+    """0..1 over the whole request"""
+    message: _builtins.str
+    report_json: _builtins.str
+    """set on the last message: a list of reports"""
+    def __init__(
+        self,
+        *,
+        fraction: _builtins.float = ...,
+        message: _builtins.str = ...,
+        report_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction", b"fraction", "message", b"message", "report_json", b"report_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateProgress: _TypeAlias = SimulateProgress  # noqa: Y015
+
+@_typing.final
+class StopShadowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopShadowRequest: _TypeAlias = StopShadowRequest  # noqa: Y015
+
+@_typing.final
+class ShadowStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ByKindEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    STARTED_AT_MS_FIELD_NUMBER: _builtins.int
+    CYCLES_FIELD_NUMBER: _builtins.int
+    DIFFERING_FIELD_NUMBER: _builtins.int
+    DIFF_RATE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    FALLBACKS_FIELD_NUMBER: _builtins.int
+    RECENT_FIELD_NUMBER: _builtins.int
+    BY_KIND_FIELD_NUMBER: _builtins.int
+    active: _builtins.bool
+    name: _builtins.str
+    sha256: _builtins.str
+    started_at_ms: _builtins.int
+    cycles: _builtins.int
+    """cycles the shadow decided"""
+    differing: _builtins.int
+    """of which its decision differed from the active one"""
+    diff_rate: _builtins.float
+    skipped: _builtins.int
+    """cycles missed because the shadow was still busy"""
+    fallbacks: _builtins.int
+    """cycles on which the shadow itself failed"""
+    @_builtins.property
+    def recent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the latest differences, described"""
+
+    @_builtins.property
+    def by_kind(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """differences by kind (action, job, worker, ...)"""
+
+    def __init__(
+        self,
+        *,
+        active: _builtins.bool = ...,
+        name: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        started_at_ms: _builtins.int = ...,
+        cycles: _builtins.int = ...,
+        differing: _builtins.int = ...,
+        diff_rate: _builtins.float = ...,
+        skipped: _builtins.int = ...,
+        fallbacks: _builtins.int = ...,
+        recent: _abc.Iterable[_builtins.str] | None = ...,
+        by_kind: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "by_kind", b"by_kind", "cycles", b"cycles", "diff_rate", b"diff_rate", "differing", b"differing", "fallbacks", b"fallbacks", "name", b"name", "recent", b"recent", "sha256", b"sha256", "skipped", b"skipped", "started_at_ms", b"started_at_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowStatus: _TypeAlias = ShadowStatus  # noqa: Y015
+
+@_typing.final
 class GetStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -744,6 +1040,8 @@ class StatusReply(_message.Message):
     UPTIME_MS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     GPU_SOURCE_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    DECISION_LOG_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     deployment_mode: _builtins.str
     mode: _builtins.str
@@ -757,8 +1055,12 @@ class StatusReply(_message.Message):
     draining: _builtins.bool
     gpu_source: _builtins.str
     """"nvml" or "declared" """
+    decision_log: _builtins.str
+    """the file being written, "" when the log is off"""
     @_builtins.property
     def scheduler(self) -> Global___SchedulerStatus: ...
+    @_builtins.property
+    def shadow(self) -> Global___ShadowStatus: ...
     def __init__(
         self,
         *,
@@ -775,10 +1077,12 @@ class StatusReply(_message.Message):
         uptime_ms: _builtins.int = ...,
         draining: _builtins.bool = ...,
         gpu_source: _builtins.str = ...,
+        shadow: Global___ShadowStatus | None = ...,
+        decision_log: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scheduler", b"scheduler"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scheduler", b"scheduler", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "deployment_mode", b"deployment_mode", "draining", b"draining", "fallbacks", b"fallbacks", "gpu_source", b"gpu_source", "mode", b"mode", "pools", b"pools", "queue_depth", b"queue_depth", "running_jobs", b"running_jobs", "scheduler", b"scheduler", "uptime_ms", b"uptime_ms", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "decision_log", b"decision_log", "deployment_mode", b"deployment_mode", "draining", b"draining", "fallbacks", b"fallbacks", "gpu_source", b"gpu_source", "mode", b"mode", "pools", b"pools", "queue_depth", b"queue_depth", "running_jobs", b"running_jobs", "scheduler", b"scheduler", "shadow", b"shadow", "uptime_ms", b"uptime_ms", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -439,6 +439,21 @@ class AdminServiceStub:
                 request_serializer=orchestrator__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=orchestrator__pb2.DeployReply.FromString,
                 _registered_method=True)
+        self.Simulate = channel.unary_stream(
+                '/orchestrator.v1.AdminService/Simulate',
+                request_serializer=orchestrator__pb2.SimulateRequest.SerializeToString,
+                response_deserializer=orchestrator__pb2.SimulateProgress.FromString,
+                _registered_method=True)
+        self.StartShadow = channel.unary_unary(
+                '/orchestrator.v1.AdminService/StartShadow',
+                request_serializer=orchestrator__pb2.SchedulerSource.SerializeToString,
+                response_deserializer=orchestrator__pb2.ShadowStatus.FromString,
+                _registered_method=True)
+        self.StopShadow = channel.unary_unary(
+                '/orchestrator.v1.AdminService/StopShadow',
+                request_serializer=orchestrator__pb2.StopShadowRequest.SerializeToString,
+                response_deserializer=orchestrator__pb2.ShadowStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -485,6 +500,28 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Simulate(self, request, context):
+        """Simulate a policy on a generated workload (the same simulator as
+        `orchestratord scheduler simulate`); progress messages, then the report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartShadow(self, request, context):
+        """Run a candidate beside the active scheduler on every cycle, without executing
+        its decisions; GetStatus reports how often they differ.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopShadow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -517,6 +554,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=orchestrator__pb2.RollbackRequest.FromString,
                     response_serializer=orchestrator__pb2.DeployReply.SerializeToString,
+            ),
+            'Simulate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Simulate,
+                    request_deserializer=orchestrator__pb2.SimulateRequest.FromString,
+                    response_serializer=orchestrator__pb2.SimulateProgress.SerializeToString,
+            ),
+            'StartShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartShadow,
+                    request_deserializer=orchestrator__pb2.SchedulerSource.FromString,
+                    response_serializer=orchestrator__pb2.ShadowStatus.SerializeToString,
+            ),
+            'StopShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopShadow,
+                    request_deserializer=orchestrator__pb2.StopShadowRequest.FromString,
+                    response_serializer=orchestrator__pb2.ShadowStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -682,6 +734,87 @@ class AdminService:
             '/orchestrator.v1.AdminService/Rollback',
             orchestrator__pb2.RollbackRequest.SerializeToString,
             orchestrator__pb2.DeployReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Simulate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/orchestrator.v1.AdminService/Simulate',
+            orchestrator__pb2.SimulateRequest.SerializeToString,
+            orchestrator__pb2.SimulateProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.AdminService/StartShadow',
+            orchestrator__pb2.SchedulerSource.SerializeToString,
+            orchestrator__pb2.ShadowStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.AdminService/StopShadow',
+            orchestrator__pb2.StopShadowRequest.SerializeToString,
+            orchestrator__pb2.ShadowStatus.FromString,
             options,
             channel_credentials,
             insecure,

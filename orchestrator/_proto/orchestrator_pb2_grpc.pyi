@@ -165,6 +165,15 @@ class AdminServiceStub:
     ListVersions: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListVersionsRequest, _orchestrator_pb2.ListVersionsReply]
     Rollback: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RollbackRequest, _orchestrator_pb2.DeployReply]
     """Back to an earlier version (by default the one before the active one)."""
+    Simulate: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.SimulateRequest, _orchestrator_pb2.SimulateProgress]
+    """Simulate a policy on a generated workload (the same simulator as
+    `orchestratord scheduler simulate`); progress messages, then the report.
+    """
+    StartShadow: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SchedulerSource, _orchestrator_pb2.ShadowStatus]
+    """Run a candidate beside the active scheduler on every cycle, without executing
+    its decisions; GetStatus reports how often they differ.
+    """
+    StopShadow: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.StopShadowRequest, _orchestrator_pb2.ShadowStatus]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -182,6 +191,15 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListVersions: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListVersionsRequest, _orchestrator_pb2.ListVersionsReply]  # type: ignore[assignment]
     Rollback: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RollbackRequest, _orchestrator_pb2.DeployReply]  # type: ignore[assignment]
     """Back to an earlier version (by default the one before the active one)."""
+    Simulate: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.SimulateRequest, _orchestrator_pb2.SimulateProgress]  # type: ignore[assignment]
+    """Simulate a policy on a generated workload (the same simulator as
+    `orchestratord scheduler simulate`); progress messages, then the report.
+    """
+    StartShadow: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SchedulerSource, _orchestrator_pb2.ShadowStatus]  # type: ignore[assignment]
+    """Run a candidate beside the active scheduler on every cycle, without executing
+    its decisions; GetStatus reports how often they differ.
+    """
+    StopShadow: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.StopShadowRequest, _orchestrator_pb2.ShadowStatus]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- admin"""
@@ -232,5 +250,32 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.DeployReply, _abc.Awaitable[_orchestrator_pb2.DeployReply]]:
         """Back to an earlier version (by default the one before the active one)."""
+
+    @_abc_1.abstractmethod
+    def Simulate(
+        self,
+        request: _orchestrator_pb2.SimulateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.SimulateProgress], _abc.AsyncIterator[_orchestrator_pb2.SimulateProgress]]:
+        """Simulate a policy on a generated workload (the same simulator as
+        `orchestratord scheduler simulate`); progress messages, then the report.
+        """
+
+    @_abc_1.abstractmethod
+    def StartShadow(
+        self,
+        request: _orchestrator_pb2.SchedulerSource,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ShadowStatus, _abc.Awaitable[_orchestrator_pb2.ShadowStatus]]:
+        """Run a candidate beside the active scheduler on every cycle, without executing
+        its decisions; GetStatus reports how often they differ.
+        """
+
+    @_abc_1.abstractmethod
+    def StopShadow(
+        self,
+        request: _orchestrator_pb2.StopShadowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ShadowStatus, _abc.Awaitable[_orchestrator_pb2.ShadowStatus]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

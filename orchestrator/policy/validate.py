@@ -14,11 +14,12 @@ import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator import decision as decisions
 from orchestrator.engine import EngineOptions, SchedulingEngine
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.limits import SandboxLimits
 from orchestrator.model import Context, Tenant
 from orchestrator.policy.compile import compile_yaml
@@ -40,6 +41,17 @@ def detect_language(source: str, name: str = "") -> str:
 def to_lua(source: str, language: str, name: str) -> str:
     """The Lua a policy runs as (YAML compiles; Lua is itself). Raises PolicyError."""
     return compile_yaml(source, name) if language == "yaml" else source
+
+
+def read_policy(path: Path) -> tuple[str, str]:
+    """(source, language) of a policy file; usage errors for unreadable files."""
+    try:
+        source = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file (Lua bytecode is not accepted)") from None
+    return source, detect_language(source, path.name)
 
 
 def policy_version(source: str, language: str, name: str) -> str:

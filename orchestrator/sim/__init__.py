@@ -1,0 +1,1 @@
+"""The scheduler simulator: workloads, a simulated cluster, the real engine, reports."""
