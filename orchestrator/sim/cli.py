@@ -279,7 +279,7 @@ async def run_compare(args: argparse.Namespace) -> int:
         print(table(result.reports, result.significant))
         seeds = ", ".join(str(x.seed) for x, _ in result.replicates)
         print(
-            f"\n* differs by more than twice the noise across seeds {seeds}"
+            f"\n* differs by more than twice the noise (and by 1% or more) across seeds {seeds}"
             if args.replicates > 1
             else "\n(one seed: no noise estimate; see --replicates)"
         )

@@ -4,8 +4,8 @@ larger than run-to-run noise.
 A simulation is deterministic for a seed, so the noise that matters is the workload's:
 another seed draws other arrivals, models and token counts. Both policies run on the
 same arrivals for each of several seeds; a figure's difference is marked when the
-mean difference exceeds twice its standard error across those replicates (and, with
-one replicate, never).
+mean difference exceeds twice its standard error across those replicates and 1% of
+A's value (with one replicate, never).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from orchestrator.sim.run import Progress, default_catalog, part_progress, simul
 from orchestrator.sim.settings import SimSettings
 
 NOISE_FACTOR = 2.0  # standard errors a difference must exceed to be marked
+MIN_EFFECT = 0.01  # and 1% of A's value: consistent but negligible differences stay unmarked
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class Comparison:
 
 
 def paired_differences(pairs: list[tuple[SimReport, SimReport]]) -> dict[str, dict[str, float]]:
-    """Per figure: mean of (B - A) over the replicates, and its standard error."""
+    """Per figure: mean of (B - A) over the replicates, its standard error, and the
+    scale it is judged against (the mean magnitude of A's value)."""
     out: dict[str, dict[str, float]] = {}
     figures = [(headline(a), headline(b)) for a, b in pairs]
     for label in figures[0][0] if figures else {}:
@@ -55,7 +57,9 @@ def paired_differences(pairs: list[tuple[SimReport, SimReport]]) -> dict[str, di
         if len(deltas) > 1:
             variance = sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1)
             se = math.sqrt(variance / len(deltas))
-        out[label] = {"mean": round(mean, 4), "stderr": round(se, 4), "n": len(deltas)}
+        scale = sum(abs(a[label]) for a, _ in figures if label in a) / len(figures)
+        out[label] = {"mean": round(mean, 4), "stderr": round(se, 4), "n": len(deltas),
+                      "scale": round(scale, 4)}  # fmt: skip
     return out
 
 
@@ -65,7 +69,7 @@ def significant(pairs: list[tuple[SimReport, SimReport]]) -> dict[str, str]:
     return {
         label: "*"
         for label, d in paired_differences(pairs).items()
-        if d["mean"] != 0 and abs(d["mean"]) > NOISE_FACTOR * d["stderr"]
+        if abs(d["mean"]) > NOISE_FACTOR * d["stderr"] and abs(d["mean"]) >= MIN_EFFECT * d["scale"]
     }
 
 

@@ -303,14 +303,15 @@ def plots(reports: list[SimReport], directory: Path) -> list[Path]:
     ax.set(title="Queue depth over time", xlabel="simulated time (s)", ylabel="queued jobs")
     out.append(_save(fig, ax, directory / "queue_depth.png"))
     fig, ax = plt.subplots(figsize=(8, 4))
-    for r in reports:
+    for index, r in enumerate(reports):
         for samples, style, what in (
             (r.wait_samples, "--", "wait"),
             (r.e2e_samples, "-", "end-to-end"),
         ):
             if samples:
                 ys = [(i + 1) / len(samples) for i in range(len(samples))]
-                ax.plot([s / 1000 for s in samples], ys, style, label=f"{r.policy} {what}")
+                ax.plot([s / 1000 for s in samples], ys, style, color=f"C{index}",
+                        label=f"{r.policy} {what}")  # fmt: skip
     ax.set(title="Latency CDF", xlabel="seconds", ylabel="share of jobs", xscale="symlog")
     out.append(_save(fig, ax, directory / "latency_cdf.png"))
     fig, ax = plt.subplots(figsize=(8, 4))
