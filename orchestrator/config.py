@@ -146,6 +146,9 @@ class ServiceConfig:
     catalog_file: str | None = None
     tenants: Mapping[str, Any] = field(default_factory=dict)
     tenants_file: str | None = None
+    # Platform mode: tenant id -> that tenant's own scheduler (Lua or YAML), run in its
+    # own sandbox on a view of the cluster holding only its jobs (DESIGN.md, Q16/17).
+    tenant_schedulers: Mapping[str, str] = field(default_factory=dict)
     drain_timeout_s: float = 30.0
     log_level: str = "info"
     # Where relative paths (scheduler file, catalog_file, state_dir) are resolved.
@@ -156,6 +159,8 @@ class ServiceConfig:
             raise ValueError(f"deployment_mode must be one of {DEPLOYMENT_MODES}")
         if self.durability not in ("full", "normal"):
             raise ValueError("durability must be 'full' or 'normal'")
+        if self.tenant_schedulers and self.deployment_mode != "platform":
+            raise ValueError("tenant_schedulers: only in platform mode (deployment_mode)")
 
     @property
     def platform_mode(self) -> bool:

@@ -79,6 +79,7 @@ from orchestrator.sim.run import Progress, part_progress, simulate
 from orchestrator.sim.settings import SimSettings
 from orchestrator.store import AsyncJobStore, JobStore, Transition
 from orchestrator.tasks import cancel_and_wait
+from orchestrator.tenancy import PLATFORM, arbitrate, tenant_view, without_tenants
 from orchestrator.versions import Version, VersionStore
 
 log = get_logger("service")
@@ -163,6 +164,12 @@ class ServiceMetrics:
             registry=r,
         )
         self.cycles = Counter("orchestrator_cycles", "Scheduling cycles run.", registry=r)
+        self.arbitration_dropped = Counter(
+            "orchestrator_arbitration_dropped",
+            "Actions proposed by tenant schedulers (or the platform's) dropped in arbitration.",
+            ["proposer", "reason"],
+            registry=r,
+        )
         self.shadow_cycles = Counter(
             "orchestrator_shadow_cycles", "Cycles decided by the shadow scheduler.", registry=r
         )
@@ -239,6 +246,10 @@ class Orchestrator:
             ),
             metrics=self.metrics,
         )
+        self.tenant_engines = {
+            tenant_id: self._tenant_engine(tenant_id, file)
+            for tenant_id, file in sorted(config.tenant_schedulers.items())
+        }
         self.decision_log: DecisionLog | None = None
         if config.decision_log.enabled:
             self.decision_log = DecisionLog(
@@ -266,6 +277,32 @@ class Orchestrator:
         if self.local_pool is not None:
             self.local_pool.on_change.append(self._wake)
 
+    def _tenant_engine(self, tenant_id: str, file: str) -> SchedulingEngine:
+        if tenant_id not in self.tenant_quotas:
+            raise ConfigError(f"tenant_schedulers[{tenant_id!r}]: no such tenant in `tenants`")
+        path = self.config.path(file)
+        try:
+            source = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"tenant_schedulers[{tenant_id!r}]: {path}: {exc.strerror}") from None
+        lua = to_lua(source, detect_language(source, path.name), path.name)
+        runtime_dir = (
+            self._sandbox_dir() / f"t{len(self.config.tenant_schedulers)}-{tenant_id[:16]}"
+        )
+        runtime_dir.mkdir(exist_ok=True, mode=0o700)
+        c = self.config.scheduler
+        return SchedulingEngine(
+            user_source=lua, user_name=f"{tenant_id}:{path.name}", language=c.language,
+            options=EngineOptions(
+                limits=SandboxLimits(deadline_ms=c.deadline_ms), user_spares=c.spares,
+                platform_spares=c.spares, breaker_threshold=c.breaker.threshold,
+                breaker_base_backoff_s=c.breaker.base_backoff_s,
+                breaker_max_backoff_s=c.breaker.max_backoff_s, expose_platform_source=False,
+                seccomp=c.seccomp, runtime_dir=runtime_dir,
+            ),
+            metrics=self.metrics,
+        )  # fmt: skip
+
     def _sandbox_dir(self) -> Path:
         # Unix socket paths are limited to 108 bytes: keep them short, under /tmp if needed.
         path = self.state_dir / "sandbox"
@@ -290,6 +327,8 @@ class Orchestrator:
             if killed:
                 log.warning("pool.leftover_workers_killed", count=killed)
         await self.engine.start()
+        for engine in self.tenant_engines.values():
+            await engine.start()
         self._record_initial_scheduler()
         await self._recover()
         loop = asyncio.get_running_loop()
@@ -364,6 +403,8 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
         await self.stop_shadow()
+        for engine in self.tenant_engines.values():
+            await engine.close()
         await self.engine.close()
         if self.decision_log is not None:
             self.decision_log.close()
@@ -780,7 +821,10 @@ class Orchestrator:
 
     async def _cycle(self) -> CycleResult:
         ctx = self.cluster.context()
-        result = await self.engine.schedule(ctx, self._refresh)
+        if self.tenant_engines:
+            result = await self._tenant_cycle(ctx)
+        else:
+            result = await self.engine.schedule(ctx, self._refresh)
         self.cycles += 1
         self.last_result = result
         self.service_metrics.cycles.inc()
@@ -790,6 +834,30 @@ class Orchestrator:
         if self.shadow is not None:
             self.shadow.offer(result)
         return result
+
+    async def _tenant_cycle(self, ctx: Context) -> CycleResult:
+        """Platform mode with tenant schedulers: each decides on its own view, the
+        platform scheduler on everyone else's jobs, and the platform arbitrates."""
+        owners = {job_id: r.tenant_id for job_id, r in self.cluster.in_flight.items()}
+        results = await asyncio.gather(
+            self.engine.schedule(without_tenants(ctx, frozenset(self.tenant_engines))),
+            *(engine.schedule(tenant_view(ctx, tenant_id, owners))
+              for tenant_id, engine in self.tenant_engines.items()),
+        )  # fmt: skip
+        proposals = {PLATFORM: results[0].decision}
+        proposals |= {t: r.decision for t, r in zip(self.tenant_engines, results[1:], strict=True)}
+        decision, dropped = arbitrate(ctx, proposals, cycle=self.cycles)
+        for d in dropped:
+            proposer = d.proposer or "platform"
+            self.service_metrics.arbitration_dropped.labels(proposer, d.reason).inc()
+            log.info(
+                "scheduler.arbitration_dropped",
+                proposer=proposer,
+                action=decisions.describe(d.action),
+                reason=d.reason,
+                detail=d.detail,
+            )
+        return dataclasses.replace(results[0], decision=decision, context=ctx)
 
     async def _refresh(self) -> Context:
         """ctx.refresh_pool_state(): read the local pool now instead of from cache."""

@@ -149,13 +149,26 @@ def validate(decision: Decision, ctx: Context, *, max_batch_actions: int = 256) 
                 ),
             ),
         )
+    _, rejections = accept_in_order(list(actions), ctx)
+    return Verdict(decision, tuple(rejections))
+
+
+def accept_in_order(
+    actions: list[Decision], ctx: Context
+) -> tuple[list[Decision], list[Rejection]]:
+    """Check actions one by one, each against the state the accepted ones leave; a
+    rejected action is skipped rather than failing the rest (the platform's
+    arbitration between tenants)."""
     state = _BatchState()
-    rejections: list[Rejection] = []
+    accepted: list[Decision] = []
+    rejected: list[Rejection] = []
     for index, action in enumerate(actions):
         problem = _check(action, ctx, state)
-        if problem is not None:
-            rejections.append(Rejection(index, action.action, *problem))
-    return Verdict(decision, tuple(rejections))
+        if problem is None:
+            accepted.append(action)
+        else:
+            rejected.append(Rejection(index, action.action, *problem))
+    return accepted, rejected
 
 
 def _check(action: Decision, ctx: Context, state: _BatchState) -> tuple[str, str] | None:
