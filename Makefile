@@ -12,13 +12,15 @@ PROTO_SRC := $(wildcard proto/*.proto)
 PROTO_OUT := orchestrator/_proto
 CONFIG ?=
 
-.PHONY: help venv test test-all run bench lint proto proto-check clean
+.PHONY: help venv test test-all run bench fuzz soak lint proto proto-check clean
 
 help:
 	@echo "make run          start orchestratord with the embedded default config"
 	@echo "make test         proto-check, lint and the test suite (what CI runs)"
 	@echo "make test-all     the test suite including tests marked slow"
 	@echo "make bench        measure and write BENCHMARKS.md (a few minutes)"
+	@echo "make fuzz         the fuzz tests with FUZZ_SCALE (default 50) times more examples"
+	@echo "make soak         10 minutes of load with faults, plus the escape corpus: RELIABILITY.md"
 	@echo "make lint         ruff and mypy"
 	@echo "make proto        regenerate $(PROTO_OUT) from proto/*.proto"
 	@echo "make proto-check  fail if the committed stubs differ from proto/*.proto"
@@ -38,6 +40,12 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/orchestratord bench --output BENCHMARKS.md
+
+fuzz: $(STAMP)
+	FUZZ_SCALE=$${FUZZ_SCALE:-50} $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
+
+soak: $(STAMP)
+	$(PY) -m tests.soak --duration $${SOAK_SECONDS:-600} --output RELIABILITY.md
 
 test: $(STAMP) proto-check lint
 	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider

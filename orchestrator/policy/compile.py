@@ -7,7 +7,6 @@ order), tagged with the rule's name, or `wait` when no rule acts.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 
 from orchestrator.policy.parse import (
@@ -138,9 +137,22 @@ function schedule(ctx)
 """
 
 
+_LUA_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n"}
+
+
 def lua_string(text: str) -> str:
-    """A Lua string literal (JSON escapes are valid Lua escapes for these)."""
-    return json.dumps(text, ensure_ascii=False)
+    """A Lua string literal, valid in LuaJIT and Lua 5.4: control characters as decimal
+    escapes (JSON's \\uXXXX is not Lua), everything else as UTF-8."""
+    out = []
+    for ch in text:
+        if ch in _LUA_ESCAPES:
+            out.append(_LUA_ESCAPES[ch])
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\{ord(ch):03d}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
 
 
 def literal(value: object) -> str:
