@@ -154,7 +154,6 @@ def lua_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-
 def literal(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
