@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard proto/*.proto)
 PROTO_OUT := orchestrator/_proto
 CONFIG ?=
 
-.PHONY: help venv test test-all run bench fuzz soak lint proto proto-check clean
+.PHONY: help venv browser test test-all run bench fuzz soak lint proto proto-check clean
 
 help:
 	@echo "make run          start orchestratord with the embedded default config"
@@ -47,7 +47,14 @@ fuzz: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m tests.soak --duration $${SOAK_SECONDS:-600} --output RELIABILITY.md
 
-test: $(STAMP) proto-check lint
+# The browser tests drive Debian's chromium through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 \
+	  || echo "could not install chromium (not root?): the browser tests will be skipped"; }
+
+test: $(STAMP) proto-check lint browser
 	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider
 	$(BIN)/pytest -q -m slow -p no:cacheprovider
 

@@ -150,6 +150,9 @@ class ServiceConfig:
     # own sandbox on a view of the cluster holding only its jobs (DESIGN.md, Q16/17).
     tenant_schedulers: Mapping[str, str] = field(default_factory=dict)
     drain_timeout_s: float = 30.0
+    # Required when listen.http is not a loopback address: the admin UI and API then
+    # want `Authorization: Bearer <admin_token>`.
+    admin_token: str = ""
     log_level: str = "info"
     # Where relative paths (scheduler file, catalog_file, state_dir) are resolved.
     base_dir: str = "."
@@ -159,6 +162,12 @@ class ServiceConfig:
             raise ValueError(f"deployment_mode must be one of {DEPLOYMENT_MODES}")
         if self.durability not in ("full", "normal"):
             raise ValueError("durability must be 'full' or 'normal'")
+        host = self.listen.http.rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1") and not self.admin_token:
+            raise ValueError(
+                f"listen.http {self.listen.http!r} is not a loopback address: set admin_token "
+                "so that the admin UI and API are not open to the network"
+            )
         if self.tenant_schedulers and self.deployment_mode != "platform":
             raise ValueError("tenant_schedulers: only in platform mode (deployment_mode)")
 

@@ -20,6 +20,7 @@ from orchestrator.context_file import context_from_dict
 from orchestrator.engine import EngineOptions, SchedulingEngine, platform_source
 from orchestrator.errors import ConfigError, OrchestratorError, SchedulerLoadError
 from orchestrator.limits import SandboxLimits
+from orchestrator.policy.builder import rule_at_line
 from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import detect_language, to_lua
 from orchestrator.samples import sample_context
@@ -39,8 +40,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_app(orchestrator: Orchestrator) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json])
+    from orchestrator import web as webui  # noqa: PLC0415 - the UI module imports this one
+
+    app = web.Application(middlewares=[webui.guard, errors_as_json])
     app[ORCHESTRATOR] = orchestrator
+    webui.add_routes(app)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get(f"{PREFIX}/status", status)
@@ -141,7 +145,11 @@ async def versions(request: web.Request) -> web.Response:
 async def validate(request: web.Request) -> web.Response:
     source, language, name = source_fields(await body(request))
     report = await request.app[ORCHESTRATOR].validate(source, language, name)
-    return web.json_response({**report.to_dict(), "summary": report.summary(), "lua": report.lua})
+    out = {**report.to_dict(), "summary": report.summary(), "lua": report.lua}
+    line = report.syntax.get("line")
+    if language == "yaml" and isinstance(line, int):
+        out["syntax"] = {**report.syntax, "rule": rule_at_line(source, line)}  # inline errors
+    return web.json_response(out)
 
 
 async def deploy(request: web.Request) -> web.Response:

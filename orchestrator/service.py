@@ -23,6 +23,7 @@ import json
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -85,6 +86,7 @@ from orchestrator.versions import Version, VersionStore
 log = get_logger("service")
 
 VERSION = "0.1.0"
+RECENT_DECISIONS = 50
 MAX_SIMULATED_JOBS = 20_000  # a simulation in the service shares its CPU with scheduling
 
 
@@ -273,6 +275,8 @@ class Orchestrator:
         self._worker_ids = itertools.count(1)
         self._command_ids = itertools.count(1)
         self.last_result: CycleResult | None = None
+        # The latest decisions that did something (or fell back), for the live view.
+        self.recent: deque[dict[str, object]] = deque(maxlen=RECENT_DECISIONS)
         self._start_backoff: dict[tuple[str, str], tuple[float, float]] = {}
         if self.local_pool is not None:
             self.local_pool.on_change.append(self._wake)
@@ -827,6 +831,14 @@ class Orchestrator:
             result = await self.engine.schedule(ctx, self._refresh)
         self.cycles += 1
         self.last_result = result
+        if not isinstance(result.decision, Wait) or result.error is not None:
+            self.recent.append({
+                "seq": result.seq, "at_ms": now_ms(), "source": result.source,
+                "decision": decisions.describe(result.decision),
+                "latency_ms": round(result.latency_ms, 3),
+                "error": result.error.kind if result.error else None,
+                "scheduler": self.active.name,
+            })  # fmt: skip
         self.service_metrics.cycles.inc()
         self._check_auto_rollback()
         await self._apply(result.decision)
