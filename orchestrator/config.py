@@ -45,6 +45,24 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class TenantSandboxConfig:
+    """How tenant schedulers' workers start (platform mode). `systemd`: as instances of
+    `unit` (deploy/systemd/orchestrator-sandbox@.service), each under its own dynamic
+    user, serving in `socket_dir`; `subprocess`: as the core's own children."""
+
+    launcher: str = "subprocess"
+    unit: str = "orchestrator-sandbox@{instance}.service"
+    socket_dir: str = "/run/orchestratord/sandbox"
+    systemctl: tuple[str, ...] = ("systemctl",)
+
+    def __post_init__(self) -> None:
+        if self.launcher not in ("subprocess", "systemd"):
+            raise ValueError("launcher must be 'subprocess' or 'systemd'")
+        if "{instance}" not in self.unit:
+            raise ValueError("unit must contain {instance}")
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     file: str | None = None  # a Lua or YAML scheduler; None: the platform scheduler
     language: str = "luajit"  # the Lua runtime: luajit or lua54
@@ -57,6 +75,7 @@ class SchedulerConfig:
     spares: int = 1
     seccomp: bool = True
     breaker: BreakerConfig = BreakerConfig()
+    tenant_sandbox: TenantSandboxConfig = TenantSandboxConfig()
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from orchestrator.log import get_logger
 from orchestrator.metrics import EngineMetrics
 from orchestrator.model import Context
 from orchestrator.sandbox.group import WorkerGroup
-from orchestrator.sandbox.process import SchedulerSpec, WorkerProcess
+from orchestrator.sandbox.process import SchedulerSpec, SystemdLaunch, WorkerProcess
 from orchestrator.validation import Rejection, validate
 
 log = get_logger("engine")
@@ -144,6 +144,7 @@ class EngineOptions:
     seccomp: bool = True
     runtime_dir: Path | None = None
     clock: Callable[[], float] = time.monotonic  # the breaker's; the simulator's is simulated
+    systemd: SystemdLaunch | None = None  # user-scheduler workers as systemd units (tenants)
 
 
 class SchedulingEngine:
@@ -198,6 +199,7 @@ class SchedulingEngine:
             limits=self.options.limits,
             expose_platform_source=self.options.expose_platform_source,
             seccomp=self.options.seccomp,
+            systemd=self.options.systemd,
         )
         return WorkerGroup(
             "user", spec, self.runtime_dir, spares=self.options.user_spares, metrics=self.metrics
@@ -267,9 +269,11 @@ class SchedulingEngine:
             if self.decision_log is not None:
                 name = self.user.spec.name if self.user is not None else "platform"
                 self.decision_log.record(result, self.journal, name)
-            for group in (self.user, self.platform):
-                if group is not None:
-                    group.sync_spares(self.journal)
+            # While the circuit is open the user's spares would be synced for nothing;
+            # when it half-opens, the journal's deltas (or a full snapshot) catch them up.
+            if self.user is not None and self.breaker.state != "open":
+                self.user.sync_spares(self.journal)
+            self.platform.sync_spares(self.journal)
             return result
 
     async def _cycle(self, ctx: Context, refresh: Refresh | None, started: float) -> CycleResult:

@@ -19,9 +19,12 @@ class ConfigError(OrchestratorError):
 class SchedulerLoadError(OrchestratorError):
     """A scheduler could not be loaded into a sandbox worker (syntax error, bytecode, ...)."""
 
-    def __init__(self, message: str, traceback: str = "") -> None:
+    def __init__(self, message: str, traceback: str = "", *, transient: bool = False) -> None:
         super().__init__(message)
         self.traceback = traceback
+        # A load that timed out may be the worker's fault (stopped, starved), not the
+        # script's: worth another worker before the script is declared unloadable.
+        self.transient = transient
 
 
 class SandboxUnavailableError(OrchestratorError):

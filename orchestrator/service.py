@@ -74,13 +74,14 @@ from orchestrator.policy.validate import (
     to_lua,
     validate_policy,
 )
+from orchestrator.sandbox.process import SystemdLaunch
 from orchestrator.shadow import Shadow
 from orchestrator.sim.report import SimReport
 from orchestrator.sim.run import Progress, part_progress, simulate
 from orchestrator.sim.settings import SimSettings
 from orchestrator.store import AsyncJobStore, JobStore, Transition
 from orchestrator.tasks import cancel_and_wait
-from orchestrator.tenancy import PLATFORM, arbitrate, tenant_view, without_tenants
+from orchestrator.tenancy import PLATFORM, arbitrate, tenant_view
 from orchestrator.versions import Version, VersionStore
 
 log = get_logger("service")
@@ -302,10 +303,22 @@ class Orchestrator:
                 platform_spares=c.spares, breaker_threshold=c.breaker.threshold,
                 breaker_base_backoff_s=c.breaker.base_backoff_s,
                 breaker_max_backoff_s=c.breaker.max_backoff_s, expose_platform_source=False,
-                seccomp=c.seccomp, runtime_dir=runtime_dir,
+                seccomp=c.seccomp, runtime_dir=runtime_dir, systemd=self._tenant_launch(tenant_id),
             ),
             metrics=self.metrics,
         )  # fmt: skip
+
+    def _tenant_launch(self, tenant_id: str) -> SystemdLaunch | None:
+        t = self.config.scheduler.tenant_sandbox
+        if t.launcher != "systemd":
+            return None
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", tenant_id):
+            raise ConfigError(
+                f"tenant_schedulers[{tenant_id!r}]: a systemd unit instance needs a tenant id "
+                "of letters, digits, '_', '.' and '-'"
+            )
+        return SystemdLaunch(prefix=tenant_id, unit=t.unit, socket_dir=Path(t.socket_dir),
+                             systemctl=tuple(t.systemctl))  # fmt: skip
 
     def _sandbox_dir(self) -> Path:
         # Unix socket paths are limited to 108 bytes: keep them short, under /tmp if needed.
@@ -849,10 +862,10 @@ class Orchestrator:
 
     async def _tenant_cycle(self, ctx: Context) -> CycleResult:
         """Platform mode with tenant schedulers: each decides on its own view, the
-        platform scheduler on everyone else's jobs, and the platform arbitrates."""
+        platform scheduler on the whole cluster, and the platform arbitrates."""
         owners = {job_id: r.tenant_id for job_id, r in self.cluster.in_flight.items()}
         results = await asyncio.gather(
-            self.engine.schedule(without_tenants(ctx, frozenset(self.tenant_engines))),
+            self.engine.schedule(ctx),
             *(engine.schedule(tenant_view(ctx, tenant_id, owners))
               for tenant_id, engine in self.tenant_engines.items()),
         )  # fmt: skip

@@ -5,7 +5,9 @@ its queued jobs only, its own tenant record, the workers with other tenants' job
 and usage blanked out, and GPU free VRAM capped at what its quota has left. Its
 decision is validated on that view, so naming another tenant's job is an unknown
 job. The platform then arbitrates: the tenants' proposals and the platform
-scheduler's decision for everyone else are interleaved one action at a time, the
+scheduler's decision (made on the whole cluster: it provisions workers for every
+tenant, and dispatches for tenants without a scheduler) are interleaved one action
+at a time, the
 tenant furthest below its quota first, and each action is checked against the
 whole cluster and the actions accepted before it. What conflicts is dropped and
 counted; the dropped jobs stay queued for the next cycle.
@@ -77,20 +79,6 @@ def _gpu_view(gpu: Gpu, headroom: int | None) -> Gpu:
     )
 
 
-def without_tenants(ctx: Context, tenant_ids: frozenset[str]) -> Context:
-    """The context the platform scheduler decides on: every job but those of
-    tenants that run their own scheduler."""
-    queue = tuple(job for job in ctx.queue if job.tenant_id not in tenant_ids)
-    if len(queue) == len(ctx.queue):
-        return ctx
-    return dataclasses.replace(
-        ctx,
-        queue=queue,
-        metrics=derive_metrics(queue, ctx.pools, ctx.now_ms),
-        changes=None,
-    )
-
-
 @dataclass(frozen=True)
 class Dropped:
     proposer: str  # a tenant id, or "" for the platform scheduler
@@ -123,7 +111,11 @@ def fairness_order(ctx: Context, proposers: Sequence[str], cycle: int) -> list[s
 def arbitrate(
     ctx: Context, proposals: Mapping[str, Decision], *, cycle: int = 0, max_actions: int = 256
 ) -> tuple[Decision, list[Dropped]]:
-    """One decision for the whole cluster from every proposer's decision."""
+    """One decision for the whole cluster from every proposer's decision.
+
+    The platform scheduler decides on the whole cluster, so that it provisions workers
+    for every tenant's queued models; its dispatches of jobs whose tenant has its own
+    scheduler are left to that scheduler (dropped as "tenant_scheduled")."""
     order = fairness_order(ctx, list(proposals), cycle)
     queues: dict[str, list[Decision]] = {}
     dropped: list[Dropped] = []
@@ -137,6 +129,14 @@ def arbitrate(
             elif isinstance(action, EvictWorker) and proposer != PLATFORM:
                 dropped.append(Dropped(proposer, action, "tenant_cannot_evict",
                                        "workers are shared; only the platform evicts"))  # fmt: skip
+            elif (
+                isinstance(action, Dispatch)
+                and proposer == PLATFORM
+                and (job := ctx.jobs_by_id.get(action.job_id)) is not None
+                and job.tenant_id in proposals
+            ):
+                detail = f"tenant {job.tenant_id!r} schedules its own jobs"
+                dropped.append(Dropped(proposer, action, "tenant_scheduled", detail))
             elif (
                 isinstance(action, Dispatch)
                 and proposer != PLATFORM

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
 from orchestrator import bench
+from orchestrator.log import configure_logging
 
 
+@pytest.fixture
+def bench_logging() -> Iterator[None]:
+    """Log as `orchestratord bench` does: pytest's default structlog setup renders an
+    event per decision to the console, which is the test harness's cost, not ours."""
+    configure_logging("console", "error")
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.mark.usefixtures("bench_logging")
 async def test_deltas_stay_far_cheaper_than_full_snapshots() -> None:
     """At 10,000 jobs a delta cycle costs at least 10x less than a full resync,
     and a platform decision at most 3x a bare gRPC echo on the same socket."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -342,3 +343,45 @@ async def test_cancelling_a_cycle_while_a_spare_is_settling_is_not_swallowed(
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
     never.cancel()
+
+
+@pytest.mark.slow
+async def test_a_worker_stopped_while_starting_does_not_disable_the_scheduler(
+    make_engine: EngineFactory,
+) -> None:
+    """A replacement worker SIGSTOPped as it comes up (found by the soak: a load timeout
+    used to mark the script unloadable for good) is replaced, and the script keeps serving."""
+    import psutil  # noqa: PLC0415
+
+    engine = await make_engine(
+        "function schedule(ctx) return { action = 'wait' } end", user_spares=0
+    )
+    assert (await engine.schedule(cycle(0))).source == "user"
+    group = engine.user
+    assert group is not None and group.active is not None
+    me = psutil.Process()
+    known = {p.pid for p in me.children(recursive=True)}
+    with capture_logs() as logs:
+        group.retire(group.active, "test")
+        stopped = None
+        for _ in range(1000):
+            fresh = [p for p in me.children(recursive=True) if p.pid not in known]
+            if fresh and any(rt.suffix == ".sock" for rt in engine.runtime_dir.iterdir()):
+                with contextlib.suppress(psutil.NoSuchProcess):  # a short-lived child
+                    fresh[0].suspend()
+                    stopped = fresh[0]
+                    break
+                known.add(fresh[0].pid)
+            await asyncio.sleep(0.002)
+        assert stopped is not None
+        for _ in range(300):  # a load timeout is 2 s, a spawn timeout 10 s
+            if group.spares or (group.active is not None and group.active.alive):
+                break
+            await asyncio.sleep(0.1)
+    with contextlib.suppress(psutil.NoSuchProcess):  # killed by now, as it should be
+        stopped.resume()
+    result = await engine.schedule(cycle(1))
+    assert group.load_error is None
+    assert result.source == "user", result.error
+    events = {entry["event"] for entry in logs}
+    assert events & {"sandbox.load_timeout_retry", "sandbox.spawn_failed"}, events

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import signal
+import sys
 from pathlib import Path
 
 from orchestrator import snapshot
@@ -11,7 +15,7 @@ from orchestrator.decision import Batch, Dispatch, EvictWorker, Wait
 from orchestrator.decision_log import DecisionLog, log_files, read_log
 from orchestrator.model import Context
 from orchestrator.samples import sample_context
-from orchestrator.tenancy import PLATFORM, arbitrate, fairness_order, tenant_view, without_tenants
+from orchestrator.tenancy import PLATFORM, arbitrate, fairness_order, tenant_view
 from tests.conftest import REPO, EngineFactory
 from tests.service_helpers import running_service, write_config
 
@@ -43,8 +47,6 @@ def test_a_tenant_sees_nothing_of_another_tenant() -> None:
     assert max(g.vram_free_bytes for p in view.pools for g in p.gpus) <= 16 * GiB
     own = tenant_view(ctx, "tenant-2", OWNERS).workers_by_id["worker-2"][1]
     assert own.current_job_id == "job-running"  # its own running job stays visible
-    rest = without_tenants(ctx, frozenset({"tenant-1"}))
-    assert {j.tenant_id for j in rest.queue} == {"tenant-2"}
 
 
 async def test_a_tenant_decision_naming_another_tenants_job_is_rejected(
@@ -104,6 +106,11 @@ def test_arbitration_is_fair_enforces_quotas_and_keeps_evictions_to_the_platform
     assert sorted(d.reason for d in dropped) == ["quota_exceeded", "tenant_cannot_evict"]
     decision, _ = arbitrate(ctx, {PLATFORM: EvictWorker("worker-3")})
     assert decision == EvictWorker("worker-3")
+    # The platform's dispatch of a job whose tenant runs its own scheduler is left to it.
+    decision, dropped = arbitrate(
+        ctx, {PLATFORM: Dispatch("job-1", "worker-1"), "tenant-1": Wait()}
+    )
+    assert isinstance(decision, Wait) and [d.reason for d in dropped] == ["tenant_scheduled"]
 
 
 async def test_service_runs_each_tenant_scheduler_on_its_own_jobs(tmp_path: Path) -> None:
@@ -135,3 +142,48 @@ async def test_service_runs_each_tenant_scheduler_on_its_own_jobs(tmp_path: Path
         assert [t.id for t in cycle.context.tenants] == ["acme"]
         assert all(job.tenant_id == "acme" for job in cycle.context.queue)
     assert any(c.source == "user" and isinstance(c.decision, Dispatch) for c in cycles)
+
+
+async def test_tenant_workers_run_as_systemd_units(tmp_path: Path, monkeypatch: object) -> None:
+    """With launcher systemd, a tenant's scheduler runs in orchestrator-sandbox@TENANT-*
+    units on the unit's socket, and a killed one is replaced by a new unit."""
+    state = tmp_path / "systemd"
+    (state / "run").mkdir(parents=True)
+    monkeypatch.setenv("FAKE_SYSTEMD_DIR", str(state))  # type: ignore[attr-defined]
+    policy = tmp_path / "acme.lua"
+    policy.write_text((REPO / "schedulers/examples/runtime-7.1-simple-priority.lua").read_text())
+    config = write_config(
+        tmp_path, deployment_mode="platform", tenants={"acme": {}, "globex": {}},
+        tenant_schedulers={"acme": str(policy)},
+        scheduler={"tick_ms": 100, "tenant_sandbox": {
+            "launcher": "systemd", "socket_dir": str(state / "run"),
+            "systemctl": [sys.executable, str(REPO / "tests" / "fake_systemctl.py")]}},
+    )  # fmt: skip
+    async with running_service(config) as svc:
+        engine = svc.server.orchestrator.tenant_engines["acme"]
+        assert engine.user is not None and engine.user.active is not None
+        first = engine.user.active
+        assert first.unit.startswith("orchestrator-sandbox@acme-") and first.unit.endswith(
+            ".service"
+        )
+        assert first.socket_path.parent == state / "run"
+        assert first.pid == int((state / f"{first.unit[21:-8]}.pid").read_text())
+        job = await svc.submit(tenant_id="acme", priority="interactive")
+        assert (await svc.wait_finished(job.id)).state == pb.JOB_STATE_COMPLETED
+        os.kill(first.pid, signal.SIGKILL)
+        for tenant in ("acme", "globex", "acme"):
+            job = await svc.submit(tenant_id=tenant, priority="interactive")
+            assert (await svc.wait_finished(job.id)).state == pb.JOB_STATE_COMPLETED
+        assert engine.user.active is not first and engine.user.active.unit != first.unit
+
+        def starts() -> int:
+            lines = (state / "commands.log").read_text().splitlines()
+            return sum(line.startswith("start orchestrator-sandbox@acme-") for line in lines)
+
+        for _ in range(100):  # the replacement spare is started in the background
+            if starts() >= 3:
+                break
+            await asyncio.sleep(0.1)
+        assert starts() >= 3
+    commands = (state / "commands.log").read_text().splitlines()
+    assert f"kill --signal=SIGKILL {first.unit}" in commands

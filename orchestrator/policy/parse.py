@@ -194,33 +194,54 @@ def parse_policy(text: str, source_name: str = "policy.yaml") -> Policy:
     """A checked policy, or PolicyError pointing at the first problem."""
     try:
         node = yaml.compose(text)
+        if node is None:
+            raise PolicyError(source_name, 1, 1, "empty policy: expected a 'scheduler:' mapping")
+        marks: dict[tuple[Any, ...], tuple[int, int]] = {}
+        _index(node, (), marks, set(), source_name)
+        # Built from the composed node: a tag such as `!x` fails here, not in a second parse.
+        data = yaml.SafeLoader("").construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError(source_name, line, column, f"invalid YAML: {problem}") from None
-    if node is None:
-        raise PolicyError(source_name, 1, 1, "empty policy: expected a 'scheduler:' mapping")
-    marks: dict[tuple[Any, ...], tuple[int, int]] = {}
-    _index(node, (), marks)
-    data = yaml.safe_load(text)
     located = _Locator(source_name, marks)
     _check_schema(data, located)
     return _build(data, located, hashlib.sha256(text.encode()).hexdigest())
 
 
+MAX_POLICY_NODES = 100_000  # with aliases expanded: a "billion laughs" stops here
+
+
 def _index(
-    node: yaml.Node, path: tuple[Any, ...], marks: dict[tuple[Any, ...], tuple[int, int]]
+    node: yaml.Node,
+    path: tuple[Any, ...],
+    marks: dict[tuple[Any, ...], tuple[int, int]],
+    open_nodes: set[int],
+    source_name: str,
 ) -> None:
-    marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    where = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if id(node) in open_nodes:
+        raise PolicyError(source_name, *where, "invalid YAML: an alias refers to itself")
+    if len(marks) > MAX_POLICY_NODES:
+        raise PolicyError(
+            source_name, *where, f"policy too large: over {MAX_POLICY_NODES} nodes once aliases "
+            "are expanded"
+        )  # fmt: skip
+    marks[path] = where
+    open_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                line, column = key.start_mark.line + 1, key.start_mark.column + 1
+                raise PolicyError(source_name, line, column, "a mapping key must be a plain name")
             name = key.value
             marks[(*path, ("key", name))] = (key.start_mark.line + 1, key.start_mark.column + 1)
-            _index(value, (*path, name), marks)
+            _index(value, (*path, name), marks, open_nodes, source_name)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index(item, (*path, i), marks)
+            _index(item, (*path, i), marks, open_nodes, source_name)
+    open_nodes.discard(id(node))
 
 
 class _Locator:

@@ -26,6 +26,7 @@ from orchestrator.sandbox.process import SchedulerSpec, WorkerProcess
 log = get_logger("sandbox")
 
 SPAWN_RETRY_S = 1.0
+LOAD_TIMEOUT_RETRIES = 2  # load timeouts in a row before the script is deemed to loop
 # Socket names must be unique in the runtime directory across groups: a replaced
 # user scheduler's group still runs while its successor starts.
 _labels = itertools.count(1)
@@ -55,6 +56,7 @@ class WorkerGroup:
         self.spares: deque[WorkerProcess] = deque()
         self.load_error: SchedulerLoadError | None = None
         self._spawning: set[asyncio.Task[None]] = set()
+        self._load_timeouts = 0
         self._spare_ready = asyncio.Event()
         self._closed = False
 
@@ -66,7 +68,11 @@ class WorkerGroup:
         )
         workers = [r for r in results if isinstance(r, WorkerProcess)]
         errors = [r for r in results if isinstance(r, BaseException)]
-        load_errors = [e for e in errors if isinstance(e, SchedulerLoadError)]
+        # A load that timed out while another worker loaded fine was the worker's fault.
+        load_errors = [
+            e for e in errors
+            if isinstance(e, SchedulerLoadError) and not (e.transient and workers)
+        ]  # fmt: skip
         if load_errors:
             self.load_error = load_errors[0]
             for worker in workers:
@@ -181,6 +187,12 @@ class WorkerGroup:
         try:
             worker = await self._spawn()
         except SchedulerLoadError as exc:
+            if exc.transient and self._load_timeouts < LOAD_TIMEOUT_RETRIES:
+                self._load_timeouts += 1
+                log.warning("sandbox.load_timeout_retry", scheduler=self.role, error=str(exc),
+                            attempt=self._load_timeouts)  # fmt: skip
+                self._respawn()
+                return
             self.load_error = exc
             self._spare_ready.set()
             return
@@ -188,13 +200,22 @@ class WorkerGroup:
             self.metrics.worker_events.labels(self.role, "spawn_failed").inc()
             log.error("sandbox.spawn_failed", scheduler=self.role, error=str(exc))
             await asyncio.sleep(SPAWN_RETRY_S)
-            asyncio.get_running_loop().call_soon(self._replenish)
+            self._respawn()
             return
+        self._load_timeouts = 0
         if self._closed:
             worker.kill()
             return
         self.spares.append(worker)
         self._spare_ready.set()
+
+    def _respawn(self) -> None:
+        """From a failed spawn: replace it now. This task no longer counts as spawning;
+        its done callback would run too late, after a _replenish that saw it still there."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._spawning.discard(task)
+        self._replenish()
 
     # ------------------------------------------------------------------ spares
     def sync_spares(self, journal: SnapshotJournal) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,21 @@ LANGUAGES = {"luajit": sandbox_pb2.LANGUAGE_LUAJIT, "lua54": sandbox_pb2.LANGUAG
 
 
 @dataclass(frozen=True)
+class SystemdLaunch:
+    """Run workers as instances of a systemd unit template instead of as children:
+    `orchestrator-sandbox@TENANT-LABEL.service`, each under its own dynamic user, serving
+    on `socket_dir/TENANT-LABEL.sock` (deploy/systemd/orchestrator-sandbox@.service)."""
+
+    prefix: str  # the tenant: part of the instance name
+    unit: str = "orchestrator-sandbox@{instance}.service"
+    socket_dir: Path = Path("/run/orchestratord/sandbox")
+    systemctl: tuple[str, ...] = ("systemctl",)
+
+    def instance(self, label: str) -> str:
+        return f"{self.prefix}-{label}"
+
+
+@dataclass(frozen=True)
 class SchedulerSpec:
     """What a worker runs: one scheduler, its language, limits and the platform source."""
 
@@ -37,6 +53,7 @@ class SchedulerSpec:
     limits: SandboxLimits = field(default_factory=SandboxLimits)
     expose_platform_source: bool = True
     seccomp: bool = True
+    systemd: SystemdLaunch | None = None
 
     def __post_init__(self) -> None:
         if self.language not in LANGUAGES:
@@ -61,6 +78,12 @@ class WorkerProcess:
         self.label = label
         self.socket_path = runtime_dir / f"{label}.sock"
         self.log_path = runtime_dir / f"{label}.log"
+        self.unit = ""
+        self.unit_pid = 0  # a systemd-started worker is not our child
+        if spec.systemd is not None:
+            instance = spec.systemd.instance(label)
+            self.unit = spec.systemd.unit.format(instance=instance)
+            self.socket_path = spec.systemd.socket_dir / f"{instance}.sock"
         self.process: asyncio.subprocess.Process | None = None
         self.channel: aio.Channel | None = None
         self.stub: sandbox_pb2_grpc.SandboxServiceStub | None = None
@@ -73,16 +96,18 @@ class WorkerProcess:
 
     @property
     def pid(self) -> int:
-        return self.process.pid if self.process else 0
+        return self.process.pid if self.process else self.unit_pid
 
     @property
     def alive(self) -> bool:
         """Running, as far as the kernel knows: a crash is seen before the next call,
         not when the call fails (the reaper thread may not have told asyncio yet)."""
-        if self.killed or self.process is None or self.process.returncode is not None:
+        if self.killed or (self.process is None and not self.unit_pid):
+            return False
+        if self.process is not None and self.process.returncode is not None:
             return False
         try:
-            with open(f"/proc/{self.process.pid}/stat", "rb") as stat:
+            with open(f"/proc/{self.pid}/stat", "rb") as stat:
                 state = stat.read().rsplit(b")", 1)[1].split()[0]
         except (OSError, IndexError):
             return False
@@ -95,6 +120,14 @@ class WorkerProcess:
         SandboxUnavailableError when the process cannot be brought up.
         """
         limits = self.spec.limits
+        if self.spec.systemd is not None:
+            await self._start_unit()
+            try:
+                await self._ready_and_load(limits)
+            except BaseException:
+                self.kill()
+                raise
+            return
         argv = [
             sys.executable, "-I", "-B", "-m", "sandbox_worker",
             "--socket", str(self.socket_path), "--limits", limits.to_json(),
@@ -131,7 +164,8 @@ class WorkerProcess:
             if isinstance(exc, aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise SchedulerLoadError(
                     f"{self.spec.name}: loading took longer than {limits.load_timeout_ms} ms "
-                    "(does the top level of the script loop?)"
+                    "(does the top level of the script loop?)",
+                    transient=True,
                 ) from None
             raise SandboxUnavailableError(f"{self.label}: Load failed: {exc}") from None
         if not reply.ok:
@@ -139,11 +173,30 @@ class WorkerProcess:
                 f"{self.spec.name}: {reply.error.message}", reply.error.traceback
             )
 
+    async def _systemctl(self, *args: str) -> tuple[int, str]:
+        assert self.spec.systemd is not None
+        proc = await asyncio.create_subprocess_exec(
+            *self.spec.systemd.systemctl, *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode(errors="replace").strip()
+
+    async def _start_unit(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self.started_at = time.monotonic()
+        code, out = await self._systemctl("start", self.unit)
+        if code != 0:
+            raise SandboxUnavailableError(f"{self.unit}: systemctl start failed: {out}")
+        code, out = await self._systemctl("show", "--property=MainPID", "--value", self.unit)
+        self.unit_pid = int(out) if code == 0 and out.isdigit() else 0
+
     async def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        assert self.process is not None
         while True:
-            if self.process.returncode is not None:
+            if self.process is not None and self.process.returncode is not None:
                 raise SandboxUnavailableError(
                     f"{self.label}: worker exited with status {self.process.returncode} "
                     f"while starting: {self.log_tail()}"
@@ -192,15 +245,25 @@ class WorkerProcess:
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
+        elif self.unit_pid:
+            try:
+                os.kill(self.unit_pid, signal.SIGKILL)
+            except PermissionError:
+                pass  # another user's process: systemctl kills it in _cleanup
+            except ProcessLookupError:
+                pass
         asyncio.get_running_loop().create_task(self._cleanup())
 
     async def _cleanup(self) -> None:
         if self.process is not None:
             await self.process.wait()
+        if self.unit:
+            await self._systemctl("kill", "--signal=SIGKILL", self.unit)
+            await self._systemctl("stop", "--no-block", self.unit)
         if self.channel is not None:
             await self.channel.close(grace=None)
         for path in (self.socket_path, self.log_path):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or the unit's to remove
                 path.unlink()
 
     def log_tail(self, limit: int = 2000) -> str:

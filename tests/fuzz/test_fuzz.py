@@ -112,8 +112,17 @@ def _compiles_or_refuses(text: str) -> None:
     assert reply.ok, (reply.error, lua)  # whatever compiles, loads
 
 
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcde", "bcdef", strict=True)
+)
+
+
 @fuzz(150)
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=300))
+@example("!0")  # an unknown tag (found by this test in CI)
+@example("&a [*a]")  # an alias inside itself
+@example("{? [a]: 1}")  # a key that is not a name
+@example(BOMB)  # a billion laughs: 10^6 nodes once expanded
 def test_compiler_on_arbitrary_text(text: str) -> None:
     """Any text either compiles to Lua that loads, or fails with an error naming the file."""
     _compiles_or_refuses(text)
