@@ -15,6 +15,7 @@ import os
 import platform
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -421,19 +422,28 @@ def bare_lupa(count: int) -> tuple[float, float]:
     return summary(times)
 
 
-def settle() -> None:
-    """Between stages: collect what the last stage left, so it is not billed to the next."""
-    gc.collect()
-    gc.freeze()
+class Stages:
+    """Between stages: say what comes next (on stderr: the report goes to stdout), and
+    collect what the last stage left, so it is not billed to the next."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, stage: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"bench [{elapsed:4.0f} s] {stage}", file=sys.stderr, flush=True)
+        gc.collect()
+        gc.freeze()
 
 
 async def run(quick: bool = False) -> Report:
+    settle = Stages()
     report = Report()
-    settle()
+    settle("1. decision round trip against a bare gRPC echo")
     n = 50 if quick else 1000
     await decision_vs_echo(report, n)
     big_jobs, cycles = (10_000, 40) if quick else (10_000, 300)
-    settle()
+    settle("2, 3. delta cycles and full resyncs at 10,000 jobs")
     deltas, fulls = await cycle_cost(big_jobs, 1024, cycles)
     (dm, dp), (fm, fp) = summary(deltas), summary(fulls)
     report.figures.append(
@@ -447,19 +457,19 @@ async def run(quick: bool = False) -> Report:
     )  # fmt: skip
     if quick:
         return report
-    settle()
+    settle("4. runaway script to fallback")
     await runaway(report, 20)
-    settle()
+    settle("5. worker crash to a spare's decision")
     await crash_to_spare(report, 20)
-    settle()
+    settle("6, 8. decisions per second and RSS per worker")
     rate = await throughput_and_rss(report, 2000)
-    settle()
+    settle("simulated decisions per second at 10,000 jobs")
     await simulated(report, 2000, rate)
-    settle()
+    settle("the Azure code trace, replayed in full")
     await trace_replay(report)
-    settle()
+    settle("Submit to dispatch at 1,000 queued jobs, real service")
     await submit_to_dispatch(report, 300)
-    settle()
+    settle("9. the in-process floor")
     fm_, fp_ = in_process_floor(10_000, 300)
     report.figures.append(
         Figure("floor: same deltas and script in-process (no isolation)", fm_, fp_,
@@ -469,13 +479,13 @@ async def run(quick: bool = False) -> Report:
     lm, lp = bare_lupa(10_000)
     report.figures.append(Figure("floor: one lupa call into Lua", lm * 1000, lp * 1000, unit="µs"))
     for language in ("luajit", "lua54"):
-        settle()
+        settle(f"7. {language}: delta and full at 10,000 jobs")
         d, f = await cycle_cost(10_000, 1024, 100, language)
         report.runtimes.append((language, "delta cycle, 10k jobs", *summary(d)))
         report.runtimes.append((language, "full resync, 10k jobs", *summary(f)))
     for language in ("luajit", "lua54"):
         base = sample_context()
-        settle()
+        settle(f"7. {language}: platform scheduler, sample context")
         async with engine(None, language=language) as eng:
             times = []
             for i in range(500):
@@ -483,7 +493,7 @@ async def run(quick: bool = False) -> Report:
                 times.append(result.latency_ms)
         report.runtimes.append((language, "platform scheduler, sample context", *summary(times)))
     for jobs in (100, 1_000, 10_000, 100_000):
-        settle()
+        settle(f"growth: {jobs:,} queued jobs")
         d, f = await cycle_cost(jobs, 1024, 60 if jobs == 100_000 else 150)
         report.growth.append((jobs, *summary(d), statistics.median(f)))
     return report

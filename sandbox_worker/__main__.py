@@ -1,4 +1,4 @@
-"""Entry point: `python -I -m sandbox_worker --socket PATH --limits JSON`.
+"""Entry point: `python -I -m sandbox_worker --socket PATH --limits JSON [--parent PID]`.
 
 The core spawns this with an empty environment and no inherited descriptors; the
 worker hardens itself before any thread exists, then serves SandboxService on its
@@ -8,6 +8,7 @@ unix socket until it is killed.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from concurrent import futures
@@ -21,9 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, help="unix socket path to serve on")
     parser.add_argument("--limits", default="{}", help="SandboxLimits as JSON")
     parser.add_argument("--no-seccomp", action="store_true", help="skip the seccomp filter")
+    parser.add_argument("--parent", type=int, default=0, help="the spawning core's pid")
     args = parser.parse_args(argv)
     limits = SandboxLimits.from_json(args.limits)
     applied = harden(limits, seccomp=not args.no_seccomp)
+    if args.parent and os.getppid() != args.parent:
+        # The core died before the parent-death signal was armed: nobody will kill us.
+        print("sandbox worker: the core is gone; exiting", file=sys.stderr)
+        return 1
 
     # Imported after hardening: gRPC starts threads, and they must inherit the filter.
     import grpc  # noqa: PLC0415

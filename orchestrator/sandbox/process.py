@@ -131,6 +131,7 @@ class WorkerProcess:
         argv = [
             sys.executable, "-I", "-B", "-m", "sandbox_worker",
             "--socket", str(self.socket_path), "--limits", limits.to_json(),
+            "--parent", str(os.getpid()),
         ]  # fmt: skip
         if not self.spec.seccomp:
             argv.append("--no-seccomp")
