@@ -32,6 +32,7 @@ from orchestrator.model import Gpu
 log = get_logger("pool")
 
 HEALTH_POLL_S = 0.05
+FAILED_RETENTION_S = 5.0  # how long a failed worker stays visible before it is removed
 STOP_GRACE_S = 5.0
 
 
@@ -244,6 +245,22 @@ class LocalPool:
         worker.detail = detail
         self._changed()
         log.warning("pool.worker_failed", pool=self.id, worker=worker.id, detail=detail)
+        asyncio.get_running_loop().call_later(FAILED_RETENTION_S, self._forget, worker)
+
+    def _forget(self, worker: LocalWorker) -> None:
+        """A failed worker is shown as failed for a while, then removed: left in place it
+        would hold its GPU's VRAM for ever, and once every slot held a dead worker no new
+        one could start (found by the soak: all 16 failed, nothing scheduled again)."""
+        if self.workers.get(worker.id) is not worker or worker.status != "failed":
+            return
+        del self.workers[worker.id]
+        self._ports_in_use.discard(worker.port)
+        if worker.process is not None and worker.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # stopped or wedged, not exited
+                worker.process.kill()
+        self._record_pids()
+        self._changed()
+        log.info("pool.worker_removed", pool=self.id, worker=worker.id, detail=worker.detail)
 
     async def evict_worker(self, worker_id: str) -> None:
         """Stop the worker: SIGTERM, then SIGKILL after a grace period."""

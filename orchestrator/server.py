@@ -23,7 +23,7 @@ from orchestrator.log import get_logger
 from orchestrator.service import VERSION, Orchestrator
 from orchestrator.servicers import AdminServicer, JobServicer, PoolServicer
 from orchestrator.systemd import notify, watchdog_interval_s
-from orchestrator.tasks import cancel_and_wait
+from orchestrator.tasks import cancel_and_wait, where_it_waits
 
 log = get_logger("server")
 
@@ -133,6 +133,7 @@ class Server:
         loop.add_signal_handler(signal.SIGTERM, on_stop)
         loop.add_signal_handler(signal.SIGINT, on_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         interval = watchdog_interval_s()
         watchdog = loop.create_task(self._watchdog(interval)) if interval else None
         await self._stopped.wait()
@@ -144,6 +145,12 @@ class Server:
             if self.orchestrator.loop_alive:
                 notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: log every asyncio task and where it waits, to see what a wedged core is stuck on."""
+    for task in asyncio.all_tasks():
+        log.warning("service.task", name=task.get_name(), stack=where_it_waits(task))
 
 
 async def serve(config: ServiceConfig) -> None:

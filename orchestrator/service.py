@@ -80,11 +80,14 @@ from orchestrator.sim.report import SimReport
 from orchestrator.sim.run import Progress, part_progress, simulate
 from orchestrator.sim.settings import SimSettings
 from orchestrator.store import AsyncJobStore, JobStore, Transition
-from orchestrator.tasks import cancel_and_wait
+from orchestrator.tasks import cancel_and_wait, where_it_waits
 from orchestrator.tenancy import PLATFORM, arbitrate, tenant_view
 from orchestrator.versions import Version, VersionStore
 
 log = get_logger("service")
+
+CYCLE_STALL_S = 30.0  # a cycle takes milliseconds; one this old waits on something broken
+LOOP_STALL_S = 2 * CYCLE_STALL_S  # no cycle for this long: the watchdog stops pinging
 
 VERSION = "0.1.0"
 RECENT_DECISIONS = 50
@@ -167,6 +170,11 @@ class ServiceMetrics:
             registry=r,
         )
         self.cycles = Counter("orchestrator_cycles", "Scheduling cycles run.", registry=r)
+        self.cycle_stalls = Counter(
+            "orchestrator_cycle_stalls",
+            f"Cycles cancelled after {CYCLE_STALL_S:.0f} s (each is logged with its stack).",
+            registry=r,
+        )
         self.arbitration_dropped = Counter(
             "orchestrator_arbitration_dropped",
             "Actions proposed by tenant schedulers (or the platform's) dropped in arbitration.",
@@ -267,6 +275,7 @@ class Orchestrator:
         self.runner = JobRunner()
         self.started_ms = now_ms()
         self.cycles = 0
+        self.last_cycle_at = time.monotonic()
         self.draining = False
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -331,7 +340,12 @@ class Orchestrator:
 
     @property
     def loop_alive(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
+        """The scheduling loop runs and has finished a cycle lately (what the watchdog pings on)."""
+        return (
+            self._loop_task is not None
+            and not self._loop_task.done()
+            and time.monotonic() - self.last_cycle_at < LOOP_STALL_S
+        )
 
     @property
     def gpu_source(self) -> str:
@@ -824,10 +838,14 @@ class Orchestrator:
             seen_version = self.cluster.version
             last_cycle = time.monotonic()
             try:
-                result = await self._cycle()
+                result = await self._guarded_cycle()
             except Exception:
                 log.exception("scheduler.cycle_failed")
                 next_in = tick
+                continue
+            self.last_cycle_at = time.monotonic()
+            if result is None:
+                next_in = 0.0
                 continue
             next_in = tick
             if isinstance(result.decision, Wait) and result.decision.retry_after_ms:
@@ -835,6 +853,22 @@ class Orchestrator:
             due_ms = self.cluster.next_due_ms()
             if due_ms is not None:
                 next_in = max(0.0, min(next_in, (due_ms - now_ms()) / 1000))
+
+    async def _guarded_cycle(self) -> CycleResult | None:
+        """A cycle that cannot wedge the loop: one still running after CYCLE_STALL_S is
+        logged with where it waits, counted, and cancelled; the next one starts afresh."""
+        task = asyncio.get_running_loop().create_task(self._cycle())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=CYCLE_STALL_S)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if done:
+            return task.result()
+        log.error("scheduler.cycle_stalled", after_s=CYCLE_STALL_S, stack=where_it_waits(task))
+        self.service_metrics.cycle_stalls.inc()
+        await cancel_and_wait(task)
+        return None
 
     async def _cycle(self) -> CycleResult:
         ctx = self.cluster.context()

@@ -72,10 +72,11 @@ class SoakResult:
     max_gap_s: float = 0.0  # longest time without a cycle while jobs waited (core up)
     max_outage_s: float = 0.0  # longest time without a cycle, restarts included
     rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (t, MB) of the core
+    harness_errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.ended_twice or self.uncovered_cycles)
+        return not (self.lost or self.ended_twice or self.uncovered_cycles or self.harness_errors)
 
     def memory_growth(self) -> tuple[float, float, float]:
         """(first, last, growth) MB over the longest-lived core process after warm-up."""
@@ -96,6 +97,7 @@ class Soak:
         self.core: subprocess.Popen[bytes] | None = None
         self.manager: subprocess.Popen[bytes] | None = None
         self.stopping = False
+        self.drained_wall_ms = time.time() * 1000  # when every job had ended, or drain gave up
         self.up = asyncio.Event()
         core_dir, pool_dir = workdir / "core", workdir / "pool"
         core_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,7 @@ class Soak:
             try:
                 async with aio.insecure_channel(self.address) as channel:
                     stub = pb_grpc.AdminServiceStub(channel)
-                    await stub.GetStatus(pb.GetStatusRequest(), timeout=1)
+                    await stub.GetStatus(pb.GetStatusRequest(), timeout=5)
                     self.up.set()
                     return
             except aio.AioRpcError:
@@ -267,12 +269,15 @@ class Soak:
             self.stopping = True
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(outcome, Exception):  # a client or the injector died early
+                    self.result.harness_errors.append(repr(outcome))
             for proc in self._children("sandbox_worker") + self._children("devworker"):
                 _resume(proc)
             if self.manager is not None:
                 self.manager.send_signal(signal.SIGCONT)
             await self._drain()
+            self.drained_wall_ms = time.time() * 1000
         finally:
             for proc in (self.manager, self.core):
                 if proc is not None and proc.poll() is None:
@@ -338,6 +343,9 @@ class Soak:
                 if last_wall is not None:
                     r.max_outage_s = max(r.max_outage_s, (cycle.wall_ms - last_wall) / 1000)
                 previous = last_wall = cycle.wall_ms
+        if last_wall is not None:  # a loop that wedged shows as the silence at the end
+            tail_s = (self.drained_wall_ms - last_wall) / 1000
+            r.max_gap_s, r.max_outage_s = max(r.max_gap_s, tail_s), max(r.max_outage_s, tail_s)
 
 
 def _resume(proc: psutil.Process) -> None:
@@ -374,6 +382,7 @@ The user scheduler runs past its 50 ms deadline on about 10% of its cycles.
 | completed | {result.completed} |
 | failed (retries exhausted) | {result.failed} |
 | lost (accepted, never ended) | {len(result.lost)} |
+| harness errors (a client or the fault injector died) | {len(result.harness_errors)} |
 | ended more than once | {len(result.ended_twice)} |
 | submits refused while the core was down (never accepted) | {result.refused} |
 | scheduling cycles (decision log) | {result.cycles} |

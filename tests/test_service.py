@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -474,3 +475,82 @@ async def test_job_cli_and_custom_metrics(tmp_path: Path) -> None:
         assert 'scheduler_decisions_total{action="dispatch",source="user"}' in text
         status = await svc.admin.GetStatus(pb.GetStatusRequest())
         assert status.scheduler.name == "policy.lua"
+
+
+async def test_a_stalled_cycle_is_logged_cancelled_and_the_loop_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cycle stuck on something that never answers (injected: its first apply waits
+    forever) is logged with its stack, counted and cancelled; jobs still complete, and
+    the watchdog's liveness turns false only when no cycle finishes at all."""
+    from orchestrator import service  # noqa: PLC0415
+
+    monkeypatch.setattr(service, "CYCLE_STALL_S", 0.5)
+    real_apply = Orchestrator._apply
+    stalled = asyncio.Event()
+
+    async def apply_that_stalls_once(self: Orchestrator, decision: object) -> None:
+        if not stalled.is_set():
+            stalled.set()
+            await asyncio.Event().wait()  # never set
+        await real_apply(self, decision)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Orchestrator, "_apply", apply_that_stalls_once)
+    with capture_logs() as logs:
+        async with running_service(write_config(tmp_path)) as svc:
+            job = await svc.submit(prompt="after the stall", max_tokens=4)
+            assert (await svc.wait_finished(job.id)).state == pb.JOB_STATE_COMPLETED
+            o = svc.server.orchestrator
+            assert o.service_metrics.cycle_stalls._value.get() == 1
+            assert o.loop_alive
+            o.last_cycle_at -= service.LOOP_STALL_S
+            assert not o.loop_alive
+    stall = next(e for e in logs if e["event"] == "scheduler.cycle_stalled")
+    assert "apply_that_stalls_once" in stall["stack"]
+
+
+async def test_sigusr1_dump_names_where_each_task_waits() -> None:
+    """The SIGUSR1 dump logs every task with its await chain down to what it waits on."""
+    from orchestrator.server import dump_tasks  # noqa: PLC0415
+
+    async def waits_on_an_event(event: asyncio.Event) -> None:
+        await event.wait()
+
+    event = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(waits_on_an_event(event), name="the-waiter")
+    await asyncio.sleep(0)
+    with capture_logs() as logs:
+        dump_tasks()
+    event.set()
+    await task
+    (entry,) = [e for e in logs if e["event"] == "service.task" and e["name"] == "the-waiter"]
+    assert "waits_on_an_event" in entry["stack"] and "Event.wait" in entry["stack"]
+
+
+async def test_failed_workers_are_removed_so_new_ones_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inference workers killed over and over: each shows as failed, is then removed with its
+    VRAM, and the next job still gets a fresh worker. Before, 8 dead llama-8b workers held
+    both 24 GiB GPUs for good and nothing was ever dispatched again (found by the soak)."""
+    import psutil  # noqa: PLC0415
+
+    from orchestrator import local_pool  # noqa: PLC0415
+
+    monkeypatch.setattr(local_pool, "FAILED_RETENTION_S", 0.3)
+    me = psutil.Process()
+    killed = 0
+    with capture_logs() as logs:
+        async with running_service(write_config(tmp_path)) as svc:
+            for round_ in range(10):  # 6 GiB each: 8 dead workers would fill both GPUs
+                job = await svc.submit(prompt=f"round {round_}", max_tokens=2)
+                assert (await svc.wait_finished(job.id, 60)).state == pb.JOB_STATE_COMPLETED
+                for child in me.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if "orchestrator.devworker" in " ".join(child.cmdline()):
+                            child.kill()
+                            killed += 1
+            job = await svc.submit(prompt="after the massacre", max_tokens=2)
+            assert (await svc.wait_finished(job.id, 60)).state == pb.JOB_STATE_COMPLETED
+    assert killed >= 10
+    assert sum(e["event"] == "pool.worker_removed" for e in logs) >= 8
