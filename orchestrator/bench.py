@@ -440,7 +440,7 @@ async def run(quick: bool = False) -> Report:
     settle = Stages()
     report = Report()
     settle("1. decision round trip against a bare gRPC echo")
-    n = 50 if quick else 1000
+    n = 200 if quick else 1000
     await decision_vs_echo(report, n)
     big_jobs, cycles = (10_000, 40) if quick else (10_000, 300)
     settle("2, 3. delta cycles and full resyncs at 10,000 jobs")
