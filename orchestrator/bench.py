@@ -347,15 +347,14 @@ async def submit_to_dispatch(report: Report, probes: int, backlog: int = 1000) -
 
                 follower = asyncio.create_task(follow())
 
-                async def probe(max_tokens: int = 1) -> float:
+                async def probe() -> float:
                     started = time.perf_counter()
                     job = await jobs.Submit(pb.SubmitRequest(
-                        model="llama-8b", prompt="probe", max_tokens=max_tokens,
-                        tenant_id="probe", priority="interactive"))  # fmt: skip
+                        model="llama-8b", prompt="probe", max_tokens=1, tenant_id="probe",
+                        priority="interactive"))  # fmt: skip
                     while job.id not in dispatched:
                         arrived.clear()
                         await asyncio.wait_for(arrived.wait(), 30)
-                    await jobs.Get(pb.GetJobRequest(job_id=job.id))
                     return (dispatched[job.id] - started) * 1000
 
                 await probe()  # the first starts the inference workers

@@ -253,23 +253,17 @@ class LocalPool:
         one could start (found by the soak: all 16 failed, nothing scheduled again)."""
         if self.workers.get(worker.id) is not worker or worker.status != "failed":
             return
-        del self.workers[worker.id]
-        self._ports_in_use.discard(worker.port)
+        self._remove(worker.id)
         if worker.process is not None and worker.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):  # stopped or wedged, not exited
                 worker.process.kill()
-        self._record_pids()
-        self._changed()
         log.info("pool.worker_removed", pool=self.id, worker=worker.id, detail=worker.detail)
 
     async def evict_worker(self, worker_id: str) -> None:
         """Stop the worker: SIGTERM, then SIGKILL after a grace period."""
-        worker = self.workers.pop(worker_id, None)
+        worker = self._remove(worker_id)
         if worker is None:
             return
-        self._ports_in_use.discard(worker.port)
-        self._record_pids()
-        self._changed()
         if worker.process is not None and worker.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 worker.process.terminate()
@@ -282,6 +276,15 @@ class LocalPool:
         if worker.watcher is not None:
             worker.watcher.cancel()
         log.info("pool.worker_evicted", pool=self.id, worker=worker_id)
+
+    def _remove(self, worker_id: str) -> LocalWorker | None:
+        """Take the worker out of the pool: its VRAM and port are free from now on."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is not None:
+            self._ports_in_use.discard(worker.port)
+            self._record_pids()
+            self._changed()
+        return worker
 
     def mark_failed(self, worker_id: str, detail: str) -> None:
         """The core saw the worker fail (its API stopped answering)."""

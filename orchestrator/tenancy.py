@@ -7,10 +7,9 @@ decision is validated on that view, so naming another tenant's job is an unknown
 job. The platform then arbitrates: the tenants' proposals and the platform
 scheduler's decision (made on the whole cluster: it provisions workers for every
 tenant, and dispatches for tenants without a scheduler) are interleaved one action
-at a time, the
-tenant furthest below its quota first, and each action is checked against the
-whole cluster and the actions accepted before it. What conflicts is dropped and
-counted; the dropped jobs stay queued for the next cycle.
+at a time, the tenant furthest below its quota first, and each action is checked
+against the whole cluster and the actions accepted before it. What conflicts is
+dropped and counted; the dropped jobs stay queued for the next cycle.
 """
 
 from __future__ import annotations

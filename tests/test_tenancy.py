@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from orchestrator import snapshot
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator.decision import Batch, Dispatch, EvictWorker, Wait
@@ -148,12 +150,14 @@ async def test_service_runs_each_tenant_scheduler_on_its_own_jobs(tmp_path: Path
     assert any(c.source == "user" and isinstance(c.decision, Dispatch) for c in cycles)
 
 
-async def test_tenant_workers_run_as_systemd_units(tmp_path: Path, monkeypatch: object) -> None:
+async def test_tenant_workers_run_as_systemd_units(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With launcher systemd, a tenant's scheduler runs in orchestrator-sandbox@TENANT-*
     units on the unit's socket, and a killed one is replaced by a new unit."""
     state = tmp_path / "systemd"
     (state / "run").mkdir(parents=True)
-    monkeypatch.setenv("FAKE_SYSTEMD_DIR", str(state))  # type: ignore[attr-defined]
+    monkeypatch.setenv("FAKE_SYSTEMD_DIR", str(state))
     policy = tmp_path / "acme.lua"
     policy.write_text((REPO / "schedulers/examples/runtime-7.1-simple-priority.lua").read_text())
     config = write_config(
@@ -171,7 +175,7 @@ async def test_tenant_workers_run_as_systemd_units(tmp_path: Path, monkeypatch: 
             ".service"
         )
         assert first.socket_path.parent == state / "run"
-        assert first.pid == int((state / f"{first.unit[21:-8]}.pid").read_text())
+        assert first.pid == int((state / f"{first.socket_path.stem}.pid").read_text())
         job = await svc.submit(tenant_id="acme", priority="interactive")
         assert (await svc.wait_finished(job.id)).state == pb.JOB_STATE_COMPLETED
         os.kill(first.pid, signal.SIGKILL)

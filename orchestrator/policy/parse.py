@@ -220,7 +220,7 @@ def _index(
     open_nodes: set[int],
     source_name: str,
 ) -> None:
-    where = (node.start_mark.line + 1, node.start_mark.column + 1)
+    where = _mark(node)
     if id(node) in open_nodes:
         raise PolicyError(source_name, *where, "invalid YAML: an alias refers to itself")
     if len(marks) > MAX_POLICY_NODES:
@@ -233,15 +233,19 @@ def _index(
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             if not isinstance(key, yaml.ScalarNode):
-                line, column = key.start_mark.line + 1, key.start_mark.column + 1
-                raise PolicyError(source_name, line, column, "a mapping key must be a plain name")
+                raise PolicyError(source_name, *_mark(key), "a mapping key must be a plain name")
+            marks[(*path, ("key", key.value))] = _mark(key)
             name = key.value
-            marks[(*path, ("key", name))] = (key.start_mark.line + 1, key.start_mark.column + 1)
             _index(value, (*path, name), marks, open_nodes, source_name)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _index(item, (*path, i), marks, open_nodes, source_name)
     open_nodes.discard(id(node))
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    """Where a node starts, 1-based (line, column)."""
+    return node.start_mark.line + 1, node.start_mark.column + 1
 
 
 class _Locator:

@@ -247,12 +247,9 @@ class WorkerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
         elif self.unit_pid:
-            try:
+            # PermissionError: another user's process, which systemctl kills in _cleanup.
+            with contextlib.suppress(PermissionError, ProcessLookupError):
                 os.kill(self.unit_pid, signal.SIGKILL)
-            except PermissionError:
-                pass  # another user's process: systemctl kills it in _cleanup
-            except ProcessLookupError:
-                pass
         asyncio.get_running_loop().create_task(self._cleanup())
 
     async def _cleanup(self) -> None:
