@@ -1,4 +1,9 @@
-"""Regression guard: the quick benchmark, held to generous ratios only (noise cannot fail it)."""
+"""Regression guard for the benchmark: it runs, it reports, and what it measures holds.
+
+Timings are `make bench`'s business (non-negotiable 4); this suite asserts only what
+does not depend on the machine's speed: the bytes a delta cycle sends, and that the
+quick benchmark produces a complete report.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ import pytest
 import structlog
 
 from orchestrator import bench
+from orchestrator.journal import SnapshotJournal
 from orchestrator.log import configure_logging
+from orchestrator.samples import churn, synthetic_cluster
 
 
 @pytest.fixture
@@ -20,18 +27,31 @@ def bench_logging() -> Iterator[None]:
     structlog.reset_defaults()
 
 
+def test_a_one_percent_churn_delta_is_far_smaller_than_a_full_snapshot() -> None:
+    """At 10,000 jobs and 1,024 workers, a worker one cycle behind gets a request at
+    least 20x smaller than the full snapshot a new worker gets."""
+    journal = SnapshotJournal()
+    ctx = synthetic_cluster(10_000, 1024)
+    journal.advance(ctx)
+    held = journal.seq
+    journal.advance(churn(ctx, 0))
+    delta = journal.request_for(journal.epoch, held)
+    full = journal.request_for(0, 0)
+    assert len(delta.deltas) == 1 and not delta.HasField("snapshot")
+    assert full.HasField("snapshot") and not full.deltas
+    assert full.ByteSize() >= 20 * delta.ByteSize(), (full.ByteSize(), delta.ByteSize())
+
+
 @pytest.mark.usefixtures("bench_logging")
-async def test_deltas_stay_far_cheaper_than_full_snapshots() -> None:
-    """At 10,000 jobs a delta cycle costs at least 10x less than a full resync, and a
-    platform decision at most 4x a bare gRPC echo on the same socket (1.8x in `make
-    bench`; inside the test suite it has been seen at up to 3.2x)."""
+async def test_quick_benchmark_reports_every_figure() -> None:
+    """`bench --quick` measures the echo, decision, delta and full figures, each with a
+    positive median no larger than its p99, and renders them as the BENCHMARKS table."""
     report = await bench.run(quick=True)
-    figures = {f.name: f for f in report.figures}
-    delta = figures["cycle, 10,000 jobs / 1,024 workers, 1% churn (delta)"]
-    full = figures["full resync, 10,000 jobs / 1,024 workers"]
-    assert full.median >= 10 * delta.median, (full.median, delta.median)
-    decision = figures["decision round trip, platform scheduler, 10 jobs / 8 workers"]
-    echo = next(f for name, f in figures.items() if "bare gRPC echo" in name)
-    assert decision.median <= 4 * echo.median, (decision.median, echo.median)
+    names = [f.name for f in report.figures]
+    assert any("bare gRPC echo" in name for name in names), names
+    for expected in ("decision round trip", "(delta)", "full resync"):
+        assert any(expected in name for name in names), (expected, names)
+    for figure in report.figures:
+        assert 0 < figure.median <= figure.p99, figure
     text = bench.render(report)
     assert text.startswith("# Benchmarks") and "| figure | median | p99 |" in text
