@@ -45,9 +45,7 @@ from orchestrator.policy.validate import (
     to_lua,
     validate_policy,
 )
-from orchestrator.pool_manager import run_pool_manager
 from orchestrator.samples import sample_context
-from orchestrator.server import serve
 from orchestrator.sim.cli import COMMANDS as SIM_COMMANDS
 from orchestrator.sim.cli import add_commands as add_sim_commands
 
@@ -245,6 +243,11 @@ def _serve(args: argparse.Namespace) -> int:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     configure_logging(fmt, config.log_level)
+    # Imported here: the service stack (aiohttp, the pools, the web UI) is half of the
+    # CLI's start-up time, and only these two commands need it.
+    from orchestrator.pool_manager import run_pool_manager  # noqa: PLC0415
+    from orchestrator.server import serve  # noqa: PLC0415
+
     try:
         if args.command == "pool-manager":
             asyncio.run(run_pool_manager(config, args.orchestrator))

@@ -27,6 +27,7 @@ from orchestrator.model import (
     TimeoutConfig,
 )
 from orchestrator.records import build, convert, parse_yaml
+from orchestrator.sandbox.fork_server import SPAWN_METHODS
 
 DEPLOYMENT_MODES = ("home", "lab", "platform")
 
@@ -74,8 +75,16 @@ class SchedulerConfig:
     tick_ms: int = 250
     spares: int = 1
     seccomp: bool = True
+    # How sandbox workers start: "fork-server" forks them from one pre-imported process
+    # (a few ms); "exec" starts each as a new interpreter (~300 ms of CPU, but every
+    # worker gets its own address-space layout).
+    spawn: str = "fork-server"
     breaker: BreakerConfig = BreakerConfig()
     tenant_sandbox: TenantSandboxConfig = TenantSandboxConfig()
+
+    def __post_init__(self) -> None:
+        if self.spawn not in SPAWN_METHODS:
+            raise ValueError(f"spawn must be one of {list(SPAWN_METHODS)}, not {self.spawn!r}")
 
 
 @dataclass(frozen=True)

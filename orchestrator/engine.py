@@ -142,6 +142,7 @@ class EngineOptions:
     breaker_max_backoff_s: float = 60.0
     expose_platform_source: bool = True
     seccomp: bool = True
+    spawn: str = "fork-server"  # or "exec" (sandbox/process.py, SPAWN_METHODS)
     runtime_dir: Path | None = None
     clock: Callable[[], float] = time.monotonic  # the breaker's; the simulator's is simulated
     systemd: SystemdLaunch | None = None  # user-scheduler workers as systemd units (tenants)
@@ -173,6 +174,7 @@ class SchedulingEngine:
             limits=options.limits,
             expose_platform_source=options.expose_platform_source,
             seccomp=options.seccomp,
+            spawn=options.spawn,
         )
         self.language = language
         self.platform = WorkerGroup(
@@ -199,6 +201,7 @@ class SchedulingEngine:
             limits=self.options.limits,
             expose_platform_source=self.options.expose_platform_source,
             seccomp=self.options.seccomp,
+            spawn=self.options.spawn,
             systemd=self.options.systemd,
         )
         return WorkerGroup(

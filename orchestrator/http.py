@@ -189,6 +189,7 @@ async def simulate(request: web.Request) -> web.StreamResponse:
             user_spares=0,
             platform_spares=0,
             seccomp=o.config.scheduler.seccomp,
+            spawn=o.config.scheduler.spawn,
         ),
     )
     async with engine:

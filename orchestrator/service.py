@@ -253,6 +253,7 @@ class Orchestrator:
                 breaker_max_backoff_s=config.scheduler.breaker.max_backoff_s,
                 expose_platform_source=not config.platform_mode,
                 seccomp=config.scheduler.seccomp,
+                spawn=config.scheduler.spawn,
                 runtime_dir=self._sandbox_dir(),
             ),
             metrics=self.metrics,
@@ -312,7 +313,8 @@ class Orchestrator:
                 platform_spares=c.spares, breaker_threshold=c.breaker.threshold,
                 breaker_base_backoff_s=c.breaker.base_backoff_s,
                 breaker_max_backoff_s=c.breaker.max_backoff_s, expose_platform_source=False,
-                seccomp=c.seccomp, runtime_dir=runtime_dir, systemd=self._tenant_launch(tenant_id),
+                seccomp=c.seccomp, spawn=c.spawn, runtime_dir=runtime_dir,
+                systemd=self._tenant_launch(tenant_id),
             ),
             metrics=self.metrics,
         )  # fmt: skip
@@ -625,6 +627,7 @@ class Orchestrator:
         return await validate_policy(
             source, name or "policy", language or None,
             budget_ms=self.config.scheduler.deadline_ms, seccomp=self.config.scheduler.seccomp,
+            spawn=self.config.scheduler.spawn,
         )  # fmt: skip
 
     async def deploy(
@@ -665,7 +668,7 @@ class Orchestrator:
             lua, name, source, c.language,
             EngineOptions(
                 limits=SandboxLimits(deadline_ms=c.deadline_ms), user_spares=0,
-                platform_spares=0, seccomp=c.seccomp,
+                platform_spares=0, seccomp=c.seccomp, spawn=c.spawn,
                 expose_platform_source=not self.config.platform_mode,
             ),
             on_decided=self._shadow_decided,
@@ -727,6 +730,7 @@ class Orchestrator:
                 reports.append(await simulate(
                     policy, label, settings, catalog=self.catalog, arrivals=arrivals,
                     language=self.config.scheduler.language, seccomp=self.config.scheduler.seccomp,
+                    spawn=self.config.scheduler.spawn,
                     progress=part_progress(progress, i, len(policies), label),
                 ))  # fmt: skip
         return reports

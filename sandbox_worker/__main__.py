@@ -1,8 +1,9 @@
 """Entry point: `python -I -m sandbox_worker --socket PATH --limits JSON [--parent PID]`.
 
-The core spawns this with an empty environment and no inherited descriptors; the
-worker hardens itself before any thread exists, then serves SandboxService on its
-unix socket until it is killed.
+The core spawns this with an empty environment and no inherited descriptors (or the
+fork server forks it, sandbox_worker/fork_server.py); the worker hardens itself
+before any thread exists, then serves SandboxService on its unix socket until it is
+killed.
 """
 
 from __future__ import annotations
@@ -17,21 +18,16 @@ from orchestrator.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
 from sandbox_worker.hardening import harden
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox_worker")
-    parser.add_argument("--socket", required=True, help="unix socket path to serve on")
-    parser.add_argument("--limits", default="{}", help="SandboxLimits as JSON")
-    parser.add_argument("--no-seccomp", action="store_true", help="skip the seccomp filter")
-    parser.add_argument("--parent", type=int, default=0, help="the spawning core's pid")
-    args = parser.parse_args(argv)
-    limits = SandboxLimits.from_json(args.limits)
-    applied = harden(limits, seccomp=not args.no_seccomp)
-    if args.parent and os.getppid() != args.parent:
-        # The core died before the parent-death signal was armed: nobody will kill us.
+def serve(socket_path: str, limits: SandboxLimits, *, seccomp: bool, parent: int) -> int:
+    """Harden this process, then serve SandboxService on `socket_path` until killed."""
+    applied = harden(limits, seccomp=seccomp)
+    if parent and os.getppid() != parent:
+        # The parent died before the parent-death signal was armed: nobody will kill us.
         print("sandbox worker: the core is gone; exiting", file=sys.stderr)
         return 1
 
     # Imported after hardening: gRPC starts threads, and they must inherit the filter.
+    # (The fork server imports the modules beforehand, which starts no thread.)
     import grpc  # noqa: PLC0415
 
     from orchestrator._proto import sandbox_pb2_grpc  # noqa: PLC0415
@@ -41,13 +37,24 @@ def main(argv: list[str] | None = None) -> int:
         futures.ThreadPoolExecutor(max_workers=1), options=list(GRPC_MESSAGE_OPTIONS)
     )
     sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(SandboxServicer(applied), server)
-    if server.add_insecure_port(f"unix:{args.socket}") == 0:
-        print(f"sandbox worker: cannot bind unix:{args.socket}", file=sys.stderr)
+    if server.add_insecure_port(f"unix:{socket_path}") == 0:
+        print(f"sandbox worker: cannot bind unix:{socket_path}", file=sys.stderr)
         return 1
     server.start()
     signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
     server.wait_for_termination()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sandbox_worker")
+    parser.add_argument("--socket", required=True, help="unix socket path to serve on")
+    parser.add_argument("--limits", default="{}", help="SandboxLimits as JSON")
+    parser.add_argument("--no-seccomp", action="store_true", help="skip the seccomp filter")
+    parser.add_argument("--parent", type=int, default=0, help="the spawning core's pid")
+    args = parser.parse_args(argv)
+    limits = SandboxLimits.from_json(args.limits)
+    return serve(args.socket, limits, seccomp=not args.no_seccomp, parent=args.parent)
 
 
 if __name__ == "__main__":

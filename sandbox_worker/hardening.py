@@ -57,7 +57,7 @@ DENIED_SYSCALLS = (
 )
 
 
-def _prctl(option: int, arg: int) -> bool:
+def prctl(option: int, arg: int) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(option, arg, 0, 0, 0)) == 0
 
@@ -109,7 +109,7 @@ def harden(limits: SandboxLimits, *, seccomp: bool = True) -> list[str]:
     """Apply every protection this host supports; returns their names."""
     applied: list[str] = []
     # Die with the orchestrator instead of lingering as an orphan.
-    if _prctl(PR_SET_PDEATHSIG, signal.SIGKILL):
+    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL):
         applied.append("parent_death_signal")
     close_inherited_fds()
     applied.append("closed_fds")
@@ -119,7 +119,7 @@ def harden(limits: SandboxLimits, *, seccomp: bool = True) -> list[str]:
     applied.append("empty_environment")
     apply_rlimits(limits)
     applied.append("rlimits")
-    if _prctl(PR_SET_NO_NEW_PRIVS, 1):
+    if prctl(PR_SET_NO_NEW_PRIVS, 1):
         applied.append("no_new_privs")
     if seccomp and install_seccomp():
         applied.append("seccomp")

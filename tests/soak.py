@@ -195,6 +195,8 @@ class Soak:
         restarted = False
         heartbeat_paused_at = self.duration_s * self.rng.uniform(0.15, 0.3)
         paused = False
+        fork_server_killed_at = self.duration_s * self.rng.uniform(0.65, 0.8)
+        fork_server_killed = False
         started = time.monotonic()
         while not self.stopping:
             await asyncio.sleep(self.rng.uniform(0.5, 1.5))
@@ -211,8 +213,20 @@ class Soak:
                     4.0, lambda: self.manager and self.manager.send_signal(signal.SIGCONT)
                 )
                 continue
+            if not fork_server_killed and elapsed >= fork_server_killed_at:
+                fork_server_killed = True
+                # Every forked sandbox worker dies with it; the core starts another.
+                for proc in self._fork_servers():
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+                        self.result.faults["fork server SIGKILL (its workers die)"] += 1
+                continue
             kind = self.rng.choice(["sandbox", "inference"])
-            targets = self._children("sandbox_worker" if kind == "sandbox" else "devworker")
+            if kind == "sandbox":
+                servers = {p.pid for p in self._fork_servers()}
+                targets = [p for p in self._children("sandbox_worker") if p.pid not in servers]
+            else:
+                targets = self._children("devworker")
             if not targets:
                 continue
             victim = self.rng.choice(targets)
@@ -226,6 +240,11 @@ class Soak:
                         self.rng.uniform(0.5, 3.0), _resume, victim
                     )
                 self.result.faults[f"{kind} worker {how}"] += 1
+
+    def _fork_servers(self) -> list[psutil.Process]:
+        """The fork servers (sandbox_worker/fork_server.py): the workers' parents."""
+        roots = {p.pid for p in (self.core, self.manager) if p is not None}
+        return [p for p in self._children("sandbox_worker.fork_server") if p.ppid() in roots]
 
     async def _restart_core(self) -> None:
         assert self.core is not None

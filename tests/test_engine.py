@@ -10,6 +10,7 @@ import signal
 import statistics
 from pathlib import Path
 
+import psutil
 import pytest
 from structlog.testing import capture_logs
 
@@ -18,6 +19,7 @@ from orchestrator.engine import EngineOptions, SchedulingEngine
 from orchestrator.limits import SandboxLimits
 from orchestrator.model import Context, Worker
 from orchestrator.samples import LLAMA_13B, sample_context
+from orchestrator.sandbox.fork_server import SPAWN_METHODS, shared_fork_server
 from tests.conftest import LANGUAGES, EngineFactory
 
 
@@ -272,18 +274,22 @@ async def test_deltas_keep_workers_in_step(make_engine: EngineFactory) -> None:
     assert engine.journal.seq == 4
 
 
-async def test_workers_are_hardened(make_engine: EngineFactory, tmp_path: Path) -> None:
-    """Workers run with an empty environment, no_new_privs, seccomp and no inherited descriptors."""
+@pytest.mark.parametrize("spawn", SPAWN_METHODS)
+async def test_workers_are_hardened(make_engine: EngineFactory, tmp_path: Path, spawn: str) -> None:
+    """Workers run with an empty environment, no_new_privs, seccomp and no inherited
+    descriptors, whether forked by the fork server or exec'd by the core."""
     sentinel = open(tmp_path / "secret.db", "w")  # noqa: SIM115 - must stay open during spawn
     os.set_inheritable(sentinel.fileno(), True)
     try:
-        engine = await make_engine(None)
+        engine = await make_engine(None, spawn=spawn)
     finally:
         sentinel.close()
     assert engine.platform.active is not None
     health = await engine.platform.active.health()
     assert {"no_new_privs", "rlimits", "closed_fds", "empty_environment"} <= set(health.hardening)
     pid = health.pid
+    parent = psutil.Process(pid).ppid()
+    assert parent == (shared_fork_server().pid if spawn == "fork-server" else os.getpid())
     status = Path(f"/proc/{pid}/status").read_text()
     assert "NoNewPrivs:\t1" in status
     if "seccomp" in health.hardening:
@@ -351,8 +357,6 @@ async def test_a_worker_stopped_while_starting_does_not_disable_the_scheduler(
 ) -> None:
     """A replacement worker SIGSTOPped as it comes up (found by the soak: a load timeout
     used to mark the script unloadable for good) is replaced, and the script keeps serving."""
-    import psutil  # noqa: PLC0415
-
     engine = await make_engine(
         "function schedule(ctx) return { action = 'wait' } end", user_spares=0
     )

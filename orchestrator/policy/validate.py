@@ -143,6 +143,7 @@ async def validate_policy(
     *,
     budget_ms: int = 50,
     seccomp: bool = True,
+    spawn: str = "fork-server",
 ) -> Report:
     """Run all three stages; stops at the first that fails."""
     language = language or detect_language(source, name)
@@ -169,6 +170,7 @@ async def validate_policy(
             platform_spares=0,
             breaker_threshold=1_000_000,
             seccomp=seccomp,
+            spawn=spawn,
         ),
     )
     try:

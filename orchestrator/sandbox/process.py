@@ -23,8 +23,25 @@ from grpc import aio
 from orchestrator._proto import sandbox_pb2, sandbox_pb2_grpc
 from orchestrator.errors import SandboxUnavailableError, SchedulerLoadError
 from orchestrator.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
+from orchestrator.log import get_logger
+from orchestrator.sandbox.fork_server import (
+    SPAWN_METHODS,
+    kill_pidfd,
+    pidfd_exited,
+    shared_fork_server,
+)
+
+log = get_logger("sandbox")
 
 LANGUAGES = {"luajit": sandbox_pb2.LANGUAGE_LUAJIT, "lua54": sandbox_pb2.LANGUAGE_LUA54}
+# The socket file appears at bind(), a moment before listen(): a connection refused
+# then must be retried in milliseconds, not after gRPC's default 1 s backoff.
+CHANNEL_OPTIONS = (
+    *GRPC_MESSAGE_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 10),
+    ("grpc.min_reconnect_backoff_ms", 10),
+    ("grpc.max_reconnect_backoff_ms", 200),
+)
 
 
 @dataclass(frozen=True)
@@ -54,10 +71,13 @@ class SchedulerSpec:
     expose_platform_source: bool = True
     seccomp: bool = True
     systemd: SystemdLaunch | None = None
+    spawn: str = "fork-server"
 
     def __post_init__(self) -> None:
         if self.language not in LANGUAGES:
             raise ValueError(f"language must be one of {sorted(LANGUAGES)}, not {self.language!r}")
+        if self.spawn not in SPAWN_METHODS:
+            raise ValueError(f"spawn must be one of {list(SPAWN_METHODS)}, not {self.spawn!r}")
 
     def load_request(self) -> sandbox_pb2.LoadRequest:
         return sandbox_pb2.LoadRequest(
@@ -80,6 +100,9 @@ class WorkerProcess:
         self.log_path = runtime_dir / f"{label}.log"
         self.unit = ""
         self.unit_pid = 0  # a systemd-started worker is not our child
+        # Nor is a forked one: the fork server's child, known by pid and pidfd.
+        self.forked_pid = 0
+        self.pidfd: int | None = None
         if spec.systemd is not None:
             instance = spec.systemd.instance(label)
             self.unit = spec.systemd.unit.format(instance=instance)
@@ -92,16 +115,17 @@ class WorkerProcess:
         self.seq = 0
         self.sync_task: asyncio.Task[None] | None = None
         self.killed = False
-        self.started_at = 0.0
 
     @property
     def pid(self) -> int:
-        return self.process.pid if self.process else self.unit_pid
+        return self.process.pid if self.process else (self.forked_pid or self.unit_pid)
 
     @property
     def alive(self) -> bool:
         """Running, as far as the kernel knows: a crash is seen before the next call,
         not when the call fails (the reaper thread may not have told asyncio yet)."""
+        if self.pidfd is not None:
+            return not self.killed and not pidfd_exited(self.pidfd)
         if self.killed or (self.process is None and not self.unit_pid):
             return False
         if self.process is not None and self.process.returncode is not None:
@@ -120,14 +144,27 @@ class WorkerProcess:
         SandboxUnavailableError when the process cannot be brought up.
         """
         limits = self.spec.limits
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
         if self.spec.systemd is not None:
             await self._start_unit()
+        elif self.spec.spawn == "fork-server":
             try:
-                await self._ready_and_load(limits)
-            except BaseException:
-                self.kill()
-                raise
-            return
+                self.forked_pid, self.pidfd = await shared_fork_server().spawn(
+                    self.socket_path, self.log_path, limits, seccomp=self.spec.seccomp
+                )
+            except SandboxUnavailableError as exc:
+                log.warning("sandbox.fork_failed", worker=self.label, reason=str(exc),
+                            fallback="exec")  # fmt: skip
+        if self.spec.systemd is None and self.pidfd is None:
+            await self._exec(limits)
+        try:
+            await self._ready_and_load(limits)
+        except BaseException:
+            self.kill()  # cancelled or failed half way: never leave the process behind
+            raise
+
+    async def _exec(self, limits: SandboxLimits) -> None:
         argv = [
             sys.executable, "-I", "-B", "-m", "sandbox_worker",
             "--socket", str(self.socket_path), "--limits", limits.to_json(),
@@ -135,24 +172,16 @@ class WorkerProcess:
         ]  # fmt: skip
         if not self.spec.seccomp:
             argv.append("--no-seccomp")
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "wb") as log_file:
             self.process = await asyncio.create_subprocess_exec(
                 *argv,
                 env={},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
-                stderr=log,
+                stderr=log_file,
                 close_fds=True,
                 start_new_session=True,
             )
-        self.started_at = time.monotonic()
-        try:
-            await self._ready_and_load(limits)
-        except BaseException:
-            self.kill()  # cancelled or failed half way: never leave the process behind
-            raise
 
     async def _ready_and_load(self, limits: SandboxLimits) -> None:
         try:
@@ -185,9 +214,6 @@ class WorkerProcess:
         return proc.returncode or 0, out.decode(errors="replace").strip()
 
     async def _start_unit(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
-        self.started_at = time.monotonic()
         code, out = await self._systemctl("start", self.unit)
         if code != 0:
             raise SandboxUnavailableError(f"{self.unit}: systemctl start failed: {out}")
@@ -202,13 +228,17 @@ class WorkerProcess:
                     f"{self.label}: worker exited with status {self.process.returncode} "
                     f"while starting: {self.log_tail()}"
                 )
+            if self.pidfd is not None and pidfd_exited(self.pidfd):
+                raise SandboxUnavailableError(
+                    f"{self.label}: worker exited while starting: {self.log_tail()}"
+                )
             if self.socket_path.exists():
                 break
             if time.monotonic() > deadline:
                 raise SandboxUnavailableError(f"{self.label}: worker did not start in {timeout_s}s")
             await asyncio.sleep(0.005)
         self.channel = aio.insecure_channel(
-            f"unix:{self.socket_path}", options=list(GRPC_MESSAGE_OPTIONS)
+            f"unix:{self.socket_path}", options=list(CHANNEL_OPTIONS)
         )
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self.channel)
         remaining = max(0.1, deadline - time.monotonic())
@@ -243,7 +273,9 @@ class WorkerProcess:
         self.killed = True
         if self.sync_task is not None:
             self.sync_task.cancel()
-        if self.process is not None and self.process.returncode is None:
+        if self.pidfd is not None:
+            kill_pidfd(self.pidfd)
+        elif self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
         elif self.unit_pid:
@@ -255,6 +287,13 @@ class WorkerProcess:
     async def _cleanup(self) -> None:
         if self.process is not None:
             await self.process.wait()
+        if self.pidfd is not None:
+            for _ in range(1000):  # SIGKILL takes effect in microseconds to milliseconds
+                if pidfd_exited(self.pidfd):
+                    break
+                await asyncio.sleep(0.005)
+            os.close(self.pidfd)
+            self.pidfd = None
         if self.unit:
             await self._systemctl("kill", "--signal=SIGKILL", self.unit)
             await self._systemctl("stop", "--no-block", self.unit)

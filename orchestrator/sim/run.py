@@ -63,6 +63,7 @@ async def simulate(
     arrivals: list[Arrival] | None = None,
     language: str = "luajit",
     seccomp: bool = True,
+    spawn: str = "fork-server",
     progress: Progress | None = None,
     max_cycles: int = 0,
 ) -> SimReport:
@@ -87,6 +88,7 @@ async def simulate(
             user_spares=1,
             platform_spares=1,
             seccomp=seccomp,
+            spawn=spawn,
             clock=lambda: clock_ms / 1000,
         ),
     )

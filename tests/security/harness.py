@@ -62,7 +62,9 @@ async def run_case(case: Case, language: str, workdir: Path) -> Outcome:
     os.environ[SECRET_ENV] = SECRET  # what a leaky worker would inherit
     runtime_dir = workdir / "rt"
     runtime_dir.mkdir(parents=True, exist_ok=True)
-    options = EngineOptions(runtime_dir=runtime_dir, user_spares=1, platform_spares=0)
+    # No spares: a case needs one user and one platform worker, and each spawn costs
+    # a Python start-up; spare promotion is tested in test_engine.
+    options = EngineOptions(runtime_dir=runtime_dir, user_spares=0, platform_spares=0)
     ctx = sample_context()
     async with SchedulingEngine(
         user_source=source, user_name=f"{case.name}.lua", language=language, options=options
