@@ -34,6 +34,8 @@ from orchestrator.journal import SnapshotJournal
 from orchestrator.limits import SandboxLimits
 from orchestrator.samples import churn, sample_context
 from orchestrator.samples import synthetic_cluster as cluster
+from orchestrator.sandbox.fork_server import SPAWN_METHODS
+from orchestrator.sandbox.process import SchedulerSpec, WorkerProcess
 from orchestrator.sim.run import simulate
 from orchestrator.sim.settings import SimSettings
 from sandbox_worker.runtime import LuaSchedulerRuntime
@@ -231,6 +233,40 @@ async def crash_to_spare(report: Report, count: int) -> None:
                note="killed between cycles, timed from the process being gone: the next cycle "
                "sees the crash before calling and promotes the spare")
     )  # fmt: skip
+
+
+def _cpu_ms(pid: int) -> float:
+    """User + system CPU a process has used so far (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+async def spawn_cost(report: Report, count: int) -> None:
+    """Spawning a worker until it has loaded a script: fork server against exec,
+    alternated so that both see the same machine."""
+    times: dict[str, list[float]] = {method: [] for method in SPAWN_METHODS}
+    cpu: dict[str, list[float]] = {method: [] for method in SPAWN_METHODS}
+    with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
+        for i in range(-1, count):  # -1: starts the fork server, off the record
+            for method in SPAWN_METHODS:
+                spec = SchedulerSpec("bench.lua", ENTRY_POINT, platform_source(), spawn=method)
+                worker = WorkerProcess(spec, Path(tmp), f"s{i}{method[0]}")
+                started = time.perf_counter()
+                await worker.start()
+                if i >= 0:
+                    times[method].append((time.perf_counter() - started) * 1000)
+                    cpu[method].append(_cpu_ms(worker.pid))
+                worker.kill()
+                await asyncio.sleep(0.05)  # let the kill and cleanup finish off the clock
+    (fm, fp), (em, ep) = summary(times["fork-server"]), summary(times["exec"])
+    fc, ec = statistics.median(cpu["fork-server"]), statistics.median(cpu["exec"])
+    report.figures += [
+        Figure("worker spawn to script loaded, fork server", fm, fp,
+               ratio=f"{em / fm:.1f}x faster than exec (median)",
+               note=f"the worker's own CPU: {fc:.0f} ms, against {ec:.0f} ms exec'd"),
+        Figure("  worker spawn to script loaded, exec", em, ep,
+               note="a new interpreter: Python start-up and imports of gRPC, protobuf, lupa"),
+    ]  # fmt: skip
 
 
 async def throughput_and_rss(report: Report, count: int) -> float:
@@ -460,6 +496,8 @@ async def run(quick: bool = False) -> Report:
     await runaway(report, 20)
     settle("5. worker crash to a spare's decision")
     await crash_to_spare(report, 20)
+    settle("worker spawn: fork server against exec")
+    await spawn_cost(report, 30)
     settle("6, 8. decisions per second and RSS per worker")
     rate = await throughput_and_rss(report, 2000)
     settle("simulated decisions per second at 10,000 jobs")

@@ -244,7 +244,12 @@ class Soak:
     def _fork_servers(self) -> list[psutil.Process]:
         """The fork servers (sandbox_worker/fork_server.py): the workers' parents."""
         roots = {p.pid for p in (self.core, self.manager) if p is not None}
-        return [p for p in self._children("sandbox_worker.fork_server") if p.ppid() in roots]
+        servers = []
+        for proc in self._children("sandbox_worker.fork_server"):
+            with contextlib.suppress(psutil.Error):  # gone since it was listed
+                if proc.ppid() in roots:
+                    servers.append(proc)
+        return servers
 
     async def _restart_core(self) -> None:
         assert self.core is not None
@@ -401,7 +406,7 @@ The user scheduler runs past its 50 ms deadline on about 10% of its cycles.
 | completed | {result.completed} |
 | failed (retries exhausted) | {result.failed} |
 | lost (accepted, never ended) | {len(result.lost)} |
-| harness errors (a client or the fault injector died) | {len(result.harness_errors)} |
+| harness errors (a client or the fault injector died) | {len(result.harness_errors)} {"; ".join(result.harness_errors)} |
 | ended more than once | {len(result.ended_twice)} |
 | submits refused while the core was down (never accepted) | {result.refused} |
 | scheduling cycles (decision log) | {result.cycles} |
