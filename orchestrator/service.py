@@ -868,6 +868,11 @@ class Orchestrator:
             task.cancel()
             raise
         if done:
+            if task.cancelled():
+                # Nobody cancelled it from here: a CancelledError escaped from inside.
+                # Raised on, it would end this loop (it is not an Exception).
+                log.error("scheduler.cycle_failed", error="the cycle ended cancelled")
+                return None
             return task.result()
         log.error("scheduler.cycle_stalled", after_s=CYCLE_STALL_S, stack=where_it_waits(task))
         self.service_metrics.cycle_stalls.inc()

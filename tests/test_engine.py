@@ -274,6 +274,31 @@ async def test_deltas_keep_workers_in_step(make_engine: EngineFactory) -> None:
     assert engine.journal.seq == 4
 
 
+async def test_a_channel_closed_during_a_call_is_a_crash_not_a_cancellation(
+    make_engine: EngineFactory,
+) -> None:
+    """Killing a worker closes its channel, which cancels the call in flight (closed here
+    directly, the moment of the race the soak hit); the cycle still ends in the fallback
+    (worker_crash) instead of raising CancelledError, and the next cycle is the user's."""
+    engine = await make_engine(
+        "function schedule(ctx)\n"
+        "  local t = os.clock() while os.clock() - t < 0.5 do end\n"
+        "  return { action = 'wait' }\nend",
+        limits=SandboxLimits(deadline_ms=5000),
+    )
+    group = engine.user
+    assert group is not None and group.active is not None
+    victim = group.active
+    cycle_task = asyncio.create_task(engine.schedule(cycle(0)))
+    await asyncio.sleep(0.2)  # the call is in flight
+    assert victim.channel is not None
+    await victim.channel.close(grace=None)
+    result = await cycle_task
+    assert result.source == "platform-fallback"
+    assert result.error is not None and result.error.kind == "worker_crash"
+    assert (await engine.schedule(cycle(1))).source == "user"
+
+
 @pytest.mark.parametrize("spawn", SPAWN_METHODS)
 async def test_workers_are_hardened(make_engine: EngineFactory, tmp_path: Path, spawn: str) -> None:
     """Workers run with an empty environment, no_new_privs, seccomp and no inherited

@@ -510,6 +510,31 @@ async def test_a_stalled_cycle_is_logged_cancelled_and_the_loop_goes_on(
     assert "apply_that_stalls_once" in stall["stack"]
 
 
+async def test_a_cycle_that_ends_cancelled_from_inside_does_not_end_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CancelledError that escapes a cycle (nobody cancelled the loop) is logged as a
+    failed cycle; the loop goes on and jobs still complete. It used to end the loop."""
+    real_apply = Orchestrator._apply
+    raised = asyncio.Event()
+
+    async def apply_cancelled_once(self: Orchestrator, decision: object) -> None:
+        if not raised.is_set():
+            raised.set()
+            raise asyncio.CancelledError  # as a closed gRPC channel raises in its callers
+        await real_apply(self, decision)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Orchestrator, "_apply", apply_cancelled_once)
+    with capture_logs() as logs:
+        async with running_service(write_config(tmp_path)) as svc:
+            job = await svc.submit(prompt="after the stray cancellation", max_tokens=4)
+            assert (await svc.wait_finished(job.id)).state == pb.JOB_STATE_COMPLETED
+            assert svc.server.orchestrator.loop_alive
+    assert raised.is_set()
+    failed = [e for e in logs if e["event"] == "scheduler.cycle_failed"]
+    assert failed and failed[0]["error"] == "the cycle ended cancelled"
+
+
 async def test_sigusr1_dump_names_where_each_task_waits() -> None:
     """The SIGUSR1 dump logs every task with its await chain down to what it waits on."""
     from orchestrator.server import dump_tasks  # noqa: PLC0415

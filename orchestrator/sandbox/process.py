@@ -1,9 +1,10 @@
 """One sandbox worker process, seen from the parent: spawn, load, call, kill.
 
-Runs in the core. The worker starts with an empty environment, no inherited
-descriptors beyond /dev/null and its log file, in its own session, under `-I`
-(isolated mode: no user site, no PYTHON* variables, no current directory on the
-path). Killing is SIGKILL: hooks inside Lua cannot be trusted to stop a script.
+Runs in the core. The worker is forked by the fork server (fork_server.py) or
+exec'd; either way it starts with an empty environment, no inherited descriptors
+beyond /dev/null and its log file, in its own session, under `-I` (isolated mode: no
+user site, no PYTHON* variables, no current directory on the path). Killing is
+SIGKILL: hooks inside Lua cannot be trusted to stop a script.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc import aio
@@ -32,6 +35,7 @@ from orchestrator.sandbox.fork_server import (
 )
 
 log = get_logger("sandbox")
+Reply = TypeVar("Reply")
 
 LANGUAGES = {"luajit": sandbox_pb2.LANGUAGE_LUAJIT, "lua54": sandbox_pb2.LANGUAGE_LUA54}
 # The socket file appears at bind(), a moment before listen(): a connection refused
@@ -187,8 +191,8 @@ class WorkerProcess:
         try:
             await self._wait_ready(limits.spawn_timeout_ms / 1000)
             assert self.stub is not None
-            reply = await self.stub.Load(
-                self.spec.load_request(), timeout=limits.load_timeout_ms / 1000
+            reply = await self._rpc(
+                self.stub.Load(self.spec.load_request(), timeout=limits.load_timeout_ms / 1000)
             )
         except grpc.RpcError as exc:
             if isinstance(exc, aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -243,8 +247,10 @@ class WorkerProcess:
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self.channel)
         remaining = max(0.1, deadline - time.monotonic())
         try:
-            await self.stub.Health(
-                sandbox_pb2.HealthRequest(), timeout=remaining, wait_for_ready=True
+            await self._rpc(
+                self.stub.Health(
+                    sandbox_pb2.HealthRequest(), timeout=remaining, wait_for_ready=True
+                )
             )
         except grpc.RpcError as exc:
             raise SandboxUnavailableError(
@@ -255,16 +261,40 @@ class WorkerProcess:
         self, request: sandbox_pb2.ScheduleRequest, timeout_s: float
     ) -> sandbox_pb2.ScheduleReply:
         assert self.stub is not None
-        reply: sandbox_pb2.ScheduleReply = await self.stub.Schedule(request, timeout=timeout_s)
+        reply: sandbox_pb2.ScheduleReply = await self._rpc(
+            self.stub.Schedule(request, timeout=timeout_s)
+        )
         self.epoch, self.seq = request.epoch, reply.seq
         return reply
 
     async def health(self, timeout_s: float = 1.0) -> sandbox_pb2.HealthReply:
         assert self.stub is not None
-        reply: sandbox_pb2.HealthReply = await self.stub.Health(
-            sandbox_pb2.HealthRequest(), timeout=timeout_s
+        reply: sandbox_pb2.HealthReply = await self._rpc(
+            self.stub.Health(sandbox_pb2.HealthRequest(), timeout=timeout_s)
         )
         return reply
+
+    async def _rpc(self, call: Awaitable[Reply]) -> Reply:
+        """Await a call on this worker's channel.
+
+        Killing the worker closes its channel, and grpc.aio then cancels the calls in
+        flight: whoever awaits one gets a CancelledError that nobody aimed at it. Left
+        alone, that ended the service's scheduling loop for good (found by the soak).
+        Unless the awaiting task is itself being cancelled, it is reported as the
+        worker's failure, UNAVAILABLE, like any other crash.
+        """
+        try:
+            return await call
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            raise aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                aio.Metadata(),
+                aio.Metadata(),
+                details=f"{self.label}: the call was cancelled (the worker was killed)",
+            ) from None
 
     def kill(self) -> None:
         """SIGKILL now; reaping and cleanup happen in the background."""
