@@ -246,10 +246,11 @@ async def spawn_cost(report: Report, count: int) -> None:
     alternated so that both see the same machine."""
     times: dict[str, list[float]] = {method: [] for method in SPAWN_METHODS}
     cpu: dict[str, list[float]] = {method: [] for method in SPAWN_METHODS}
+    specs = {m: SchedulerSpec("bench.lua", ENTRY_POINT, platform_source(), spawn=m)
+             for m in SPAWN_METHODS}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
         for i in range(-1, count):  # -1: starts the fork server, off the record
-            for method in SPAWN_METHODS:
-                spec = SchedulerSpec("bench.lua", ENTRY_POINT, platform_source(), spawn=method)
+            for method, spec in specs.items():
                 worker = WorkerProcess(spec, Path(tmp), f"s{i}{method[0]}")
                 started = time.perf_counter()
                 await worker.start()

@@ -15,6 +15,8 @@ GRPC_MESSAGE_OPTIONS = (
     ("grpc.max_receive_message_length", 512 * MiB),
     ("grpc.max_send_message_length", 512 * MiB),
 )
+# Both ends of the fork server's socketpair: one JSON request or reply per datagram.
+FORK_SERVER_MESSAGE_BYTES = MiB
 
 
 @dataclass(frozen=True)

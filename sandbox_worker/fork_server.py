@@ -32,7 +32,7 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from orchestrator.limits import SandboxLimits
+from orchestrator.limits import FORK_SERVER_MESSAGE_BYTES, SandboxLimits
 from sandbox_worker.__main__ import serve
 from sandbox_worker.hardening import PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, prctl
 
@@ -45,7 +45,6 @@ PRELOAD = (
     "lupa.luajit21",
     "lupa.lua54",
 )
-MAX_MESSAGE = 1 << 20
 
 
 def preload() -> None:
@@ -106,7 +105,7 @@ def run(control: socket.socket) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     control.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
     while True:
-        data = control.recv(MAX_MESSAGE)
+        data = control.recv(FORK_SERVER_MESSAGE_BYTES)
         if not data:
             return 0  # the core closed its end
         try:

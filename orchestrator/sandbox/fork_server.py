@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SandboxUnavailableError
-from orchestrator.limits import SandboxLimits
+from orchestrator.limits import FORK_SERVER_MESSAGE_BYTES, SandboxLimits
 from orchestrator.log import get_logger
 
 log = get_logger("sandbox")
@@ -36,7 +36,6 @@ log = get_logger("sandbox")
 # or exec'd as a fresh interpreter (~300 ms of CPU, but its own address-space layout).
 SPAWN_METHODS = ("fork-server", "exec")
 FORK_SERVER_MODULE = "sandbox_worker.fork_server"
-MAX_MESSAGE = 1 << 20
 READY_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 5.0
 
@@ -62,7 +61,10 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeou
 
     loop.add_reader(sock.fileno(), wake)
     try:
-        await asyncio.wait_for(ready, max(0.0, timeout_s))
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the caller's
+        # cancellation when the socket turns readable at the same moment.
+        async with asyncio.timeout(max(0.0, timeout_s)):
+            await ready
     finally:
         loop.remove_reader(sock.fileno())
 
@@ -96,7 +98,7 @@ class ForkServer:
         async with lock:
             for attempt in (1, 2):
                 try:
-                    await self._ensure_running(limits)
+                    await self._ensure_running()
                     return await self._request(request)
                 except (OSError, EOFError, TimeoutError, ValueError) as exc:
                     self.stop()
@@ -105,7 +107,7 @@ class ForkServer:
                     log.warning("sandbox.fork_server_restart", reason=str(exc))
         raise AssertionError("unreachable")
 
-    async def _ensure_running(self, limits: SandboxLimits) -> None:
+    async def _ensure_running(self) -> None:
         if self.process is not None and self.process.poll() is None and self._control:
             return
         self.stop()
@@ -166,7 +168,7 @@ class ForkServer:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(control, MAX_MESSAGE, 1)
+                data, fds, _flags, _addr = socket.recv_fds(control, FORK_SERVER_MESSAGE_BYTES, 1)
             except BlockingIOError:
                 await _readable(loop, control, deadline - time.monotonic())
                 continue
