@@ -14,7 +14,7 @@ import signal
 import sys
 from concurrent import futures
 
-from orchestrator.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
+from orchestrator.sandbox.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
 from sandbox_worker.hardening import harden
 
 

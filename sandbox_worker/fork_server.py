@@ -32,7 +32,7 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from orchestrator.limits import FORK_SERVER_MESSAGE_BYTES, SandboxLimits
+from orchestrator.sandbox.limits import FORK_SERVER_MESSAGE_BYTES, SandboxLimits
 from sandbox_worker.__main__ import serve
 from sandbox_worker.hardening import PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, prctl
 

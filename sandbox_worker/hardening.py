@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from orchestrator.limits import SandboxLimits
+from orchestrator.sandbox.limits import SandboxLimits
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from orchestrator._proto import context_pb2, sandbox_pb2
-from orchestrator.limits import SandboxLimits
+from orchestrator.sandbox.limits import SandboxLimits
 
 # Lua memory the context takes, per record, on top of the script's own heap cap.
 # Measured at roughly a third of these on both runtimes; the slack is deliberate.

@@ -37,7 +37,7 @@ from grpc import aio
 
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
-from orchestrator.decision_log import log_files, read_log
+from orchestrator.state.decision_log import log_files, read_log
 from tests.service_helpers import free_port, write_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from orchestrator import bench
-from orchestrator.journal import SnapshotJournal
-from orchestrator.log import configure_logging
-from orchestrator.samples import churn, synthetic_cluster
+from orchestrator.cli import bench
+from orchestrator.state.journal import SnapshotJournal
+from orchestrator.support.log import configure_logging
+from orchestrator.domain.samples import churn, synthetic_cluster
 
 
 @pytest.fixture

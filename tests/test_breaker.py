@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.breaker import CircuitBreaker
+from orchestrator.scheduling.breaker import CircuitBreaker
 
 
 class Clock:

@@ -8,8 +8,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.errors import ConfigError
+from orchestrator.config.settings import load_config
+from orchestrator.domain.errors import ConfigError
 from orchestrator.policy import builder
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import FIELDS

@@ -10,11 +10,11 @@ import dataclasses
 
 import pytest
 
-from orchestrator.engine import platform_source
-from orchestrator.limits import SandboxLimits
-from orchestrator.model import Gpu, Job
-from orchestrator.samples import LLAMA_8B, LLAMA_13B, LLAMA_70B, MISTRAL_7B, NOW_MS, sample_context
-from orchestrator.validation import check_gpu_compatibility, check_job_fit, check_tenant_quota
+from orchestrator.scheduling.engine import platform_source
+from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.domain.context import Gpu, Job
+from orchestrator.domain.samples import LLAMA_8B, LLAMA_13B, LLAMA_70B, MISTRAL_7B, NOW_MS, sample_context
+from orchestrator.scheduling.validation import check_gpu_compatibility, check_job_fit, check_tenant_quota
 from tests.conftest import InProcessRuntime
 
 GiB = 1024**3

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_catalog, load_config, load_tenants
-from orchestrator.errors import ConfigError
+from orchestrator.config.settings import load_catalog, load_config, load_tenants
+from orchestrator.domain.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "config"
 

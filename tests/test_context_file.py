@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.context_file import context_from_dict, context_to_dict, load_context
-from orchestrator.errors import ConfigError
-from orchestrator.samples import sample_context
+from orchestrator.config.context_file import context_from_dict, context_to_dict, load_context
+from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.samples import sample_context
 
 
 def test_round_trip_of_the_sample_context() -> None:

@@ -9,10 +9,10 @@ import weakref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import snapshot
+from orchestrator.wire import context as snapshot
 from orchestrator._proto import sandbox_pb2
-from orchestrator.journal import SnapshotJournal
-from orchestrator.model import (
+from orchestrator.state.journal import SnapshotJournal
+from orchestrator.domain.context import (
     Context,
     Gpu,
     Job,
@@ -22,7 +22,7 @@ from orchestrator.model import (
     Worker,
     derive_metrics,
 )
-from orchestrator.samples import LLAMA_8B, MISTRAL_7B, sample_context
+from orchestrator.domain.samples import LLAMA_8B, MISTRAL_7B, sample_context
 from tests.conftest import LUA_JSON, InProcessRuntime
 
 DUMP = (

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
-from orchestrator.devworker import generate
+from orchestrator.pools.devworker import generate
 from tests.service_helpers import running_service, write_config
 
 pytestmark = pytest.mark.slow

@@ -14,11 +14,11 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from orchestrator.decision import Dispatch, Wait
-from orchestrator.engine import EngineOptions, SchedulingEngine
-from orchestrator.limits import SandboxLimits
-from orchestrator.model import Context, Worker
-from orchestrator.samples import LLAMA_13B, sample_context
+from orchestrator.domain.decision import Dispatch, Wait
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
+from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.domain.context import Context, Worker
+from orchestrator.domain.samples import LLAMA_13B, sample_context
 from orchestrator.sandbox.fork_server import SPAWN_METHODS, shared_fork_server
 from tests.conftest import LANGUAGES, EngineFactory
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from orchestrator.decision import Dispatch, EvictWorker
-from orchestrator.model import Context
-from orchestrator.samples import GiB, sample_context
+from orchestrator.domain.decision import Dispatch, EvictWorker
+from orchestrator.domain.context import Context
+from orchestrator.domain.samples import GiB, sample_context
 from tests.conftest import LANGUAGES, REPO, EngineFactory
 
 EXAMPLES = REPO / "schedulers" / "examples"

@@ -13,8 +13,8 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from orchestrator.limits import SandboxLimits
-from orchestrator.samples import sample_context
+from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.domain.samples import sample_context
 from orchestrator.sandbox import fork_server
 from orchestrator.sandbox.fork_server import ForkServer, pidfd_exited, shared_fork_server
 from tests.conftest import EngineFactory

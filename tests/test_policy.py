@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import decision as decisions
-from orchestrator.model import Context
+from orchestrator.domain import decision as decisions
+from orchestrator.domain.context import Context
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.interpret import decide
 from orchestrator.policy.parse import PolicyError, parse_policy
-from orchestrator.samples import GiB, sample_context
+from orchestrator.domain.samples import GiB, sample_context
 from tests.conftest import REPO, InProcessRuntime
 
 SCHEDULERS = REPO / "schedulers"

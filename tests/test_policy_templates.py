@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine import platform_source
+from orchestrator.scheduling.engine import platform_source
 from orchestrator.policy.parse import parse_policy
 from orchestrator.policy.validate import validate_policy
 from tests.conftest import REPO

@@ -14,12 +14,12 @@ import grpc
 import pytest
 from grpc import aio
 
-from orchestrator import decision as decisions
+from orchestrator.domain import decision as decisions
 from orchestrator._proto import orchestrator_pb2 as pb
-from orchestrator.decision import Batch, Dispatch, EvictWorker, StartWorker, Wait
-from orchestrator.decision_log import DecisionLog, log_files, read_log
-from orchestrator.errors import ConfigError
-from orchestrator.samples import sample_context
+from orchestrator.domain.decision import Batch, Dispatch, EvictWorker, StartWorker, Wait
+from orchestrator.state.decision_log import DecisionLog, log_files, read_log
+from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.samples import sample_context
 from orchestrator.sim.replay import replay
 from tests.conftest import REPO, EngineFactory
 from tests.service_helpers import running_service, write_config

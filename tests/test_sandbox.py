@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator._proto import sandbox_pb2
-from orchestrator.samples import sample_context
+from orchestrator.domain.samples import sample_context
 from tests.conftest import InProcessRuntime
 
 VIOLATION = sandbox_pb2.ERROR_KIND_SANDBOX_VIOLATION

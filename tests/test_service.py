@@ -21,12 +21,12 @@ from structlog.testing import capture_logs
 
 from orchestrator._proto import context_pb2
 from orchestrator._proto import orchestrator_pb2 as pb
-from orchestrator.config import load_config
-from orchestrator.devworker import generate
-from orchestrator.hardware import GpuReading, HostReading
-from orchestrator.jobs import JobRecord
-from orchestrator.service import Orchestrator
-from orchestrator.store import JobStore
+from orchestrator.config.settings import load_config
+from orchestrator.pools.devworker import generate
+from orchestrator.pools.hardware import GpuReading, HostReading
+from orchestrator.domain.jobs import JobRecord
+from orchestrator.service.orchestrator import Orchestrator
+from orchestrator.state.store import JobStore
 from tests.service_helpers import LLAMA, code_of, running_service, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -483,7 +483,7 @@ async def test_a_stalled_cycle_is_logged_cancelled_and_the_loop_goes_on(
     """A cycle stuck on something that never answers (injected: its first apply waits
     forever) is logged with its stack, counted and cancelled; jobs still complete, and
     the watchdog's liveness turns false only when no cycle finishes at all."""
-    from orchestrator import service  # noqa: PLC0415
+    from orchestrator.service import orchestrator as service  # noqa: PLC0415
 
     monkeypatch.setattr(service, "CYCLE_STALL_S", 0.5)
     real_apply = Orchestrator._apply
@@ -537,7 +537,7 @@ async def test_a_cycle_that_ends_cancelled_from_inside_does_not_end_the_loop(
 
 async def test_sigusr1_dump_names_where_each_task_waits() -> None:
     """The SIGUSR1 dump logs every task with its await chain down to what it waits on."""
-    from orchestrator.server import dump_tasks  # noqa: PLC0415
+    from orchestrator.api.server import dump_tasks  # noqa: PLC0415
 
     async def waits_on_an_event(event: asyncio.Event) -> None:
         await event.wait()
@@ -561,7 +561,7 @@ async def test_failed_workers_are_removed_so_new_ones_can_start(
     both 24 GiB GPUs for good and nothing was ever dispatched again (found by the soak)."""
     import psutil  # noqa: PLC0415
 
-    from orchestrator import local_pool  # noqa: PLC0415
+    from orchestrator.pools import local_pool  # noqa: PLC0415
 
     monkeypatch.setattr(local_pool, "FAILED_RETENTION_S", 0.3)
     me = psutil.Process()
@@ -573,7 +573,7 @@ async def test_failed_workers_are_removed_so_new_ones_can_start(
                 assert (await svc.wait_finished(job.id, 60)).state == pb.JOB_STATE_COMPLETED
                 for child in me.children(recursive=True):
                     with contextlib.suppress(psutil.Error):
-                        if "orchestrator.devworker" in " ".join(child.cmdline()):
+                        if "orchestrator.pools.devworker" in " ".join(child.cmdline()):
                             child.kill()
                             killed += 1
             job = await svc.submit(prompt="after the massacre", max_tokens=2)

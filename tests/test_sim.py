@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import ConfigError
+from orchestrator.domain.errors import ConfigError
 from orchestrator.sim.compare import Policy, compare
 from orchestrator.sim.report import headline, table, write_html
 from orchestrator.sim.run import default_catalog, simulate

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import snapshot
+from orchestrator.wire import context as snapshot
 from orchestrator._proto import orchestrator_pb2 as pb
-from orchestrator.decision import Batch, Dispatch, EvictWorker, Wait
-from orchestrator.decision_log import DecisionLog, log_files, read_log
-from orchestrator.model import Context
-from orchestrator.samples import sample_context
-from orchestrator.tenancy import PLATFORM, arbitrate, fairness_order, tenant_view
+from orchestrator.domain.decision import Batch, Dispatch, EvictWorker, Wait
+from orchestrator.state.decision_log import DecisionLog, log_files, read_log
+from orchestrator.domain.context import Context
+from orchestrator.domain.samples import sample_context
+from orchestrator.scheduling.tenancy import PLATFORM, arbitrate, fairness_order, tenant_view
 from tests.conftest import REPO, EngineFactory
 from tests.service_helpers import running_service, write_config
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from orchestrator.decision import Batch, Dispatch, EvictWorker, StartWorker, Wait
-from orchestrator.samples import LLAMA_8B, MISTRAL_7B, GiB, sample_context
-from orchestrator.validation import validate
+from orchestrator.domain.decision import Batch, Dispatch, EvictWorker, StartWorker, Wait
+from orchestrator.domain.samples import LLAMA_8B, MISTRAL_7B, GiB, sample_context
+from orchestrator.scheduling.validation import validate
 
 CTX = sample_context()
 

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.domain.errors import OrchestratorError
 
 STRING, NUMBER, BOOL = "string", "number", "bool"
 

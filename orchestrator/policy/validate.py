@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import decision as decisions
-from orchestrator.engine import EngineOptions, SchedulingEngine
-from orchestrator.errors import OrchestratorError, UsageError
-from orchestrator.limits import SandboxLimits
-from orchestrator.model import Context, Tenant
+from orchestrator.domain import decision as decisions
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
+from orchestrator.domain.errors import OrchestratorError, UsageError
+from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.domain.context import Context, Tenant
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import PolicyError, parse_policy
-from orchestrator.samples import sample_context, synthetic_cluster
+from orchestrator.domain.samples import sample_context, synthetic_cluster
 
 SPEED_CYCLES = 12
 

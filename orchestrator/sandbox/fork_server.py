@@ -26,9 +26,9 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import SandboxUnavailableError
-from orchestrator.limits import FORK_SERVER_MESSAGE_BYTES, SandboxLimits
-from orchestrator.log import get_logger
+from orchestrator.domain.errors import SandboxUnavailableError
+from orchestrator.sandbox.limits import FORK_SERVER_MESSAGE_BYTES, SandboxLimits
+from orchestrator.support.log import get_logger
 
 log = get_logger("sandbox")
 

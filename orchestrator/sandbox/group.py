@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from orchestrator.errors import SandboxUnavailableError, SchedulerLoadError
-from orchestrator.journal import SnapshotJournal
-from orchestrator.log import get_logger
-from orchestrator.metrics import EngineMetrics
+from orchestrator.domain.errors import SandboxUnavailableError, SchedulerLoadError
+from orchestrator.state.journal import SnapshotJournal
+from orchestrator.support.log import get_logger
+from orchestrator.scheduling.metrics import EngineMetrics
 from orchestrator.sandbox.process import SchedulerSpec, WorkerProcess
 
 log = get_logger("sandbox")

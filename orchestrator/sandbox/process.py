@@ -24,9 +24,9 @@ import grpc
 from grpc import aio
 
 from orchestrator._proto import sandbox_pb2, sandbox_pb2_grpc
-from orchestrator.errors import SandboxUnavailableError, SchedulerLoadError
-from orchestrator.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
-from orchestrator.log import get_logger
+from orchestrator.domain.errors import SandboxUnavailableError, SchedulerLoadError
+from orchestrator.sandbox.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
+from orchestrator.support.log import get_logger
 from orchestrator.sandbox.fork_server import (
     SPAWN_METHODS,
     kill_pidfd,

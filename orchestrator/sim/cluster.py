@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator.decision import Decision, Dispatch, EvictWorker, StartWorker, flatten
-from orchestrator.jobqueue import JobQueue
-from orchestrator.model import (
+from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker, flatten
+from orchestrator.state.jobqueue import JobQueue
+from orchestrator.domain.context import (
     Catalog,
     Config,
     Context,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from orchestrator.model import Catalog
+from orchestrator.domain.context import Catalog
 from orchestrator.sim.report import SimReport, headline
 from orchestrator.sim.run import Progress, default_catalog, part_progress, simulate
 from orchestrator.sim.settings import SimSettings

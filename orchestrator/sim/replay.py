@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import decision as decisions
-from orchestrator.decision_log import log_files, read_log
-from orchestrator.engine import EngineOptions, SchedulingEngine
-from orchestrator.limits import SandboxLimits
+from orchestrator.domain import decision as decisions
+from orchestrator.state.decision_log import log_files, read_log
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
+from orchestrator.sandbox.limits import SandboxLimits
 from orchestrator.sim.report import percentiles
 from orchestrator.sim.run import Progress
 

@@ -19,12 +19,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from orchestrator import decision as decisions
-from orchestrator.config import load_catalog, load_config
-from orchestrator.decision import Wait
-from orchestrator.engine import EngineOptions, SchedulingEngine
-from orchestrator.limits import SandboxLimits
-from orchestrator.model import Catalog, Config
+from orchestrator.domain import decision as decisions
+from orchestrator.config.settings import load_catalog, load_config
+from orchestrator.domain.decision import Wait
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
+from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.domain.context import Catalog, Config
 from orchestrator.sim.cluster import Event, SimCluster, SimJob
 from orchestrator.sim.report import SimReport, build_report
 from orchestrator.sim.settings import SimSettings

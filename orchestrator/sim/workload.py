@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from orchestrator.errors import ConfigError
+from orchestrator.domain.errors import ConfigError
 
 
 @dataclass(frozen=True)

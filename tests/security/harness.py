@@ -10,9 +10,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.engine import CycleResult, EngineOptions, SchedulingEngine
-from orchestrator.samples import sample_context
-from orchestrator.validation import validate
+from orchestrator.scheduling.engine import CycleResult, EngineOptions, SchedulingEngine
+from orchestrator.domain.samples import sample_context
+from orchestrator.scheduling.validation import validate
 from tests.security.corpus import Case
 
 SECRET_ENV = "ORCH_ESCAPE_SECRET"

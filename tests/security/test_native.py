@@ -12,7 +12,7 @@ from pathlib import Path
 
 PROBE = r"""
 import json, os, socket, sys
-from orchestrator.limits import SandboxLimits
+from orchestrator.sandbox.limits import SandboxLimits
 from sandbox_worker.hardening import harden
 
 applied = harden(SandboxLimits())

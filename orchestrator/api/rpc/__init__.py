@@ -1,0 +1,1 @@
+"""gRPC: JobService, PoolService and AdminService over the service layer."""

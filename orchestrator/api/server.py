@@ -1,0 +1,163 @@
+"""`orchestratord serve`: the Orchestrator behind grpc.aio and aiohttp, under systemd or not.
+
+SIGTERM and SIGINT drain gracefully (running jobs finish, bounded by
+drain_timeout_s); SIGHUP reloads the catalog and tenants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+
+from aiohttp import web
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
+from orchestrator.config.settings import ServiceConfig, load_catalog, load_tenants
+from orchestrator.domain.errors import OrchestratorError
+from orchestrator.api.web.admin import make_app
+from orchestrator.support.log import get_logger
+from orchestrator.service.orchestrator import VERSION, Orchestrator
+from orchestrator.api.rpc.servicers import AdminServicer, JobServicer, PoolServicer
+from orchestrator.support.systemd import notify, watchdog_interval_s
+from orchestrator.support.tasks import cancel_and_wait, where_it_waits
+
+log = get_logger("server")
+
+SERVICE_NAMES = (
+    orchestrator_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    orchestrator_pb2.DESCRIPTOR.services_by_name["PoolService"].full_name,
+    orchestrator_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise OrchestratorError(f"listen address {address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class Server:
+    def __init__(self, config: ServiceConfig, orchestrator: Orchestrator | None = None) -> None:
+        self.config = config
+        self.orchestrator = orchestrator or Orchestrator(config)
+        self.grpc: aio.Server | None = None
+        self.http: web.AppRunner | None = None
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.http_port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        o = self.orchestrator
+        await o.start()
+        self.grpc = aio.server()
+        orchestrator_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(o), self.grpc)
+        orchestrator_pb2_grpc.add_PoolServiceServicer_to_server(PoolServicer(o), self.grpc)
+        orchestrator_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(o), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        self.grpc_port = self.grpc.add_insecure_port(self.config.listen.grpc)
+        if self.grpc_port == 0:
+            raise OrchestratorError(f"cannot listen on {self.config.listen.grpc} (gRPC)")
+        await self.grpc.start()
+        host, port = split_address(self.config.listen.http)
+        self.http = web.AppRunner(make_app(o), access_log=None)
+        await self.http.setup()
+        site = web.TCPSite(self.http, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise OrchestratorError(
+                f"cannot listen on {self.config.listen.http} (HTTP): {exc.strerror}"
+            ) from None
+        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "service.started",
+            version=VERSION,
+            grpc=f"{split_address(self.config.listen.grpc)[0]}:{self.grpc_port}",
+            http=f"http://{host}:{self.http_port}",
+            deployment_mode=self.config.deployment_mode,
+            scheduler=o.active.name,
+            gpus=o.gpu_source,
+            state_dir=str(o.state_dir),
+        )
+        # What start-up built lives as long as the process: keep the collector off it.
+        gc.collect()
+        gc.freeze()
+        notify("READY=1", f"STATUS=serving on {self.config.listen.grpc}")
+
+    async def stop(self) -> None:
+        notify("STOPPING=1")
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.orchestrator.drain()
+        if self.grpc is not None:
+            await self.grpc.stop(grace=1.0)
+        if self.http is not None:
+            await self.http.cleanup()
+        log.info("service.stopped")
+        self._stopped.set()
+
+    def reload(self) -> None:
+        """SIGHUP: reread the catalog and tenants; keep the old ones if the new are bad."""
+        o = self.orchestrator
+        try:
+            catalog, tenants = load_catalog(self.config), load_tenants(self.config)
+        except OrchestratorError as exc:
+            log.error("service.reload_rejected", error=str(exc))
+            return
+        o.catalog = o.cluster.catalog = catalog
+        o.tenant_quotas = o.cluster.tenant_quotas = tenants
+        o.cluster.version += 1
+        log.info("service.reloaded", models=len(catalog.models), tenants=len(tenants))
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping: asyncio.Task[None] | None = None
+
+        def on_stop() -> None:
+            nonlocal stopping
+            if stopping is None:
+                log.info("service.signal", action="drain")
+                stopping = loop.create_task(self.stop())
+
+        loop.add_signal_handler(signal.SIGTERM, on_stop)
+        loop.add_signal_handler(signal.SIGINT, on_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+        interval = watchdog_interval_s()
+        watchdog = loop.create_task(self._watchdog(interval)) if interval else None
+        await self._stopped.wait()
+        await cancel_and_wait(watchdog)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Ping only while the scheduling loop is alive: a wedged loop gets restarted.
+        while True:
+            if self.orchestrator.loop_alive:
+                notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: log every asyncio task and where it waits, to see what a wedged core is stuck on."""
+    for task in asyncio.all_tasks():
+        log.warning("service.task", name=task.get_name(), stack=where_it_waits(task))
+
+
+async def serve(config: ServiceConfig) -> None:
+    server = Server(config)
+    try:
+        await server.start()
+    except BaseException:
+        await server.orchestrator.close()
+        raise
+    await server.run_until_signalled()

@@ -1,0 +1,1 @@
+"""HTTP: /metrics, /healthz, the JSON mirror of AdminService and the embedded web UI."""

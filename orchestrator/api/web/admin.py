@@ -1,0 +1,258 @@
+"""The HTTP side of orchestratord: Prometheus /metrics, /healthz, and the JSON mirror
+of AdminService at /v2/admin/scheduler/* for the browser.
+
+Bound to localhost by default (listen.http). State-changing endpoints take JSON
+bodies only, so that a cross-site form cannot post to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from orchestrator.config.context_file import context_from_dict
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
+from orchestrator.domain.errors import ConfigError, OrchestratorError, SchedulerLoadError
+from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.policy.builder import rule_at_line
+from orchestrator.policy.parse import PolicyError
+from orchestrator.policy.validate import detect_language, to_lua
+from orchestrator.domain.samples import sample_context
+from orchestrator.service.orchestrator import (
+    NotFoundError,
+    Orchestrator,
+    PermissionDeniedError,
+    ValidationFailedError,
+)
+from orchestrator.sim.settings import SimSettings
+from orchestrator.support.tasks import cancel_and_wait
+from orchestrator.state.versions import Version
+
+ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
+PREFIX = "/v2/admin/scheduler"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def make_app(orchestrator: Orchestrator) -> web.Application:
+    from orchestrator.api.web import ui as webui  # noqa: PLC0415 - the UI module imports this one
+
+    app = web.Application(middlewares=[webui.guard, errors_as_json])
+    app[ORCHESTRATOR] = orchestrator
+    webui.add_routes(app)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get(f"{PREFIX}/status", status)
+    app.router.add_get(f"{PREFIX}/platform-source", platform)
+    app.router.add_get(f"{PREFIX}/versions", versions)
+    app.router.add_post(f"{PREFIX}/validate", validate)
+    app.router.add_post(f"{PREFIX}/deploy", deploy)
+    app.router.add_post(f"{PREFIX}/rollback", rollback)
+    app.router.add_post(f"{PREFIX}/simulate", simulate)
+    app.router.add_get(f"{PREFIX}/shadow", shadow_status)
+    app.router.add_post(f"{PREFIX}/shadow", shadow_start)
+    app.router.add_post(f"{PREFIX}/shadow/stop", shadow_stop)
+    return app
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ValidationFailedError as exc:
+        return web.json_response({"error": str(exc), "report": exc.report.to_dict()}, status=422)
+    except PermissionDeniedError as exc:
+        return web.json_response({"error": str(exc)}, status=403)
+    except NotFoundError as exc:
+        return web.json_response({"error": str(exc)}, status=404)
+    except (ConfigError, PolicyError, SchedulerLoadError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except OrchestratorError as exc:
+        return web.json_response({"error": str(exc)}, status=500)
+
+
+async def body(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            text=json.dumps({"error": "send application/json"}), content_type="application/json"
+        )
+    try:
+        data = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "the body is not valid JSON"}),
+            content_type="application/json",
+        ) from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "expected a JSON object"}), content_type="application/json"
+        )
+    return data
+
+
+def source_fields(data: dict[str, Any]) -> tuple[str, str, str]:
+    source = data.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError("source: required (the Lua or YAML text of the policy)")
+    name = str(data.get("name") or "policy")
+    language = str(data.get("language") or detect_language(source, name))
+    if language not in ("lua", "yaml"):
+        raise ConfigError(f"language: expected lua or yaml, got {language!r}")
+    return source, language, name
+
+
+def version_json(v: Version | None) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    return {
+        "id": v.id, "sha256": v.sha256, "name": v.name, "version": v.version,
+        "language": v.language, "deployer": v.deployer, "deployed_at_ms": v.deployed_at,
+        "reason": v.reason, "summary": v.summary, "active": v.active,
+    }  # fmt: skip
+
+
+async def metrics(request: web.Request) -> web.Response:
+    o = request.app[ORCHESTRATOR]
+    return web.Response(
+        body=generate_latest(o.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    if request.app[ORCHESTRATOR].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ORCHESTRATOR].status())
+
+
+async def platform(request: web.Request) -> web.Response:
+    return web.Response(text=platform_source(), content_type="text/x-lua")
+
+
+async def versions(request: web.Request) -> web.Response:
+    o = request.app[ORCHESTRATOR]
+    return web.json_response({"versions": [version_json(v) for v in o.versions.all()]})
+
+
+async def validate(request: web.Request) -> web.Response:
+    source, language, name = source_fields(await body(request))
+    report = await request.app[ORCHESTRATOR].validate(source, language, name)
+    out = {**report.to_dict(), "summary": report.summary(), "lua": report.lua}
+    line = report.syntax.get("line")
+    if language == "yaml" and isinstance(line, int):
+        out["syntax"] = {**report.syntax, "rule": rule_at_line(source, line)}  # inline errors
+    return web.json_response(out)
+
+
+async def deploy(request: web.Request) -> web.Response:
+    data = await body(request)
+    source, language, name = source_fields(data)
+    o = request.app[ORCHESTRATOR]
+    version, report = await o.deploy(source, language, name, str(data.get("deployer") or "web"))
+    return web.json_response({"version": version_json(version), "report": report.to_dict()})
+
+
+async def rollback(request: web.Request) -> web.Response:
+    data = await body(request)
+    version_id = data.get("version", 0)
+    if not isinstance(version_id, int):
+        raise ConfigError("version: expected a version id (an integer), or nothing")
+    version = await request.app[ORCHESTRATOR].rollback(version_id)
+    return web.json_response({"version": version_json(version)})
+
+
+async def simulate(request: web.Request) -> web.StreamResponse:
+    """With a `workload`: a simulation, its report as JSON (`{"reports": [...]}`), or
+    with ?stream=1 as NDJSON progress lines ending in the reports. Without: the dry
+    run with sample data (programmable-spec 8.3), one cycle, nothing applied."""
+    data = await body(request)
+    if "workload" in data:
+        return await simulation(request, data)
+    source, language, name = source_fields(data)
+    ctx = context_from_dict(data["context"]) if data.get("context") else sample_context()
+    lua = to_lua(source, language, name)
+    o = request.app[ORCHESTRATOR]
+    engine = SchedulingEngine(
+        user_source=lua,
+        user_name=name,
+        language=o.config.scheduler.language,
+        options=EngineOptions(
+            limits=SandboxLimits(deadline_ms=o.config.scheduler.deadline_ms),
+            user_spares=0,
+            platform_spares=0,
+            seccomp=o.config.scheduler.seccomp,
+            spawn=o.config.scheduler.spawn,
+        ),
+    )
+    async with engine:
+        result = await engine.schedule(ctx)
+    return web.json_response({**result.to_json(), "lua": lua if language == "yaml" else None})
+
+
+async def simulation(request: web.Request, data: dict[str, Any]) -> web.StreamResponse:
+    workload = data["workload"]
+    if not isinstance(workload, dict):
+        raise ConfigError("workload: expected an object of simulation settings")
+    settings = SimSettings.from_mapping(workload)
+    source = data.get("source") or ""
+    if not isinstance(source, str):
+        raise ConfigError("source: expected the policy text, or nothing for the platform")
+    name = str(data.get("name") or ("draft" if source.strip() else "platform"))
+    language = str(data.get("language") or "")
+    o = request.app[ORCHESTRATOR]
+    compare_active = bool(data.get("compare_active"))
+    if request.query.get("stream") not in ("1", "true"):
+        reports = await o.simulate(source, language, name, settings, compare_active=compare_active)
+        return web.json_response({"reports": [r.to_dict() for r in reports]})
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    updates: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def progress(fraction: float, message: str) -> None:
+        line = {"progress": round(fraction, 4), "message": message}
+        updates.put_nowait(json.dumps(line).encode() + b"\n")
+
+    run = asyncio.create_task(o.simulate(
+        source, language, name, settings, compare_active=compare_active, progress=progress
+    ))  # fmt: skip
+    try:
+        while not run.done() or not updates.empty():
+            line = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    line = await updates.get()
+            if line is not None:
+                await response.write(line)
+        try:
+            final: dict[str, Any] = {"reports": [r.to_dict() for r in run.result()]}
+        except OrchestratorError as exc:
+            final = {"error": str(exc)}
+        await response.write(json.dumps(final).encode() + b"\n")
+    finally:
+        await cancel_and_wait(run)
+    await response.write_eof()
+    return response
+
+
+async def shadow_status(request: web.Request) -> web.Response:
+    o = request.app[ORCHESTRATOR]
+    return web.json_response(o.shadow.status() if o.shadow else {"active": False})
+
+
+async def shadow_start(request: web.Request) -> web.Response:
+    source, language, name = source_fields(await body(request))
+    shadow = await request.app[ORCHESTRATOR].start_shadow(source, language, name)
+    return web.json_response(shadow.status())
+
+
+async def shadow_stop(request: web.Request) -> web.Response:
+    await body(request)  # JSON only, like every state-changing call
+    return web.json_response(await request.app[ORCHESTRATOR].stop_shadow())

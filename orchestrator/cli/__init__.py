@@ -1,0 +1,1 @@
+"""The `orchestratord` command line: serve, scheduler tools, job client, simulation, bench."""

@@ -1,0 +1,1 @@
+"""What operators write: the service config, the catalog and tenants, context files."""

@@ -1,0 +1,286 @@
+"""The service configuration: one YAML file, documented in deploy/config/README.md.
+
+`load_config(None)` returns the embedded default (orchestrator/config/default_config.yaml),
+which is what `make run` uses. The catalog and the tenants may live in their own
+files (`catalog_file`, `tenants_file`), relative to the config file; they are read
+at start and again on reload (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.context import (
+    Catalog,
+    CatalogModel,
+    Config,
+    EvictionConfig,
+    QueueConfig,
+    RetryConfig,
+    Tenant,
+    TimeoutConfig,
+)
+from orchestrator.config.records import build, convert, parse_yaml
+from orchestrator.sandbox.fork_server import SPAWN_METHODS
+
+DEPLOYMENT_MODES = ("home", "lab", "platform")
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    grpc: str = "127.0.0.1:50051"
+    http: str = "127.0.0.1:8080"
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    threshold: int = 5
+    base_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class TenantSandboxConfig:
+    """How tenant schedulers' workers start (platform mode). `systemd`: as instances of
+    `unit` (deploy/systemd/orchestrator-sandbox@.service), each under its own dynamic
+    user, serving in `socket_dir`; `subprocess`: as the core's own children."""
+
+    launcher: str = "subprocess"
+    unit: str = "orchestrator-sandbox@{instance}.service"
+    socket_dir: str = "/run/orchestratord/sandbox"
+    systemctl: tuple[str, ...] = ("systemctl",)
+
+    def __post_init__(self) -> None:
+        if self.launcher not in ("subprocess", "systemd"):
+            raise ValueError("launcher must be 'subprocess' or 'systemd'")
+        if "{instance}" not in self.unit:
+            raise ValueError("unit must contain {instance}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    file: str | None = None  # a Lua or YAML scheduler; None: the platform scheduler
+    language: str = "luajit"  # the Lua runtime: luajit or lua54
+    hot_reload: bool = True  # home/lab: redeploy the file when it changes (validated first)
+    # Home/lab: when the circuit breaker trips for a version deployed within this
+    # window and an earlier one exists, switch back to it. 0 disables.
+    auto_rollback_window_s: float = 600.0
+    deadline_ms: int = 50
+    tick_ms: int = 250
+    spares: int = 1
+    seccomp: bool = True
+    # How sandbox workers start: "fork-server" forks them from one pre-imported process
+    # (a few ms); "exec" starts each as a new interpreter (~300 ms of CPU, but every
+    # worker gets its own address-space layout).
+    spawn: str = "fork-server"
+    breaker: BreakerConfig = BreakerConfig()
+    tenant_sandbox: TenantSandboxConfig = TenantSandboxConfig()
+
+    def __post_init__(self) -> None:
+        if self.spawn not in SPAWN_METHODS:
+            raise ValueError(f"spawn must be one of {list(SPAWN_METHODS)}, not {self.spawn!r}")
+
+
+@dataclass(frozen=True)
+class DeclaredGpu:
+    """A GPU named in the config, used when NVML cannot be read (marked measured=false)."""
+
+    id: int
+    device_name: str = "Declared GPU"
+    vram_total_bytes: int = 24 * 1024**3
+    compute_capability: str = "8.0"
+    supports_fp16: bool = True
+    supports_int8: bool = True
+    supports_tensor_cores: bool = True
+
+
+@dataclass(frozen=True)
+class WorkerLaunchConfig:
+    """How the local pool starts an inference worker process.
+
+    `command` is a template; placeholders: {python}, {host}, {port}, {model_ref},
+    {model_file}, {gpu_id}, {worker_id}, {tokens_per_sec}. The default starts the
+    development worker; llama.cpp's llama-server plugs in as
+    ["llama-server", "-m", "{model_file}", "--host", "{host}", "--port", "{port}"].
+    """
+
+    command: tuple[str, ...] = (
+        "{python}", "-m", "orchestrator.pools.devworker", "--host", "{host}", "--port", "{port}",
+        "--model", "{model_ref}", "--tokens-per-sec", "{tokens_per_sec}",
+    )  # fmt: skip
+    host: str = "127.0.0.1"
+    port_range: tuple[int, ...] = (18100, 18999)
+    startup_timeout_ms: int = 30_000
+    tokens_per_sec: float = 200.0  # for the development worker
+    model_files: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LocalPoolConfig:
+    enabled: bool = True
+    id: str = "local"
+    endpoint: str = ""
+    gpus: tuple[DeclaredGpu, ...] = ()
+    use_nvml: bool = True
+    worker: WorkerLaunchConfig = WorkerLaunchConfig()
+
+
+@dataclass(frozen=True)
+class PoolsConfig:
+    heartbeat_ms: int = 500
+    degraded_after_ms: int = 1500
+    offline_after_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class SubmitLimits:
+    max_prompt_bytes: int = 1024 * 1024
+    max_tokens: int = 32_768
+
+
+@dataclass(frozen=True)
+class DecisionLogConfig:
+    """Every cycle's context and decision in state_dir/decisions, for replay."""
+
+    enabled: bool = True
+    max_file_mb: float = 32.0  # then a new file starts (with a full snapshot)
+    keep_files: int = 4  # older files are deleted
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    deployment_mode: str = "lab"
+    mode: str = "agentic"
+    state_dir: str = ".orchestratord"
+    durability: str = "full"  # SQLite synchronous: "full" survives power loss, "normal" a crash
+    listen: ListenConfig = ListenConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    queue: QueueConfig = QueueConfig()
+    timeout: TimeoutConfig = TimeoutConfig()
+    retry: RetryConfig = RetryConfig()
+    eviction: EvictionConfig = EvictionConfig()
+    limits: SubmitLimits = SubmitLimits()
+    local_pool: LocalPoolConfig = LocalPoolConfig()
+    pools: PoolsConfig = PoolsConfig()
+    decision_log: DecisionLogConfig = DecisionLogConfig()
+    catalog: Mapping[str, Any] = field(default_factory=dict)
+    catalog_file: str | None = None
+    tenants: Mapping[str, Any] = field(default_factory=dict)
+    tenants_file: str | None = None
+    # Platform mode: tenant id -> that tenant's own scheduler (Lua or YAML), run in its
+    # own sandbox on a view of the cluster holding only its jobs (DESIGN.md, Q16/17).
+    tenant_schedulers: Mapping[str, str] = field(default_factory=dict)
+    drain_timeout_s: float = 30.0
+    # Required when listen.http is not a loopback address: the admin UI and API then
+    # want `Authorization: Bearer <admin_token>`.
+    admin_token: str = ""
+    log_level: str = "info"
+    # Where relative paths (scheduler file, catalog_file, state_dir) are resolved.
+    base_dir: str = "."
+
+    def __post_init__(self) -> None:
+        if self.deployment_mode not in DEPLOYMENT_MODES:
+            raise ValueError(f"deployment_mode must be one of {DEPLOYMENT_MODES}")
+        if self.durability not in ("full", "normal"):
+            raise ValueError("durability must be 'full' or 'normal'")
+        host = self.listen.http.rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1") and not self.admin_token:
+            raise ValueError(
+                f"listen.http {self.listen.http!r} is not a loopback address: set admin_token "
+                "so that the admin UI and API are not open to the network"
+            )
+        if self.tenant_schedulers and self.deployment_mode != "platform":
+            raise ValueError("tenant_schedulers: only in platform mode (deployment_mode)")
+
+    @property
+    def platform_mode(self) -> bool:
+        return self.deployment_mode == "platform"
+
+    def path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def context_config(self) -> Config:
+        """ctx.config (runtime-spec 3.6)."""
+        return Config(
+            mode=self.mode,
+            deployment_mode=self.deployment_mode,
+            queue=self.queue,
+            timeout=self.timeout,
+            retry=self.retry,
+            eviction=self.eviction,
+        )
+
+
+def load_config(path: Path | None) -> ServiceConfig:
+    """The config at `path`, or the embedded default."""
+    if path is None:
+        text = resources.files("orchestrator.config").joinpath("default_config.yaml").read_text()
+        name, base = "default_config.yaml", Path.cwd()
+    else:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        name, base = str(path), path.resolve().parent
+    data = parse_yaml(text, name) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{name}: expected a mapping at the top level")
+    return build(ServiceConfig, {**data, "base_dir": str(data.get("base_dir", base))}, name)
+
+
+def load_catalog(config: ServiceConfig) -> Catalog:
+    """The model catalog: `catalog` inline, or `catalog_file`."""
+    data: Any = config.catalog
+    name = "config.catalog"
+    if config.catalog_file:
+        path = config.path(config.catalog_file)
+        data, name = _readparse_yaml(path), str(path)
+    data = data or {}
+    models = {
+        ref: build(CatalogModel, {"model_ref": ref, **(model or {})}, f"{name}.models[{ref!r}]")
+        for ref, model in (data.get("models") or {}).items()
+    }
+    aliases = convert(dict[str, str], data.get("aliases") or {}, f"{name}.aliases")
+    for alias, target in aliases.items():
+        if target not in models:
+            raise ConfigError(f"{name}.aliases[{alias!r}]: {target!r} is not in the catalog")
+    return Catalog(models=models, aliases=aliases)
+
+
+@dataclass(frozen=True)
+class TenantQuota:
+    """A tenant as configured: its name and quotas (usage is live state)."""
+
+    name: str = ""
+    quota_vram_bytes: int | None = None
+    quota_max_concurrent_jobs: int | None = None
+    quota_tokens_daily: int | None = None
+
+
+def load_tenants(config: ServiceConfig) -> dict[str, Tenant]:
+    """Tenants and their quotas: `tenants` inline, or `tenants_file`."""
+    data: Any = config.tenants
+    name = "config.tenants"
+    if config.tenants_file:
+        path = config.path(config.tenants_file)
+        data, name = _readparse_yaml(path), str(path)
+    out = {}
+    for tenant_id, raw in (data or {}).items():
+        quota = build(TenantQuota, raw or {}, f"{name}[{tenant_id!r}]")
+        out[str(tenant_id)] = Tenant(id=str(tenant_id), **dataclasses.asdict(quota))
+    return out
+
+
+def _readparse_yaml(path: Path) -> Any:
+    try:
+        return parse_yaml(path.read_text(), str(path))
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None

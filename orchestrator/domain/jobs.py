@@ -1,0 +1,166 @@
+"""Jobs: the record the service keeps, its states, and submit validation. Pure."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from orchestrator.config.settings import SubmitLimits
+from orchestrator.domain.errors import OrchestratorError
+from orchestrator.domain.context import PRIORITIES, Catalog, Job, RetryConfig, Tenant, estimate_job
+
+QUEUED = "queued"
+DISPATCHED = "dispatched"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+ACTIVE = (QUEUED, DISPATCHED, RUNNING)
+IN_FLIGHT = (DISPATCHED, RUNNING)
+TERMINAL = (COMPLETED, FAILED, CANCELLED)
+
+
+class InvalidJobError(OrchestratorError):
+    """A submit request was refused; `field` names what was wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: str
+    model_ref: str
+    prompt: str
+    prompt_hash: str
+    priority: str
+    max_tokens: int
+    temperature: float
+    created_at: int
+    queued_at: int
+    seq: int = 0  # submission order
+    state: str = QUEUED
+    tenant_id: str | None = None
+    session_id: str | None = None
+    seed: int | None = None
+    request_id: str | None = None
+    attempts: int = 0
+    not_before: int = 0  # earliest time a retry may be dispatched
+    dispatched_at: int | None = None
+    finished_at: int | None = None
+    worker_id: str | None = None
+    output: str = ""
+    tokens_generated: int = 0
+    error: str = ""
+    estimated_vram_bytes: int = 0
+    estimated_duration_ms: int = 0
+
+    def to_job(self) -> Job:
+        """The job as a scheduler sees it in ctx.queue (no prompt: only its hash)."""
+        return Job(
+            id=self.id,
+            model_ref=self.model_ref,
+            priority=self.priority,
+            tenant_id=self.tenant_id,
+            session_id=self.session_id,
+            prompt_hash=self.prompt_hash,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            temperature=self.temperature,
+            created_at=self.created_at,
+            queued_at=self.queued_at,
+            retry_count=max(0, self.attempts),
+            estimated_vram_bytes=self.estimated_vram_bytes,
+            estimated_duration_ms=self.estimated_duration_ms,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitSpec:
+    """A submit request as plain values (the servicer fills it from protobuf)."""
+
+    model: str
+    prompt: str
+    max_tokens: int
+    priority: str = ""
+    seed: int | None = None
+    temperature: float = 0.0
+    tenant_id: str = ""
+    session_id: str = ""
+    request_id: str = ""
+
+
+def validate_submit(
+    spec: SubmitSpec,
+    *,
+    catalog: Catalog,
+    tenants: dict[str, Tenant],
+    limits: SubmitLimits,
+    platform_mode: bool,
+) -> tuple[str, str]:
+    """(canonical model_ref, priority), or InvalidJobError naming the bad field."""
+    if not spec.model:
+        raise InvalidJobError("model", "required")
+    model = catalog.get(spec.model)
+    if model is None:
+        known = ", ".join(sorted(catalog.aliases) or sorted(catalog.models)[:5])
+        raise InvalidJobError("model", f"unknown model {spec.model!r} (known: {known})")
+    if spec.max_tokens <= 0:
+        raise InvalidJobError("max_tokens", f"must be positive, got {spec.max_tokens}")
+    if spec.max_tokens > limits.max_tokens:
+        raise InvalidJobError(
+            "max_tokens", f"{spec.max_tokens} exceeds the limit of {limits.max_tokens}"
+        )
+    size = len(spec.prompt.encode())
+    if size > limits.max_prompt_bytes:
+        raise InvalidJobError(
+            "prompt", f"{size} bytes exceeds the limit of {limits.max_prompt_bytes} bytes"
+        )
+    priority = spec.priority or "batch"
+    if priority not in PRIORITIES:
+        raise InvalidJobError(
+            "priority", f"must be one of {', '.join(PRIORITIES)}, got {priority!r}"
+        )
+    if not 0.0 <= spec.temperature <= 2.0:
+        raise InvalidJobError("temperature", f"must be within 0..2, got {spec.temperature}")
+    if spec.seed is not None and spec.seed < 0:
+        raise InvalidJobError("seed", f"must not be negative, got {spec.seed}")
+    if platform_mode and not spec.tenant_id:
+        raise InvalidJobError("tenant_id", "required in platform mode")
+    if spec.tenant_id and platform_mode and spec.tenant_id not in tenants:
+        raise InvalidJobError("tenant_id", f"unknown tenant {spec.tenant_id!r}")
+    if len(spec.request_id) > 256 or len(spec.session_id) > 256 or len(spec.tenant_id) > 256:
+        raise InvalidJobError("request_id", "ids are limited to 256 characters")
+    return model.model_ref, priority
+
+
+def new_record(
+    job_id: str, spec: SubmitSpec, model_ref: str, priority: str, catalog: Catalog, now_ms: int
+) -> JobRecord:
+    vram, duration = estimate_job(catalog, model_ref, spec.max_tokens)
+    return JobRecord(
+        id=job_id,
+        model_ref=model_ref,
+        prompt=spec.prompt,
+        prompt_hash="sha256:" + hashlib.sha256(spec.prompt.encode()).hexdigest(),
+        priority=priority,
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        created_at=now_ms,
+        queued_at=now_ms,
+        tenant_id=spec.tenant_id or None,
+        session_id=spec.session_id or None,
+        seed=spec.seed,
+        request_id=spec.request_id or None,
+        estimated_vram_bytes=vram,
+        estimated_duration_ms=duration,
+    )
+
+
+def retry_delay_ms(retry: RetryConfig, attempts: int) -> int | None:
+    """Backoff before the next attempt, or None when no attempt is left."""
+    if not retry.enabled or attempts >= retry.max_attempts:
+        return None
+    delay = retry.initial_delay_ms * retry.multiplier ** max(0, attempts - 1)
+    return int(min(delay, retry.max_delay_ms))

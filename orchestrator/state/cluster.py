@@ -1,0 +1,446 @@
+"""The core's live view: queued and running jobs, pools, workers, tenants.
+
+It turns into a `Context` once per scheduling cycle. Records that did not change
+keep their identity between cycles (jobs are converted once; a pool is rebuilt only
+when something in it changed), so that the snapshot journal's diff stays cheap.
+
+Workers are seen twice: the pool reports the process (starting, ready, failed) and
+the core knows what it sent where (busy, current job, completions). `Worker`
+records merge both.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+from orchestrator.config.settings import ServiceConfig
+from orchestrator.domain.decision import EvictWorker, StartWorker
+from orchestrator.state.jobqueue import JobQueue
+from orchestrator.domain.jobs import JobRecord
+from orchestrator.pools.local_pool import LocalPool
+from orchestrator.domain.context import (
+    Catalog,
+    Context,
+    Gpu,
+    Pool,
+    Tenant,
+    Worker,
+    derive_metrics,
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def next_midnight_utc_ms(at_ms: int) -> int:
+    day = datetime.fromtimestamp(at_ms / 1000, UTC).date() + timedelta(days=1)
+    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
+
+
+@dataclass
+class WorkerStats:
+    """What the core knows of a worker from the jobs it sent it."""
+
+    current_job_id: str | None = None
+    job_started_at: int | None = None
+    jobs_completed: int = 0
+    tokens: int = 0
+    busy_ms: int = 0
+    last_used_at_ms: int = 0
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / (self.busy_ms / 1000) if self.busy_ms > 0 else 0.0
+
+
+@dataclass
+class ProcessInfo:
+    """A worker process as its pool reports it."""
+
+    id: str
+    model_ref: str
+    gpu_ids: tuple[int, ...]
+    vram_bytes: int
+    uri: str
+    status: str
+    started_at_ms: int
+
+
+@dataclass(frozen=True)
+class RemoteCommand:
+    """An action for a remote pool, handed over with its next heartbeat reply."""
+
+    id: str
+    action: StartWorker | EvictWorker
+    worker_id: str = ""  # for start_worker: the id the new worker must report
+    vram_bytes: int = 0
+
+
+@dataclass
+class RemotePool:
+    """A pool managed from another host, known through PoolService heartbeats."""
+
+    id: str
+    endpoint: str
+    last_heartbeat_ms: int = 0
+    gpus: tuple[Gpu, ...] = ()
+    reported: tuple[ProcessInfo, ...] = ()
+    cached_models: tuple[str, ...] = ()
+    host: tuple[int, int, float, int] = (0, 0, 0.0, 0)
+    commands: deque[RemoteCommand] = field(default_factory=deque)
+    # Workers asked for but not reported yet (shown as starting), and workers asked
+    # to go (hidden): without these the scheduler would ask again every cycle.
+    pending: dict[str, tuple[ProcessInfo, int]] = field(default_factory=dict)
+    evicting: set[str] = field(default_factory=set)
+
+    @property
+    def workers(self) -> tuple[ProcessInfo, ...]:
+        shown = tuple(w for w in self.reported if w.id not in self.evicting)
+        return shown + tuple(info for info, _ in self.pending.values())
+
+
+class ClusterState:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        catalog: Catalog,
+        tenants: dict[str, Tenant],
+        local_pool: LocalPool | None,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.tenant_quotas = tenants
+        self.local_pool = local_pool
+        self.remote: dict[str, RemotePool] = {}
+        self.stats: dict[str, WorkerStats] = {}
+        # Jobs: queued (eligible now, in queue order), delayed (retry backoff), in flight.
+        self.records: dict[str, JobRecord] = {}
+        self._queue = JobQueue()
+        self._last_context: Context | None = None
+        self._delayed: list[tuple[int, str]] = []
+        self.in_flight: dict[str, JobRecord] = {}
+        self.tokens_today: dict[str, int] = {}
+        self.tokens_day_ends_ms = 0
+        self.completions: deque[int] = deque()
+        self._pool_cache: dict[str, tuple[tuple[object, ...], Pool]] = {}
+        self._context_config = config.context_config()
+        self.version = 0  # bumped on every change; the scheduling loop watches it
+
+    # ------------------------------------------------------------------ jobs
+    def enqueue(self, record: JobRecord, at_ms: int) -> None:
+        self.records[record.id] = record
+        self.in_flight.pop(record.id, None)
+        if record.not_before > at_ms:
+            heapq.heappush(self._delayed, (record.not_before, record.id))
+        else:
+            self._insert(record)
+        self.version += 1
+
+    def _insert(self, record: JobRecord) -> None:
+        self._queue.insert(record.to_job())
+
+    def _unqueue(self, job_id: str) -> None:
+        self._queue.remove(job_id)
+
+    def start(self, record: JobRecord) -> None:
+        """The job was dispatched."""
+        self._unqueue(record.id)
+        self.records[record.id] = record
+        self.in_flight[record.id] = record
+        self.version += 1
+
+    def update(self, record: JobRecord) -> None:
+        """A change that keeps the job where it is (e.g. dispatched -> running)."""
+        self.records[record.id] = record
+        if record.id in self.in_flight:
+            self.in_flight[record.id] = record
+
+    def finish(self, job_id: str) -> None:
+        """The job left the cluster (completed, failed or cancelled)."""
+        self._unqueue(job_id)
+        self.in_flight.pop(job_id, None)
+        self.records.pop(job_id, None)
+        self.version += 1
+
+    def release_due(self, at_ms: int) -> None:
+        """Move retries whose backoff ended into the queue."""
+        while self._delayed and self._delayed[0][0] <= at_ms:
+            _, job_id = heapq.heappop(self._delayed)
+            record = self.records.get(job_id)
+            if record is not None and job_id not in self.in_flight and job_id not in self._queue:
+                self._insert(record)
+                self.version += 1
+
+    def next_due_ms(self) -> int | None:
+        return self._delayed[0][0] if self._delayed else None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.records) - len(self.in_flight)
+
+    def record_completion(self, record: JobRecord, worker_id: str, at_ms: int) -> None:
+        stats = self.stats.setdefault(worker_id, WorkerStats())
+        stats.jobs_completed += 1
+        stats.tokens += record.tokens_generated
+        if record.dispatched_at:
+            stats.busy_ms += max(1, at_ms - record.dispatched_at)
+        self.completions.append(at_ms)
+        if record.tenant_id:
+            self.tokens_today[record.tenant_id] = (
+                self.tokens_today.get(record.tenant_id, 0) + record.tokens_generated
+            )
+
+    def assign(self, worker_id: str, job_id: str | None, at_ms: int) -> None:
+        stats = self.stats.setdefault(worker_id, WorkerStats())
+        stats.current_job_id = job_id
+        stats.job_started_at = at_ms if job_id else None
+        stats.last_used_at_ms = at_ms
+        self.version += 1
+
+    # ------------------------------------------------------------------ pools
+    def register_remote(self, pool_id: str, endpoint: str, at_ms: int) -> None:
+        pool = self.remote.get(pool_id)
+        if pool is None:
+            self.remote[pool_id] = RemotePool(pool_id, endpoint, at_ms)
+        else:
+            pool.endpoint, pool.last_heartbeat_ms = endpoint, at_ms
+        self.version += 1
+
+    def remote_heartbeat(
+        self,
+        pool: RemotePool,
+        gpus: tuple[Gpu, ...],
+        workers: tuple[ProcessInfo, ...],
+        cached_models: tuple[str, ...],
+        host: tuple[int, int, float, int],
+        at_ms: int,
+    ) -> list[RemoteCommand]:
+        """Take in a heartbeat; returns (and forgets) the commands waiting for the pool."""
+        pool.last_heartbeat_ms = at_ms
+        pool.gpus, pool.reported, pool.cached_models, pool.host = gpus, workers, cached_models, host
+        reported = {w.id for w in workers}
+        pool.evicting &= reported
+        timeout = self.config.local_pool.worker.startup_timeout_ms
+        pool.pending = {
+            wid: (info, asked)
+            for wid, (info, asked) in pool.pending.items()
+            if wid not in reported and at_ms - asked < timeout
+        }
+        commands = list(pool.commands)
+        pool.commands.clear()
+        self.version += 1
+        return commands
+
+    def remote_start(self, pool_id: str, command: RemoteCommand, at_ms: int) -> None:
+        pool = self.remote[pool_id]
+        action = command.action
+        assert isinstance(action, StartWorker)
+        info = ProcessInfo(
+            command.worker_id,
+            action.model_ref,
+            (action.gpu_id,),
+            command.vram_bytes,
+            "",
+            "starting",
+            at_ms,
+        )
+        pool.pending[command.worker_id] = (info, at_ms)
+        pool.commands.append(command)
+        self.version += 1
+
+    def remote_evict(self, worker_id: str, command: RemoteCommand) -> bool:
+        for pool in self.remote.values():
+            if any(w.id == worker_id for w in pool.reported):
+                pool.evicting.add(worker_id)
+                pool.commands.append(command)
+                self.version += 1
+                return True
+        return False
+
+    def pool_status(self, last_heartbeat_ms: int, at_ms: int) -> str:
+        age = at_ms - last_heartbeat_ms
+        if age > self.config.pools.offline_after_ms:
+            return "offline"
+        if age > self.config.pools.degraded_after_ms:
+            return "degraded"
+        return "healthy"
+
+    def _local_processes(self) -> list[ProcessInfo]:
+        if self.local_pool is None:
+            return []
+        return [
+            ProcessInfo(
+                w.id, w.model_ref, w.gpu_ids, w.vram_bytes, w.uri, w.status, w.started_at_ms
+            )
+            for w in self.local_pool.workers.values()
+        ]
+
+    def processes(self) -> list[tuple[str, ProcessInfo]]:
+        """Every worker process, with its pool id."""
+        out: list[tuple[str, ProcessInfo]] = []
+        if self.local_pool is not None:
+            out.extend((self.local_pool.id, p) for p in self._local_processes())
+        for pool in self.remote.values():
+            out.extend((pool.id, p) for p in pool.workers)
+        return out
+
+    def _worker(self, p: ProcessInfo) -> Worker:
+        stats = self.stats.get(p.id) or WorkerStats()
+        busy = stats.current_job_id is not None
+        return Worker(
+            id=p.id,
+            model_ref=p.model_ref,
+            status="busy" if busy and p.status == "ready" else p.status,
+            gpu_ids=p.gpu_ids,
+            vram_bytes=p.vram_bytes,
+            uri=p.uri,
+            current_job_id=stats.current_job_id,
+            job_started_at=stats.job_started_at,
+            jobs_completed=stats.jobs_completed,
+            avg_tokens_per_sec=round(stats.tokens_per_sec, 3),
+            started_at_ms=p.started_at_ms,
+            last_used_at_ms=stats.last_used_at_ms or p.started_at_ms,
+        )
+
+    def _pool(self, pool_id: str, key: tuple[object, ...], build: Callable[[], Pool]) -> Pool:
+        """The pool's record, rebuilt only when its key (everything it is made of) changed."""
+        cached = self._pool_cache.get(pool_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pool = build()
+        self._pool_cache[pool_id] = (key, pool)
+        return pool
+
+    def pools(self, at_ms: int, *, fresh: bool = False) -> tuple[Pool, ...]:
+        out: list[Pool] = []
+        if self.local_pool is not None:
+            lp = self.local_pool
+            gpus, host = lp.read(force=fresh)
+            workers = self._local_processes()
+            overlay = tuple(_overlay_key(self.stats.get(w.id)) for w in workers)
+            local_key: tuple[object, ...] = (lp.version, gpus, host, overlay)
+
+            def build_local() -> Pool:
+                return Pool(
+                    id=lp.id,
+                    endpoint=lp.config.endpoint,
+                    status="healthy",
+                    last_heartbeat_ms=at_ms,
+                    gpus=gpus,
+                    workers=tuple(sorted((self._worker(w) for w in workers), key=_by_id)),
+                    host_ram_total_bytes=host.ram_total,
+                    host_ram_available_bytes=host.ram_available,
+                    host_cpu_percent=host.cpu_percent,
+                    host_cpu_count=host.cpu_count,
+                )
+
+            pool = self._pool(lp.id, local_key, build_local)
+            # The local pool is its own heartbeat: keep the record, refresh the time.
+            out.append(pool if pool.last_heartbeat_ms == at_ms else _beat(pool, at_ms))
+        for rp in sorted(self.remote.values(), key=lambda p: p.id):
+            status = self.pool_status(rp.last_heartbeat_ms, at_ms)
+            overlay = tuple(_overlay_key(self.stats.get(w.id)) for w in rp.workers)
+            remote_key: tuple[object, ...] = (
+                rp.last_heartbeat_ms,
+                status,
+                rp.gpus,
+                tuple(map(id, rp.workers)),
+                overlay,
+                rp.host,
+                rp.endpoint,
+            )
+
+            def build_remote(rp: RemotePool = rp, status: str = status) -> Pool:
+                return Pool(
+                    id=rp.id,
+                    endpoint=rp.endpoint,
+                    status=status,
+                    last_heartbeat_ms=rp.last_heartbeat_ms,
+                    gpus=rp.gpus,
+                    workers=tuple(sorted((self._worker(w) for w in rp.workers), key=_by_id)),
+                    cached_models=rp.cached_models,
+                    host_ram_total_bytes=rp.host[0],
+                    host_ram_available_bytes=rp.host[1],
+                    host_cpu_percent=rp.host[2],
+                    host_cpu_count=rp.host[3],
+                )
+
+            out.append(self._pool(rp.id, remote_key, build_remote))
+        return tuple(out)
+
+    # ------------------------------------------------------------------ tenants
+    def tenants(self, at_ms: int) -> tuple[Tenant, ...]:
+        if at_ms >= self.tokens_day_ends_ms:
+            self.tokens_today = {}
+            self.tokens_day_ends_ms = next_midnight_utc_ms(at_ms)
+        running: dict[str, list[JobRecord]] = {}
+        for record in self.in_flight.values():
+            if record.tenant_id:
+                running.setdefault(record.tenant_id, []).append(record)
+        out = []
+        for tenant_id, quota in sorted(self.tenant_quotas.items()):
+            jobs = running.get(tenant_id, [])
+            tokens = self.tokens_today.get(tenant_id, 0)
+            daily = quota.quota_tokens_daily
+            out.append(
+                Tenant(
+                    id=tenant_id,
+                    name=quota.name,
+                    quota_vram_bytes=quota.quota_vram_bytes,
+                    quota_max_concurrent_jobs=quota.quota_max_concurrent_jobs,
+                    quota_tokens_daily=daily,
+                    vram_used_bytes=sum(r.estimated_vram_bytes for r in jobs),
+                    concurrent_jobs=len(jobs),
+                    tokens_used_today=tokens,
+                    quota_reset_at=self.tokens_day_ends_ms,
+                    quota_exceeded=daily is not None and tokens >= daily,
+                )
+            )
+        return tuple(out)
+
+    # ------------------------------------------------------------------ the context
+    def context(self, at_ms: int | None = None, *, fresh: bool = False) -> Context:
+        at = at_ms if at_ms is not None else now_ms()
+        self.release_due(at)
+        while self.completions and self.completions[0] < at - 60_000:
+            self.completions.popleft()
+        queue = self._queue.jobs()
+        pools = self.pools(at, fresh=fresh)
+        ctx = Context(
+            now_ms=at,
+            queue=queue,
+            pools=pools,
+            catalog=self.catalog,
+            tenants=self.tenants(at),
+            metrics=derive_metrics(
+                queue,
+                pools,
+                at,
+                jobs_completed_last_minute=len(self.completions),
+                totals=self._queue.totals(),
+            ),
+            config=self._context_config,
+            changes=self._queue.take_changes(self._last_context),
+        )
+        self._last_context = ctx
+        return ctx
+
+
+def _by_id(worker: Worker) -> str:
+    return worker.id
+
+
+def _overlay_key(stats: WorkerStats | None) -> tuple[object, ...]:
+    if stats is None:
+        return ()
+    return (stats.current_job_id, stats.jobs_completed, stats.last_used_at_ms, stats.busy_ms)
+
+
+def _beat(pool: Pool, at_ms: int) -> Pool:
+    return replace(pool, last_heartbeat_ms=at_ms)

@@ -1,0 +1,229 @@
+"""The durable job store: SQLite in WAL mode, one writer thread.
+
+Every accepted job and every state change is committed before it is acknowledged.
+Transitions are conditional (`from_states`), so a job completes at most once even
+when a late worker reply races a retry. The `transitions` table is the audit
+trail: one row per change, which is what "completed exactly once" is checked on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestrator.domain.jobs import ACTIVE, JobRecord
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = "1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    request_id TEXT UNIQUE,
+    tenant_id TEXT,
+    session_id TEXT,
+    priority TEXT NOT NULL,
+    model_ref TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    prompt_hash TEXT NOT NULL,
+    max_tokens INTEGER NOT NULL,
+    seed INTEGER,
+    temperature REAL NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    queued_at INTEGER NOT NULL,
+    not_before INTEGER NOT NULL,
+    dispatched_at INTEGER,
+    finished_at INTEGER,
+    worker_id TEXT,
+    output TEXT NOT NULL,
+    tokens_generated INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    estimated_vram_bytes INTEGER NOT NULL,
+    estimated_duration_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_tenant_finished ON jobs(tenant_id, finished_at);
+CREATE TABLE IF NOT EXISTS transitions (
+    job_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(JobRecord))
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    """A conditional state change: applied only if the job is in one of `from_states`."""
+
+    job_id: str
+    from_states: tuple[str, ...]
+    to_state: str
+    at: int
+    detail: str = ""
+    fields: tuple[tuple[str, Any], ...] = ()
+
+
+class JobStore:
+    """Synchronous SQLite access; use `AsyncJobStore` from the event loop."""
+
+    def __init__(self, path: Path, *, durability: str = "full") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        self.db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def next_seq(self) -> int:
+        row = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
+        return int(row[0]) + 1
+
+    def insert(self, record: JobRecord) -> tuple[JobRecord, bool]:
+        """Store a new job; with a known request_id, return the first job instead (False)."""
+        if record.request_id is not None:
+            existing = self.db.execute(
+                "SELECT * FROM jobs WHERE request_id = ?", (record.request_id,)
+            ).fetchone()
+            if existing is not None:
+                return _record(existing), False
+        with self._transaction():
+            record = dataclasses.replace(record, seq=self.next_seq())
+            values = [getattr(record, c) for c in COLUMNS]
+            self.db.execute(
+                f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                values,
+            )
+            self.db.execute(
+                "INSERT INTO transitions VALUES (?, ?, ?, ?, ?)",
+                (record.id, record.created_at, record.state, record.attempts, "submitted"),
+            )
+        return record, True
+
+    def apply(self, transitions: Sequence[Transition]) -> list[JobRecord | None]:
+        """Apply transitions in one transaction; None where a condition did not hold."""
+        out: list[JobRecord | None] = []
+        with self._transaction():
+            for t in transitions:
+                sets = ", ".join(["state = ?", *(f"{name} = ?" for name, _ in t.fields)])
+                marks = ", ".join("?" * len(t.from_states))
+                cursor = self.db.execute(
+                    f"UPDATE jobs SET {sets} WHERE id = ? AND state IN ({marks})",
+                    (t.to_state, *(v for _, v in t.fields), t.job_id, *t.from_states),
+                )
+                if cursor.rowcount == 0:
+                    out.append(None)
+                    continue
+                row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (t.job_id,)).fetchone()
+                self.db.execute(
+                    "INSERT INTO transitions VALUES (?, ?, ?, ?, ?)",
+                    (t.job_id, t.at, t.to_state, row["attempts"], t.detail),
+                )
+                out.append(_record(row))
+        return out
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _record(row) if row is not None else None
+
+    def active(self) -> list[JobRecord]:
+        marks = ", ".join("?" * len(ACTIVE))
+        rows = self.db.execute(
+            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", ACTIVE
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def list_jobs(
+        self, states: Iterable[str], tenant_id: str | None, limit: int, after_seq: int
+    ) -> list[JobRecord]:
+        query = "SELECT * FROM jobs WHERE seq > ?"
+        args: list[Any] = [after_seq]
+        states = list(states)
+        if states:
+            query += f" AND state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        if tenant_id:
+            query += " AND tenant_id = ?"
+            args.append(tenant_id)
+        query += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [_record(r) for r in self.db.execute(query, args).fetchall()]
+
+    def tokens_since(self, since_ms: int) -> dict[str, int]:
+        """Tokens generated per tenant by jobs finished since `since_ms` (daily quotas)."""
+        rows = self.db.execute(
+            "SELECT tenant_id, SUM(tokens_generated) FROM jobs"
+            " WHERE tenant_id IS NOT NULL AND finished_at >= ? GROUP BY tenant_id",
+            (since_ms,),
+        ).fetchall()
+        return {r[0]: int(r[1] or 0) for r in rows}
+
+    def transitions(self, job_id: str) -> list[tuple[int, str, int, str]]:
+        rows = self.db.execute(
+            "SELECT at, state, attempt, detail FROM transitions WHERE job_id = ? ORDER BY rowid",
+            (job_id,),
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def _transaction(self) -> _Tx:
+        return _Tx(self.db)
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(**{c: row[c] for c in COLUMNS})
+
+
+class AsyncJobStore:
+    """The store for the event loop: every call runs on one dedicated thread, in order."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def insert(self, record: JobRecord) -> tuple[JobRecord, bool]:
+        return await self.run(self.store.insert, record)
+
+    async def apply(self, transitions: Sequence[Transition]) -> list[JobRecord | None]:
+        return await self.run(self.store.apply, transitions)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        return await self.run(self.store.get, job_id)
+
+    async def close(self) -> None:
+        await self.run(self.store.close)
+        self._thread.shutdown(wait=True)

@@ -1,0 +1,1 @@
+"""Project-neutral helpers: logging configuration, the clock, asyncio tasks, systemd notify."""

@@ -1,0 +1,1 @@
+"""Protobuf codecs: the context, its deltas and decisions on the wire (proto/*.proto)."""
