@@ -21,7 +21,7 @@ help:
 	@echo "make bench        measure and write BENCHMARKS.md (a few minutes)"
 	@echo "make fuzz         the fuzz tests with FUZZ_SCALE (default 50) times more examples"
 	@echo "make soak         10 minutes of load with faults, plus the escape corpus: RELIABILITY.md"
-	@echo "make lint         ruff and mypy"
+	@echo "make lint         ruff, mypy and the layer contract (lint-imports)"
 	@echo "make proto        regenerate $(PROTO_OUT) from proto/*.proto"
 	@echo "make proto-check  fail if the committed stubs differ from proto/*.proto"
 
@@ -64,6 +64,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check orchestrator sandbox_worker tests
 	$(BIN)/ruff format --check orchestrator sandbox_worker tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # Generated code is committed. The sed turns protoc's top-level imports into
 # package-relative ones so that the stubs live in one package, orchestrator._proto.

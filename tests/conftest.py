@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from orchestrator.wire import context as snapshot
 from orchestrator._proto import sandbox_pb2
-from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
-from orchestrator.sandbox.limits import SandboxLimits
 from orchestrator.domain.context import Context
 from orchestrator.domain.samples import sample_context
+from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
+from orchestrator.wire import context as snapshot
 from sandbox_worker.runtime import LuaSchedulerRuntime, RunResult
 
 LANGUAGES = ["luajit", "lua54"]

@@ -16,8 +16,8 @@ from grpc import aio
 
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
-from orchestrator.config.settings import ServiceConfig, load_config
 from orchestrator.api.server import Server
+from orchestrator.config.settings import ServiceConfig, load_config
 
 LLAMA = "hf:meta-llama/Llama-3.1-8B-Instruct@main::file=Q4_K_M.gguf"
 
@@ -31,7 +31,9 @@ def free_port() -> int:
 def write_config(directory: Path, **overrides: Any) -> Path:
     """A config file for tests: the embedded default, on free ports, state in `directory`."""
     base = yaml.safe_load(
-        (Path(__file__).parent.parent / "orchestrator" / "config" / "default_config.yaml").read_text()
+        (
+            Path(__file__).parent.parent / "orchestrator" / "config" / "default_config.yaml"
+        ).read_text()
     )
     base["state_dir"] = str(directory / "state")
     base["listen"] = {"grpc": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"}

@@ -16,12 +16,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
+from orchestrator.api.rpc.admin import AdminServicer
+from orchestrator.api.rpc.jobs import JobServicer
+from orchestrator.api.rpc.pools import PoolServicer
+from orchestrator.api.web.app import make_app
 from orchestrator.config.settings import ServiceConfig, load_catalog, load_tenants
 from orchestrator.domain.errors import OrchestratorError
-from orchestrator.api.web.admin import make_app
-from orchestrator.support.log import get_logger
+from orchestrator.service.assembly import assemble
 from orchestrator.service.orchestrator import VERSION, Orchestrator
-from orchestrator.api.rpc.servicers import AdminServicer, JobServicer, PoolServicer
+from orchestrator.support.log import get_logger
 from orchestrator.support.systemd import notify, watchdog_interval_s
 from orchestrator.support.tasks import cancel_and_wait, where_it_waits
 
@@ -44,7 +47,7 @@ def split_address(address: str) -> tuple[str, int]:
 class Server:
     def __init__(self, config: ServiceConfig, orchestrator: Orchestrator | None = None) -> None:
         self.config = config
-        self.orchestrator = orchestrator or Orchestrator(config)
+        self.orchestrator = orchestrator or assemble(config)
         self.grpc: aio.Server | None = None
         self.http: web.AppRunner | None = None
         self.health = health.aio.HealthServicer()
@@ -57,7 +60,9 @@ class Server:
         await o.start()
         self.grpc = aio.server()
         orchestrator_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(o), self.grpc)
-        orchestrator_pb2_grpc.add_PoolServiceServicer_to_server(PoolServicer(o), self.grpc)
+        orchestrator_pb2_grpc.add_PoolServiceServicer_to_server(
+            PoolServicer(o, heartbeat_ms=self.config.pools.heartbeat_ms), self.grpc
+        )
         orchestrator_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(o), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -109,15 +114,12 @@ class Server:
 
     def reload(self) -> None:
         """SIGHUP: reread the catalog and tenants; keep the old ones if the new are bad."""
-        o = self.orchestrator
         try:
             catalog, tenants = load_catalog(self.config), load_tenants(self.config)
         except OrchestratorError as exc:
             log.error("service.reload_rejected", error=str(exc))
             return
-        o.catalog = o.cluster.catalog = catalog
-        o.tenant_quotas = o.cluster.tenant_quotas = tenants
-        o.cluster.version += 1
+        self.orchestrator.reload_catalog(catalog, tenants)
         log.info("service.reloaded", models=len(catalog.models), tenants=len(tenants))
 
     async def run_until_signalled(self) -> None:

@@ -29,15 +29,15 @@ import lupa.luajit21
 import yaml
 
 from orchestrator._proto import sandbox_pb2
-from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
-from orchestrator.state.journal import SnapshotJournal
-from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.config.settings import SPAWN_METHODS, SchedulerConfig
 from orchestrator.domain.samples import churn, sample_context
 from orchestrator.domain.samples import synthetic_cluster as cluster
-from orchestrator.sandbox.fork_server import SPAWN_METHODS
+from orchestrator.sandbox.limits import SandboxLimits
 from orchestrator.sandbox.process import SchedulerSpec, WorkerProcess
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
 from orchestrator.sim.run import simulate
 from orchestrator.sim.settings import SimSettings
+from orchestrator.state.journal import SnapshotJournal
 from sandbox_worker.runtime import LuaSchedulerRuntime
 
 ENTRY_POINT = """
@@ -90,9 +90,9 @@ def engine(user: str | None, *, language: str = "luajit", deadline_ms: int = 500
     return SchedulingEngine(
         user_source=user,
         language=language,
-        options=EngineOptions(
-            limits=SandboxLimits(deadline_ms=deadline_ms), user_spares=spares,
-            platform_spares=spares, breaker_threshold=1_000_000,  # measure every failure
+        options=EngineOptions.from_config(
+            SchedulerConfig(deadline_ms=deadline_ms), spares=spares,
+            breaker_threshold=1_000_000,  # measure every failure
         ),
     )  # fmt: skip
 
@@ -353,8 +353,8 @@ async def submit_to_dispatch(report: Report, probes: int, backlog: int = 1000) -
 
     from orchestrator._proto import orchestrator_pb2 as pb  # noqa: PLC0415
     from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc  # noqa: PLC0415
-    from orchestrator.config.settings import load_config  # noqa: PLC0415
     from orchestrator.api.server import Server  # noqa: PLC0415
+    from orchestrator.config.settings import load_config  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data = yaml.safe_load(resources.files("orchestrator.config").joinpath("default_config.yaml")

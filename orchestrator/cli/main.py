@@ -26,17 +26,17 @@ import yaml
 from google.protobuf.json_format import MessageToDict
 from grpc import aio
 
-from orchestrator.domain import decision as decisions
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
-from orchestrator.config.settings import load_config
-from orchestrator.config.context_file import context_to_dict, load_context
-from orchestrator.scheduling.engine import CycleResult, EngineOptions, SchedulingEngine, platform_source
-from orchestrator.domain.errors import OrchestratorError, UsageError
 from orchestrator.cli.jobs import job_command
-from orchestrator.sandbox.limits import SandboxLimits
-from orchestrator.support.log import configure_logging
+from orchestrator.cli.sim import COMMANDS as SIM_COMMANDS
+from orchestrator.cli.sim import add_commands as add_sim_commands
+from orchestrator.config.context_file import context_to_dict, load_context
+from orchestrator.config.settings import SchedulerConfig, load_config
+from orchestrator.domain import decision as decisions
 from orchestrator.domain.context import Context
+from orchestrator.domain.errors import OrchestratorError, UsageError
+from orchestrator.domain.samples import sample_context
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import (
@@ -45,9 +45,10 @@ from orchestrator.policy.validate import (
     to_lua,
     validate_policy,
 )
-from orchestrator.domain.samples import sample_context
-from orchestrator.cli.sim import COMMANDS as SIM_COMMANDS
-from orchestrator.cli.sim import add_commands as add_sim_commands
+from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.scheduling.cycle import CycleResult
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
+from orchestrator.support.log import configure_logging
 
 EXIT_USER = 0
 EXIT_USAGE = 2
@@ -245,8 +246,8 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(fmt, config.log_level)
     # Imported here: the service stack (aiohttp, the pools, the web UI) is half of the
     # CLI's start-up time, and only these two commands need it.
-    from orchestrator.pools.pool_manager import run_pool_manager  # noqa: PLC0415
     from orchestrator.api.server import serve  # noqa: PLC0415
+    from orchestrator.pools.pool_manager import run_pool_manager  # noqa: PLC0415
 
     try:
         if args.command == "pool-manager":
@@ -268,9 +269,7 @@ async def _scheduler_test(args: argparse.Namespace) -> int:
     if args.deadline_ms <= 0:
         raise UsageError("--deadline-ms must be positive")
     ctx = load_context(args.context) if args.context else sample_context()
-    options = EngineOptions(
-        limits=SandboxLimits(deadline_ms=args.deadline_ms), user_spares=0, platform_spares=0
-    )
+    options = EngineOptions.from_config(SchedulerConfig(deadline_ms=args.deadline_ms), spares=0)
     async with SchedulingEngine(
         user_source=source, user_name=path.name, language=args.language, options=options
     ) as engine:
@@ -284,7 +283,9 @@ async def _scheduler_test(args: argparse.Namespace) -> int:
 
 async def _validate(args: argparse.Namespace) -> int:
     source, language = read_policy(args.file)
-    report = await validate_policy(source, args.file.name, language, budget_ms=args.deadline_ms)
+    report = await validate_policy(
+        source, args.file.name, language, scheduler=SchedulerConfig(deadline_ms=args.deadline_ms)
+    )
     if args.json:
         print(json.dumps({**report.to_dict(), "summary": report.summary()}, indent=2))
     else:
@@ -417,4 +418,3 @@ def render(result: CycleResult, ctx: Context) -> str:
 def _line(action: decisions.Decision) -> str:
     text = decisions.describe(action)
     return f"{text}  [rule: {action.rule}]" if action.rule else text
-

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from orchestrator.config.settings import SchedulerConfig
 from orchestrator.domain.errors import ConfigError, UsageError
 from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import read_policy, to_lua
@@ -235,7 +236,7 @@ async def run_simulate(args: argparse.Namespace) -> int:
             policy.name,
             settings,
             catalog=_catalog(args),
-            language=args.language,
+            scheduler=SchedulerConfig(language=args.language),
             progress=progress_bar(sys.stderr, not args.quiet),
         )
     except ConfigError as exc:
@@ -264,7 +265,7 @@ async def run_compare(args: argparse.Namespace) -> int:
             settings,
             replicates=args.replicates,
             catalog=_catalog(args),
-            language=args.language,
+            scheduler=SchedulerConfig(language=args.language),
             progress=progress_bar(sys.stderr, not args.quiet),
         )
     except ConfigError as exc:

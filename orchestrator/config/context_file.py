@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from orchestrator.domain.errors import ConfigError
+from orchestrator.config.records import build, convert, parse_yaml, to_plain
 from orchestrator.domain.context import (
     Catalog,
     CatalogModel,
@@ -30,7 +30,7 @@ from orchestrator.domain.context import (
     derive_metrics,
     estimate_job,
 )
-from orchestrator.config.records import build, convert, parse_yaml, to_plain
+from orchestrator.domain.errors import ConfigError
 
 _DERIVED = frozenset({"wait_time_ms", "heartbeat_age_ms", "uptime_ms", "timestamp_ms", "pool_id"})
 

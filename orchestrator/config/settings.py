@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from orchestrator.domain.errors import ConfigError
+from orchestrator.config.records import build, convert, parse_yaml
 from orchestrator.domain.context import (
     Catalog,
     CatalogModel,
@@ -26,10 +26,13 @@ from orchestrator.domain.context import (
     Tenant,
     TimeoutConfig,
 )
-from orchestrator.config.records import build, convert, parse_yaml
-from orchestrator.sandbox.fork_server import SPAWN_METHODS
+from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.jobs import SubmitLimits
 
 DEPLOYMENT_MODES = ("home", "lab", "platform")
+# How sandbox workers start: forked from the pre-imported fork server (milliseconds),
+# or exec'd as a fresh interpreter (~300 ms of CPU, but its own address-space layout).
+SPAWN_METHODS = ("fork-server", "exec")
 
 
 @dataclass(frozen=True)
@@ -137,12 +140,6 @@ class PoolsConfig:
     heartbeat_ms: int = 500
     degraded_after_ms: int = 1500
     offline_after_ms: int = 5000
-
-
-@dataclass(frozen=True)
-class SubmitLimits:
-    max_prompt_bytes: int = 1024 * 1024
-    max_tokens: int = 32_768
 
 
 @dataclass(frozen=True)

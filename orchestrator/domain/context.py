@@ -2,7 +2,8 @@
 
 This is the pure core's vocabulary: the snapshot builder, the decision validator
 and the platform scheduler's inputs all take these. Conversion to protobuf lives
-in `orchestrator.snapshot`, loading from files in `orchestrator.context_file`.
+in `orchestrator/wire/context.py`, loading from files in
+`orchestrator/config/context_file.py`.
 """
 
 from __future__ import annotations
@@ -80,6 +81,29 @@ class Worker:
     avg_tokens_per_sec: float = 0.0
     started_at_ms: int = 0
     last_used_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HostReading:
+    """A pool host's RAM and CPU, as the local pool reads it or a remote pool reports it."""
+
+    ram_total: int = 0
+    ram_available: int = 0
+    cpu_percent: float = 0.0
+    cpu_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """A worker process as its pool reports it (the core overlays what it sent where)."""
+
+    id: str
+    model_ref: str
+    gpu_ids: tuple[int, ...]
+    vram_bytes: int
+    uri: str
+    status: str
+    started_at_ms: int
 
 
 @dataclass(frozen=True, slots=True)

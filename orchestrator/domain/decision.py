@@ -1,11 +1,11 @@
-"""Scheduler decisions (lua-runtime-spec section 5) as plain dataclasses."""
+"""Scheduler decisions (lua-runtime-spec section 5) as plain dataclasses. Pure.
+
+On the wire they are `Decision` messages (orchestrator/wire/decision.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-from orchestrator._proto import context_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,45 +58,6 @@ Action = Dispatch | Wait | StartWorker | EvictWorker
 def flatten(decision: Decision) -> tuple[Decision, ...]:
     """The actions a decision asks for, in order (a batch's members, or itself)."""
     return decision.actions if isinstance(decision, Batch) else (decision,)
-
-
-def from_proto(msg: context_pb2.Decision) -> Decision:
-    """Decode a decision; an empty message is a wait."""
-    kind = msg.WhichOneof("action")
-    common = {"reason": msg.reason, "rule": msg.rule}
-    if kind == "dispatch":
-        return Dispatch(msg.dispatch.job_id, msg.dispatch.worker_id, **common)
-    if kind == "start_worker":
-        sw = msg.start_worker
-        return StartWorker(sw.pool_id, sw.gpu_id, sw.model_ref, **common)
-    if kind == "evict_worker":
-        return EvictWorker(msg.evict_worker.worker_id, **common)
-    if kind == "batch":
-        return Batch(tuple(from_proto(a) for a in msg.batch.actions), **common)
-    retry = msg.wait.retry_after_ms if msg.wait.HasField("retry_after_ms") else None
-    return Wait(retry, **common)
-
-
-def to_proto(decision: Decision) -> context_pb2.Decision:
-    msg = context_pb2.Decision(reason=decision.reason, rule=decision.rule)
-    match decision:
-        case Dispatch():
-            msg.dispatch.job_id = decision.job_id
-            msg.dispatch.worker_id = decision.worker_id
-        case StartWorker():
-            msg.start_worker.pool_id = decision.pool_id
-            msg.start_worker.gpu_id = decision.gpu_id
-            msg.start_worker.model_ref = decision.model_ref
-        case EvictWorker():
-            msg.evict_worker.worker_id = decision.worker_id
-        case Batch():
-            msg.batch.SetInParent()
-            msg.batch.actions.extend(to_proto(a) for a in decision.actions)
-        case Wait():
-            msg.wait.SetInParent()
-            if decision.retry_after_ms is not None:
-                msg.wait.retry_after_ms = decision.retry_after_ms
-    return msg
 
 
 def to_dict(decision: Decision) -> dict[str, Any]:

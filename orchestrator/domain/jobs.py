@@ -1,31 +1,40 @@
-"""Jobs: the record the service keeps, its states, and submit validation. Pure."""
+"""Jobs: the record the service keeps, its states, and submit validation. Pure.
+
+How a job moves between states is `orchestrator/domain/transitions.py`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from enum import StrEnum
 
-from orchestrator.config.settings import SubmitLimits
-from orchestrator.domain.errors import OrchestratorError
 from orchestrator.domain.context import PRIORITIES, Catalog, Job, RetryConfig, Tenant, estimate_job
-
-QUEUED = "queued"
-DISPATCHED = "dispatched"
-RUNNING = "running"
-COMPLETED = "completed"
-FAILED = "failed"
-CANCELLED = "cancelled"
-ACTIVE = (QUEUED, DISPATCHED, RUNNING)
-IN_FLIGHT = (DISPATCHED, RUNNING)
-TERMINAL = (COMPLETED, FAILED, CANCELLED)
+from orchestrator.domain.errors import InvalidRequestError
 
 
-class InvalidJobError(OrchestratorError):
-    """A submit request was refused; `field` names what was wrong."""
+class JobState(StrEnum):
+    """A job's state. The values are what the store, the logs and the metrics carry."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = frozenset({JobState.QUEUED, JobState.DISPATCHED, JobState.RUNNING})
+IN_FLIGHT = frozenset({JobState.DISPATCHED, JobState.RUNNING})
+TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitLimits:
+    """Bounds on a submitted job (the config's `limits`)."""
+
+    max_prompt_bytes: int = 1024 * 1024
+    max_tokens: int = 32_768
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +49,7 @@ class JobRecord:
     created_at: int
     queued_at: int
     seq: int = 0  # submission order
-    state: str = QUEUED
+    state: JobState = JobState.QUEUED
     tenant_id: str | None = None
     session_id: str | None = None
     seed: int | None = None
@@ -99,39 +108,39 @@ def validate_submit(
     limits: SubmitLimits,
     platform_mode: bool,
 ) -> tuple[str, str]:
-    """(canonical model_ref, priority), or InvalidJobError naming the bad field."""
+    """(canonical model_ref, priority), or InvalidRequestError naming the bad field."""
     if not spec.model:
-        raise InvalidJobError("model", "required")
+        raise InvalidRequestError("model", "required")
     model = catalog.get(spec.model)
     if model is None:
         known = ", ".join(sorted(catalog.aliases) or sorted(catalog.models)[:5])
-        raise InvalidJobError("model", f"unknown model {spec.model!r} (known: {known})")
+        raise InvalidRequestError("model", f"unknown model {spec.model!r} (known: {known})")
     if spec.max_tokens <= 0:
-        raise InvalidJobError("max_tokens", f"must be positive, got {spec.max_tokens}")
+        raise InvalidRequestError("max_tokens", f"must be positive, got {spec.max_tokens}")
     if spec.max_tokens > limits.max_tokens:
-        raise InvalidJobError(
+        raise InvalidRequestError(
             "max_tokens", f"{spec.max_tokens} exceeds the limit of {limits.max_tokens}"
         )
     size = len(spec.prompt.encode())
     if size > limits.max_prompt_bytes:
-        raise InvalidJobError(
+        raise InvalidRequestError(
             "prompt", f"{size} bytes exceeds the limit of {limits.max_prompt_bytes} bytes"
         )
     priority = spec.priority or "batch"
     if priority not in PRIORITIES:
-        raise InvalidJobError(
+        raise InvalidRequestError(
             "priority", f"must be one of {', '.join(PRIORITIES)}, got {priority!r}"
         )
     if not 0.0 <= spec.temperature <= 2.0:
-        raise InvalidJobError("temperature", f"must be within 0..2, got {spec.temperature}")
+        raise InvalidRequestError("temperature", f"must be within 0..2, got {spec.temperature}")
     if spec.seed is not None and spec.seed < 0:
-        raise InvalidJobError("seed", f"must not be negative, got {spec.seed}")
+        raise InvalidRequestError("seed", f"must not be negative, got {spec.seed}")
     if platform_mode and not spec.tenant_id:
-        raise InvalidJobError("tenant_id", "required in platform mode")
+        raise InvalidRequestError("tenant_id", "required in platform mode")
     if spec.tenant_id and platform_mode and spec.tenant_id not in tenants:
-        raise InvalidJobError("tenant_id", f"unknown tenant {spec.tenant_id!r}")
+        raise InvalidRequestError("tenant_id", f"unknown tenant {spec.tenant_id!r}")
     if len(spec.request_id) > 256 or len(spec.session_id) > 256 or len(spec.tenant_id) > 256:
-        raise InvalidJobError("request_id", "ids are limited to 256 characters")
+        raise InvalidRequestError("request_id", "ids are limited to 256 characters")
     return model.model_ref, priority
 
 

@@ -12,11 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker, Wait
 from orchestrator.domain.context import CatalogModel, Context, Gpu, Job, Pool, Worker
+from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker, Wait
 from orchestrator.policy.compile import split
 from orchestrator.policy.parse import Condition, Policy, Rule, Test
-from orchestrator.scheduling.validation import check_gpu_compatibility, check_job_fit, check_tenant_quota
+from orchestrator.scheduling.validation import (
+    check_gpu_compatibility,
+    check_job_fit,
+    check_tenant_quota,
+)
 
 
 class NeedsPlatform(Exception):

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from orchestrator.domain.errors import OrchestratorError
+from orchestrator.domain.errors import ErrorCode, OrchestratorError
 
 STRING, NUMBER, BOOL = "string", "number", "bool"
 
@@ -108,6 +108,8 @@ DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 class PolicyError(OrchestratorError):
     """A policy that does not compile: where, and what was expected."""
+
+    code = ErrorCode.INVALID_ARGUMENT
 
     def __init__(self, source: str, line: int, column: int, message: str) -> None:
         super().__init__(f"{source}:{line}:{column}: {message}")

@@ -1,4 +1,4 @@
-"""Validation before deploy (DESIGN.md, Q12/13): syntax, then semantics, then speed.
+"""Validation before deploy (docs/ARCHITECTURE.md, D13): syntax, semantics, speed.
 
 Syntax: a YAML policy compiles, a Lua scheduler loads in a real sandbox worker.
 Semantics: on every context of the validation bank (empty queue, no workers, all
@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.settings import SchedulerConfig
 from orchestrator.domain import decision as decisions
-from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
-from orchestrator.domain.errors import OrchestratorError, UsageError
-from orchestrator.sandbox.limits import SandboxLimits
 from orchestrator.domain.context import Context, Tenant
+from orchestrator.domain.errors import ErrorCode, OrchestratorError, UsageError
+from orchestrator.domain.samples import sample_context, synthetic_cluster
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import PolicyError, parse_policy
-from orchestrator.domain.samples import sample_context, synthetic_cluster
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
 
 SPEED_CYCLES = 12
 
@@ -136,16 +136,29 @@ class Report:
         return "invalid"
 
 
+class ValidationFailedError(OrchestratorError):
+    """A scheduler was refused: the report says at which stage and why."""
+
+    code = ErrorCode.POLICY_REJECTED
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+    def details(self) -> dict[str, object]:
+        return {"report": self.report.to_dict()}
+
+
 async def validate_policy(
     source: str,
     name: str = "policy",
     language: str | None = None,
     *,
-    budget_ms: int = 50,
-    seccomp: bool = True,
-    spawn: str = "fork-server",
+    scheduler: SchedulerConfig = SchedulerConfig(),
 ) -> Report:
-    """Run all three stages; stops at the first that fails."""
+    """Run all three stages; stops at the first that fails. The budget is the
+    scheduler's `deadline_ms`; its sandboxes are configured as `scheduler` says."""
+    budget_ms = scheduler.deadline_ms
     language = language or detect_language(source, name)
     report = Report(
         name=name,
@@ -164,20 +177,17 @@ async def validate_policy(
     engine = SchedulingEngine(
         user_source=report.lua,
         user_name=name,
-        options=EngineOptions(
-            limits=SandboxLimits(deadline_ms=max(2000, budget_ms * 20)),
-            user_spares=0,
-            platform_spares=0,
-            breaker_threshold=1_000_000,
-            seccomp=seccomp,
-            spawn=spawn,
+        options=EngineOptions.from_config(
+            scheduler,
+            deadline_ms=max(2000, budget_ms * 20),
+            spares=0,
+            breaker_threshold=1_000_000,  # every bank context must be decided by the policy
         ),
     )
     try:
         await engine.start()
-        if engine.user is None or engine.user.load_error is not None:
-            error = engine.user.load_error if engine.user else None
-            report.syntax = {"stage": "syntax", "ok": False, "error": str(error)}
+        if engine.user is None or engine.user_load_error is not None:
+            report.syntax = {"stage": "syntax", "ok": False, "error": str(engine.user_load_error)}
             return report
         report.syntax = {"stage": "syntax", "ok": True}
         cases, latencies = [], []

@@ -1,4 +1,4 @@
-"""Running a dispatched job: stream it from the worker's completion API.
+"""The client that runs a job on an inference worker: stream it from its completion API.
 
 The API is llama.cpp's llama-server `POST /completion` with `"stream": true`
 (server-sent events, one JSON object per `data:` line, the last with
@@ -26,7 +26,9 @@ class Outcome:
     worker_failed: bool = False  # the worker itself is gone, not just this request
 
 
-class JobRunner:
+class CompletionClient:
+    """One HTTP session for every job the core streams from its workers."""
+
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import psutil
 
+from orchestrator.domain.context import HostReading
 from orchestrator.support.log import get_logger
 
 log = get_logger("hardware")
@@ -28,14 +29,6 @@ class GpuReading:
     utilization_percent: float
     temperature_celsius: float
     power_watts: float
-
-
-@dataclass(frozen=True, slots=True)
-class HostReading:
-    ram_total: int
-    ram_available: int
-    cpu_percent: float
-    cpu_count: int
 
 
 class GpuProbe(Protocol):

@@ -24,20 +24,17 @@ import aiohttp
 import psutil
 
 from orchestrator.config.settings import LocalPoolConfig
-from orchestrator.domain.errors import OrchestratorError
-from orchestrator.pools.hardware import GpuProbe, HostProbe, HostReading
+from orchestrator.domain.context import Gpu, HostReading, ProcessInfo
+from orchestrator.domain.errors import PoolError
+from orchestrator.pools.hardware import GpuProbe, HostProbe
+from orchestrator.support.clock import now_ms
 from orchestrator.support.log import get_logger
-from orchestrator.domain.context import Gpu
 
 log = get_logger("pool")
 
 HEALTH_POLL_S = 0.05
 FAILED_RETENTION_S = 5.0  # how long a failed worker stays visible before it is removed
 STOP_GRACE_S = 5.0
-
-
-class PoolError(OrchestratorError):
-    """A worker could not be started or stopped."""
 
 
 @dataclass
@@ -53,10 +50,6 @@ class LocalWorker:
     process: asyncio.subprocess.Process | None = None
     detail: str = ""
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class LocalPool:
@@ -78,7 +71,7 @@ class LocalPool:
         self.workers: dict[str, LocalWorker] = {}
         self.measured = gpu_probe.available()
         self._gpus: tuple[Gpu, ...] = ()
-        self._host = HostReading(0, 0, 0.0, 0)
+        self._host = HostReading()
         self._read_at = 0.0
         self._ports_in_use: set[int] = set()
         self.version = 0  # bumped on every change the core must see
@@ -89,6 +82,19 @@ class LocalPool:
     @property
     def gpu_source(self) -> str:
         return "nvml" if self.measured else "declared"
+
+    @property
+    def endpoint(self) -> str:
+        return self.config.endpoint
+
+    def processes(self) -> list[ProcessInfo]:
+        """The worker processes as the cluster state sees them (the core overlays "busy")."""
+        return [
+            ProcessInfo(
+                w.id, w.model_ref, w.gpu_ids, w.vram_bytes, w.uri, w.status, w.started_at_ms
+            )
+            for w in self.workers.values()
+        ]
 
     # ------------------------------------------------------------------ readings
     def read(self, *, force: bool = False) -> tuple[tuple[Gpu, ...], HostReading]:

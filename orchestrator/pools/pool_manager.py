@@ -17,8 +17,9 @@ from grpc import aio
 
 from orchestrator._proto import context_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.config.settings import ServiceConfig
+from orchestrator.domain.errors import PoolError
 from orchestrator.pools.hardware import GpuProbe, HostProbe, NvmlProbe, PsutilProbe
-from orchestrator.pools.local_pool import LocalPool, PoolError
+from orchestrator.pools.local_pool import LocalPool
 from orchestrator.support.log import get_logger
 from orchestrator.wire.context import gpu_to_proto
 

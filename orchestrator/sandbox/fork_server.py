@@ -32,9 +32,6 @@ from orchestrator.support.log import get_logger
 
 log = get_logger("sandbox")
 
-# How a worker is started: forked from the pre-imported fork server (milliseconds),
-# or exec'd as a fresh interpreter (~300 ms of CPU, but its own address-space layout).
-SPAWN_METHODS = ("fork-server", "exec")
 FORK_SERVER_MODULE = "sandbox_worker.fork_server"
 READY_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 5.0

@@ -13,15 +13,16 @@ import itertools
 import time
 from collections import deque
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc import aio
+from prometheus_client import Counter
 
 from orchestrator.domain.errors import SandboxUnavailableError, SchedulerLoadError
+from orchestrator.sandbox.process import SchedulerSpec, WorkerProcess
 from orchestrator.state.journal import SnapshotJournal
 from orchestrator.support.log import get_logger
-from orchestrator.scheduling.metrics import EngineMetrics
-from orchestrator.sandbox.process import SchedulerSpec, WorkerProcess
 
 log = get_logger("sandbox")
 
@@ -37,6 +38,13 @@ RESPAWN_DELAY_S = 0.2
 SYNC_TIMEOUT_S = 10.0
 
 
+class GroupMetrics(Protocol):
+    """What a group counts: spawns, promotions, retirements (labels: scheduler, event)."""
+
+    @property
+    def worker_events(self) -> Counter: ...
+
+
 class WorkerGroup:
     def __init__(
         self,
@@ -45,7 +53,7 @@ class WorkerGroup:
         runtime_dir: Path,
         *,
         spares: int,
-        metrics: EngineMetrics,
+        metrics: GroupMetrics,
     ) -> None:
         self.role = role  # "user" or "platform": the label on metrics and logs
         self.spec = spec

@@ -24,15 +24,15 @@ import grpc
 from grpc import aio
 
 from orchestrator._proto import sandbox_pb2, sandbox_pb2_grpc
+from orchestrator.config.settings import SPAWN_METHODS
 from orchestrator.domain.errors import SandboxUnavailableError, SchedulerLoadError
-from orchestrator.sandbox.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
-from orchestrator.support.log import get_logger
 from orchestrator.sandbox.fork_server import (
-    SPAWN_METHODS,
     kill_pidfd,
     pidfd_exited,
     shared_fork_server,
 )
+from orchestrator.sandbox.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
+from orchestrator.support.log import get_logger
 
 log = get_logger("sandbox")
 Reply = TypeVar("Reply")

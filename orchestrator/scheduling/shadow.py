@@ -18,7 +18,8 @@ from collections.abc import Callable
 import structlog
 
 from orchestrator.domain import decision as decisions
-from orchestrator.scheduling.engine import CycleResult, EngineOptions, SchedulingEngine
+from orchestrator.scheduling.cycle import CycleResult
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
 from orchestrator.support.tasks import cancel_and_wait
 
 log = structlog.get_logger("orchestrator.shadow")

@@ -18,8 +18,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from orchestrator.domain.decision import Batch, Decision, Dispatch, EvictWorker, Wait, flatten
 from orchestrator.domain.context import Context, Gpu, Pool, Tenant, Worker, derive_metrics
+from orchestrator.domain.decision import Batch, Decision, Dispatch, EvictWorker, Wait, flatten
 from orchestrator.scheduling.validation import accept_in_order
 
 PLATFORM = ""  # the proposer key of the platform scheduler's decision

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from orchestrator.domain.context import CatalogModel, Context, Gpu, Job, Tenant, Worker
 from orchestrator.domain.decision import (
     Batch,
     Decision,
@@ -24,7 +25,6 @@ from orchestrator.domain.decision import (
     Wait,
     flatten,
 )
-from orchestrator.domain.context import CatalogModel, Context, Gpu, Job, Tenant, Worker
 
 MAX_RETRY_AFTER_MS = 3_600_000
 

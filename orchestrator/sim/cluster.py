@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker, flatten
-from orchestrator.state.jobqueue import JobQueue
 from orchestrator.domain.context import (
     Catalog,
     Config,
@@ -22,7 +20,9 @@ from orchestrator.domain.context import (
     Worker,
     derive_metrics,
 )
+from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker, flatten
 from orchestrator.sim.workload import Arrival
+from orchestrator.state.jobqueue import JobQueue
 
 EPOCH_MS = 1_700_000_000_000  # simulated time 0, as Unix ms
 PREFILL_SPEEDUP = 20.0  # prompt tokens are processed this many times faster than generated

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from orchestrator.config.settings import SchedulerConfig
 from orchestrator.domain.context import Catalog
 from orchestrator.sim.report import SimReport, headline
 from orchestrator.sim.run import Progress, default_catalog, part_progress, simulate
@@ -80,7 +81,7 @@ async def compare(
     *,
     replicates: int = 3,
     catalog: Catalog | None = None,
-    language: str = "luajit",
+    scheduler: SchedulerConfig = SchedulerConfig(),
     progress: Progress | None = None,
 ) -> Comparison:
     catalog = catalog or default_catalog()
@@ -98,7 +99,7 @@ async def compare(
                 run_settings,
                 catalog=catalog,
                 arrivals=arrivals,
-                language=language,
+                scheduler=scheduler,
                 progress=part_progress(
                     progress, step, runs, f"run {step + 1}/{runs} {policy.name}"
                 ),

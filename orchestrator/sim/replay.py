@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.settings import SchedulerConfig
 from orchestrator.domain import decision as decisions
-from orchestrator.state.decision_log import log_files, read_log
 from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
-from orchestrator.sandbox.limits import SandboxLimits
 from orchestrator.sim.report import percentiles
 from orchestrator.sim.run import Progress
+from orchestrator.state.decision_log import log_files, read_log
 
 SHOWN = 50  # differences listed in full
 
@@ -97,8 +97,8 @@ async def replay(
     latencies: list[float] = []
     logged_latencies: list[float] = []
     started = last = time.perf_counter()
-    options = EngineOptions(
-        limits=SandboxLimits(deadline_ms=deadline_ms), user_spares=1, platform_spares=0
+    options = EngineOptions.from_config(
+        SchedulerConfig(deadline_ms=deadline_ms), spares=1, platform_spares=0
     )
     async with SchedulingEngine(
         user_source=lua, user_name=name, language=language, options=options

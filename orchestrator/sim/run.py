@@ -19,12 +19,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from orchestrator.config.settings import SchedulerConfig, load_catalog, load_config
 from orchestrator.domain import decision as decisions
-from orchestrator.config.settings import load_catalog, load_config
+from orchestrator.domain.context import Catalog, Config
 from orchestrator.domain.decision import Wait
 from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
-from orchestrator.sandbox.limits import SandboxLimits
-from orchestrator.domain.context import Catalog, Config
 from orchestrator.sim.cluster import Event, SimCluster, SimJob
 from orchestrator.sim.report import SimReport, build_report
 from orchestrator.sim.settings import SimSettings
@@ -61,15 +60,15 @@ async def simulate(
     *,
     catalog: Catalog | None = None,
     arrivals: list[Arrival] | None = None,
-    language: str = "luajit",
-    seccomp: bool = True,
-    spawn: str = "fork-server",
+    scheduler: SchedulerConfig = SchedulerConfig(),
     progress: Progress | None = None,
     max_cycles: int = 0,
 ) -> SimReport:
     """Run `lua` (None: the platform scheduler) on the settings' workload and cluster.
 
     `arrivals` may be passed when several policies run on one generated workload.
+    `scheduler` configures the sandboxes and the circuit breaker as the service's
+    config would; the deadline is the settings'.
     `max_cycles` stops early (benchmarks measure decisions per second with it).
     """
     catalog = catalog or default_catalog()
@@ -82,13 +81,11 @@ async def simulate(
     engine = SchedulingEngine(
         user_source=lua,
         user_name=name,
-        language=language,
-        options=EngineOptions(
-            limits=SandboxLimits(deadline_ms=settings.deadline_ms),
-            user_spares=1,
-            platform_spares=1,
-            seccomp=seccomp,
-            spawn=spawn,
+        language=scheduler.language,
+        options=EngineOptions.from_config(
+            scheduler,
+            deadline_ms=settings.deadline_ms,
+            spares=1,
             clock=lambda: clock_ms / 1000,
         ),
     )

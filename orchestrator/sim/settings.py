@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.domain.errors import ConfigError
-from orchestrator.domain.context import Catalog
 from orchestrator.config.records import build
+from orchestrator.domain.context import Catalog
+from orchestrator.domain.errors import ConfigError
 from orchestrator.sim.cluster import ClusterSpec
 from orchestrator.sim.workload import (
     Arrival,

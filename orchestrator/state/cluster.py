@@ -6,41 +6,52 @@ when something in it changed), so that the snapshot journal's diff stays cheap.
 
 Workers are seen twice: the pool reports the process (starting, ready, failed) and
 the core knows what it sent where (busy, current job, completions). `Worker`
-records merge both.
+records merge both. Pools on other hosts are `RemotePools`; the core's own pool is
+read through `LocalPoolView`, which the local pool implements.
 """
 
 from __future__ import annotations
 
 import heapq
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from orchestrator.config.settings import ServiceConfig
-from orchestrator.domain.decision import EvictWorker, StartWorker
-from orchestrator.state.jobqueue import JobQueue
-from orchestrator.domain.jobs import JobRecord
-from orchestrator.pools.local_pool import LocalPool
 from orchestrator.domain.context import (
     Catalog,
     Context,
     Gpu,
+    HostReading,
     Pool,
+    ProcessInfo,
     Tenant,
     Worker,
     derive_metrics,
 )
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+from orchestrator.domain.jobs import JobRecord
+from orchestrator.state.jobqueue import JobQueue
+from orchestrator.state.remote_pools import RemotePool, RemotePools
+from orchestrator.support.clock import now_ms
 
 
 def next_midnight_utc_ms(at_ms: int) -> int:
     day = datetime.fromtimestamp(at_ms / 1000, UTC).date() + timedelta(days=1)
     return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
+
+
+class LocalPoolView(Protocol):
+    """What the cluster state reads of the core's own pool."""
+
+    id: str
+    version: int  # bumped by the pool on every change the core must see
+
+    @property
+    def endpoint(self) -> str: ...
+    def read(self, *, force: bool = False) -> tuple[tuple[Gpu, ...], HostReading]: ...
+    def processes(self) -> list[ProcessInfo]: ...
 
 
 @dataclass
@@ -59,65 +70,21 @@ class WorkerStats:
         return self.tokens / (self.busy_ms / 1000) if self.busy_ms > 0 else 0.0
 
 
-@dataclass
-class ProcessInfo:
-    """A worker process as its pool reports it."""
-
-    id: str
-    model_ref: str
-    gpu_ids: tuple[int, ...]
-    vram_bytes: int
-    uri: str
-    status: str
-    started_at_ms: int
-
-
-@dataclass(frozen=True)
-class RemoteCommand:
-    """An action for a remote pool, handed over with its next heartbeat reply."""
-
-    id: str
-    action: StartWorker | EvictWorker
-    worker_id: str = ""  # for start_worker: the id the new worker must report
-    vram_bytes: int = 0
-
-
-@dataclass
-class RemotePool:
-    """A pool managed from another host, known through PoolService heartbeats."""
-
-    id: str
-    endpoint: str
-    last_heartbeat_ms: int = 0
-    gpus: tuple[Gpu, ...] = ()
-    reported: tuple[ProcessInfo, ...] = ()
-    cached_models: tuple[str, ...] = ()
-    host: tuple[int, int, float, int] = (0, 0, 0.0, 0)
-    commands: deque[RemoteCommand] = field(default_factory=deque)
-    # Workers asked for but not reported yet (shown as starting), and workers asked
-    # to go (hidden): without these the scheduler would ask again every cycle.
-    pending: dict[str, tuple[ProcessInfo, int]] = field(default_factory=dict)
-    evicting: set[str] = field(default_factory=set)
-
-    @property
-    def workers(self) -> tuple[ProcessInfo, ...]:
-        shown = tuple(w for w in self.reported if w.id not in self.evicting)
-        return shown + tuple(info for info, _ in self.pending.values())
-
-
 class ClusterState:
     def __init__(
         self,
         config: ServiceConfig,
         catalog: Catalog,
         tenants: dict[str, Tenant],
-        local_pool: LocalPool | None,
+        local_pool: LocalPoolView | None,
     ) -> None:
         self.config = config
         self.catalog = catalog
         self.tenant_quotas = tenants
         self.local_pool = local_pool
-        self.remote: dict[str, RemotePool] = {}
+        self.remote = RemotePools(
+            config.pools, startup_timeout_ms=config.local_pool.worker.startup_timeout_ms
+        )
         self.stats: dict[str, WorkerStats] = {}
         # Jobs: queued (eligible now, in queue order), delayed (retry backoff), in flight.
         self.records: dict[str, JobRecord] = {}
@@ -130,7 +97,16 @@ class ClusterState:
         self.completions: deque[int] = deque()
         self._pool_cache: dict[str, tuple[tuple[object, ...], Pool]] = {}
         self._context_config = config.context_config()
-        self.version = 0  # bumped on every change; the scheduling loop watches it
+        self._changes = 0
+
+    @property
+    def version(self) -> int:
+        """Grows with every change; the scheduling loop runs a cycle when it moved."""
+        return self._changes + self.remote.version
+
+    def changed(self) -> None:
+        """Something the next context depends on changed (a worker asked for, a reload)."""
+        self._changes += 1
 
     # ------------------------------------------------------------------ jobs
     def enqueue(self, record: JobRecord, at_ms: int) -> None:
@@ -140,7 +116,7 @@ class ClusterState:
             heapq.heappush(self._delayed, (record.not_before, record.id))
         else:
             self._insert(record)
-        self.version += 1
+        self._changes += 1
 
     def _insert(self, record: JobRecord) -> None:
         self._queue.insert(record.to_job())
@@ -153,7 +129,7 @@ class ClusterState:
         self._unqueue(record.id)
         self.records[record.id] = record
         self.in_flight[record.id] = record
-        self.version += 1
+        self._changes += 1
 
     def update(self, record: JobRecord) -> None:
         """A change that keeps the job where it is (e.g. dispatched -> running)."""
@@ -166,7 +142,7 @@ class ClusterState:
         self._unqueue(job_id)
         self.in_flight.pop(job_id, None)
         self.records.pop(job_id, None)
-        self.version += 1
+        self._changes += 1
 
     def release_due(self, at_ms: int) -> None:
         """Move retries whose backoff ended into the queue."""
@@ -175,7 +151,7 @@ class ClusterState:
             record = self.records.get(job_id)
             if record is not None and job_id not in self.in_flight and job_id not in self._queue:
                 self._insert(record)
-                self.version += 1
+                self._changes += 1
 
     def next_due_ms(self) -> int | None:
         return self._delayed[0][0] if self._delayed else None
@@ -201,93 +177,24 @@ class ClusterState:
         stats.current_job_id = job_id
         stats.job_started_at = at_ms if job_id else None
         stats.last_used_at_ms = at_ms
-        self.version += 1
+        self._changes += 1
+
+    def running_job(self, worker_id: str) -> str | None:
+        """The job the core sent `worker_id` and has not heard the end of, if any."""
+        stats = self.stats.get(worker_id)
+        return stats.current_job_id if stats is not None else None
+
+    def forget_worker(self, worker_id: str) -> None:
+        """The worker was evicted: what the core knew of it goes too."""
+        self.stats.pop(worker_id, None)
 
     # ------------------------------------------------------------------ pools
-    def register_remote(self, pool_id: str, endpoint: str, at_ms: int) -> None:
-        pool = self.remote.get(pool_id)
-        if pool is None:
-            self.remote[pool_id] = RemotePool(pool_id, endpoint, at_ms)
-        else:
-            pool.endpoint, pool.last_heartbeat_ms = endpoint, at_ms
-        self.version += 1
-
-    def remote_heartbeat(
-        self,
-        pool: RemotePool,
-        gpus: tuple[Gpu, ...],
-        workers: tuple[ProcessInfo, ...],
-        cached_models: tuple[str, ...],
-        host: tuple[int, int, float, int],
-        at_ms: int,
-    ) -> list[RemoteCommand]:
-        """Take in a heartbeat; returns (and forgets) the commands waiting for the pool."""
-        pool.last_heartbeat_ms = at_ms
-        pool.gpus, pool.reported, pool.cached_models, pool.host = gpus, workers, cached_models, host
-        reported = {w.id for w in workers}
-        pool.evicting &= reported
-        timeout = self.config.local_pool.worker.startup_timeout_ms
-        pool.pending = {
-            wid: (info, asked)
-            for wid, (info, asked) in pool.pending.items()
-            if wid not in reported and at_ms - asked < timeout
-        }
-        commands = list(pool.commands)
-        pool.commands.clear()
-        self.version += 1
-        return commands
-
-    def remote_start(self, pool_id: str, command: RemoteCommand, at_ms: int) -> None:
-        pool = self.remote[pool_id]
-        action = command.action
-        assert isinstance(action, StartWorker)
-        info = ProcessInfo(
-            command.worker_id,
-            action.model_ref,
-            (action.gpu_id,),
-            command.vram_bytes,
-            "",
-            "starting",
-            at_ms,
-        )
-        pool.pending[command.worker_id] = (info, at_ms)
-        pool.commands.append(command)
-        self.version += 1
-
-    def remote_evict(self, worker_id: str, command: RemoteCommand) -> bool:
-        for pool in self.remote.values():
-            if any(w.id == worker_id for w in pool.reported):
-                pool.evicting.add(worker_id)
-                pool.commands.append(command)
-                self.version += 1
-                return True
-        return False
-
-    def pool_status(self, last_heartbeat_ms: int, at_ms: int) -> str:
-        age = at_ms - last_heartbeat_ms
-        if age > self.config.pools.offline_after_ms:
-            return "offline"
-        if age > self.config.pools.degraded_after_ms:
-            return "degraded"
-        return "healthy"
-
-    def _local_processes(self) -> list[ProcessInfo]:
-        if self.local_pool is None:
-            return []
-        return [
-            ProcessInfo(
-                w.id, w.model_ref, w.gpu_ids, w.vram_bytes, w.uri, w.status, w.started_at_ms
-            )
-            for w in self.local_pool.workers.values()
-        ]
-
     def processes(self) -> list[tuple[str, ProcessInfo]]:
         """Every worker process, with its pool id."""
         out: list[tuple[str, ProcessInfo]] = []
         if self.local_pool is not None:
-            out.extend((self.local_pool.id, p) for p in self._local_processes())
-        for pool in self.remote.values():
-            out.extend((pool.id, p) for p in pool.workers)
+            out.extend((self.local_pool.id, p) for p in self.local_pool.processes())
+        out.extend(self.remote.processes())
         return out
 
     def _worker(self, p: ProcessInfo) -> Worker:
@@ -322,14 +229,14 @@ class ClusterState:
         if self.local_pool is not None:
             lp = self.local_pool
             gpus, host = lp.read(force=fresh)
-            workers = self._local_processes()
+            workers = lp.processes()
             overlay = tuple(_overlay_key(self.stats.get(w.id)) for w in workers)
             local_key: tuple[object, ...] = (lp.version, gpus, host, overlay)
 
             def build_local() -> Pool:
                 return Pool(
                     id=lp.id,
-                    endpoint=lp.config.endpoint,
+                    endpoint=lp.endpoint,
                     status="healthy",
                     last_heartbeat_ms=at_ms,
                     gpus=gpus,
@@ -343,8 +250,8 @@ class ClusterState:
             pool = self._pool(lp.id, local_key, build_local)
             # The local pool is its own heartbeat: keep the record, refresh the time.
             out.append(pool if pool.last_heartbeat_ms == at_ms else _beat(pool, at_ms))
-        for rp in sorted(self.remote.values(), key=lambda p: p.id):
-            status = self.pool_status(rp.last_heartbeat_ms, at_ms)
+        for rp in self.remote.sorted():
+            status = self.remote.status(rp, at_ms)
             overlay = tuple(_overlay_key(self.stats.get(w.id)) for w in rp.workers)
             remote_key: tuple[object, ...] = (
                 rp.last_heartbeat_ms,
@@ -365,10 +272,10 @@ class ClusterState:
                     gpus=rp.gpus,
                     workers=tuple(sorted((self._worker(w) for w in rp.workers), key=_by_id)),
                     cached_models=rp.cached_models,
-                    host_ram_total_bytes=rp.host[0],
-                    host_ram_available_bytes=rp.host[1],
-                    host_cpu_percent=rp.host[2],
-                    host_cpu_count=rp.host[3],
+                    host_ram_total_bytes=rp.host.ram_total,
+                    host_ram_available_bytes=rp.host.ram_available,
+                    host_cpu_percent=rp.host.cpu_percent,
+                    host_cpu_count=rp.host.cpu_count,
                 )
 
             out.append(self._pool(rp.id, remote_key, build_remote))

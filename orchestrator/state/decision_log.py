@@ -13,20 +13,42 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO, Protocol
 
 import structlog
 from google.protobuf.message import DecodeError
 
-from orchestrator.domain import decision as decisions
-from orchestrator.wire import context as snapshot
 from orchestrator._proto import decision_log_pb2
+from orchestrator.domain import decision as decisions
+from orchestrator.domain.context import Context
 from orchestrator.domain.errors import ConfigError
 from orchestrator.state.journal import SnapshotJournal
-from orchestrator.domain.context import Context
+from orchestrator.wire import context as snapshot
+from orchestrator.wire import decision as decision_codec
 
-if TYPE_CHECKING:
-    from orchestrator.scheduling.engine import CycleResult
+
+class CycleFailure(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+
+
+class RecordedCycle(Protocol):
+    """What the log keeps of a cycle: the engine's CycleResult is one. Declared here
+    so that the log, below the engine, needs nothing from it."""
+
+    @property
+    def decision(self) -> decisions.Decision: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def latency_ms(self) -> float: ...
+    @property
+    def snapshot_hash(self) -> str: ...
+    @property
+    def error(self) -> CycleFailure | None: ...
+
 
 log = structlog.get_logger("orchestrator.decision_log")
 
@@ -56,7 +78,7 @@ class DecisionLog:
         self._epoch = 0
         self._seq = 0
 
-    def record(self, result: CycleResult, journal: SnapshotJournal, scheduler: str) -> None:
+    def record(self, result: RecordedCycle, journal: SnapshotJournal, scheduler: str) -> None:
         try:
             self._record(result, journal, scheduler)
         except OSError as exc:
@@ -65,7 +87,7 @@ class DecisionLog:
             if self.errors == 1 or self.errors % 1000 == 0:
                 log.error("decision_log.write_failed", error=str(exc), errors=self.errors)
 
-    def _record(self, result: CycleResult, journal: SnapshotJournal, scheduler: str) -> None:
+    def _record(self, result: RecordedCycle, journal: SnapshotJournal, scheduler: str) -> None:
         entry = decision_log_pb2.DecisionLogEntry(
             epoch=journal.epoch,
             seq=journal.seq,
@@ -75,7 +97,7 @@ class DecisionLog:
             scheduler=scheduler,
             wall_ms=int(time.time() * 1000),
         )
-        entry.decision.CopyFrom(decisions.to_proto(result.decision))
+        entry.decision.CopyFrom(decision_codec.to_proto(result.decision))
         if result.error is not None:
             entry.error_kind = result.error.kind
             entry.error_message = result.error.message[:2000]
@@ -172,7 +194,7 @@ def read_log(path: Path) -> Iterator[LoggedCycle]:
         yield LoggedCycle(
             seq=entry.seq,
             context=ctx,
-            decision=decisions.from_proto(entry.decision),
+            decision=decision_codec.from_proto(entry.decision),
             source=entry.source,
             error_kind=entry.error_kind,
             latency_ms=entry.latency_ms,

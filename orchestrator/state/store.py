@@ -1,9 +1,10 @@
 """The durable job store: SQLite in WAL mode, one writer thread.
 
 Every accepted job and every state change is committed before it is acknowledged.
-Transitions are conditional (`from_states`), so a job completes at most once even
-when a late worker reply races a retry. The `transitions` table is the audit
-trail: one row per change, which is what "completed exactly once" is checked on.
+Transitions (orchestrator/domain/transitions.py) are conditional (`from_states`), so
+a job completes at most once even when a late worker reply races a retry. The
+`transitions` table is the audit trail: one row per change, which is what
+"completed exactly once" is checked on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator.domain.jobs import ACTIVE, JobRecord
+from orchestrator.domain.jobs import ACTIVE, JobRecord, JobState
+from orchestrator.domain.transitions import Transition
 
 T = TypeVar("T")
 
@@ -62,19 +64,8 @@ CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# One column per JobRecord field, named alike: a JobUpdate's field names are columns.
 COLUMNS = tuple(f.name for f in dataclasses.fields(JobRecord))
-
-
-@dataclasses.dataclass(frozen=True)
-class Transition:
-    """A conditional state change: applied only if the job is in one of `from_states`."""
-
-    job_id: str
-    from_states: tuple[str, ...]
-    to_state: str
-    at: int
-    detail: str = ""
-    fields: tuple[tuple[str, Any], ...] = ()
 
 
 class JobStore:
@@ -126,11 +117,12 @@ class JobStore:
         out: list[JobRecord | None] = []
         with self._transaction():
             for t in transitions:
-                sets = ", ".join(["state = ?", *(f"{name} = ?" for name, _ in t.fields)])
+                assignments = list(t.update.assignments())
+                sets = ", ".join(["state = ?", *(f"{name} = ?" for name, _ in assignments)])
                 marks = ", ".join("?" * len(t.from_states))
                 cursor = self.db.execute(
                     f"UPDATE jobs SET {sets} WHERE id = ? AND state IN ({marks})",
-                    (t.to_state, *(v for _, v in t.fields), t.job_id, *t.from_states),
+                    (t.to_state, *(v for _, v in assignments), t.job_id, *t.from_states),
                 )
                 if cursor.rowcount == 0:
                     out.append(None)
@@ -150,12 +142,12 @@ class JobStore:
     def active(self) -> list[JobRecord]:
         marks = ", ".join("?" * len(ACTIVE))
         rows = self.db.execute(
-            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", ACTIVE
+            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", tuple(ACTIVE)
         ).fetchall()
         return [_record(r) for r in rows]
 
     def list_jobs(
-        self, states: Iterable[str], tenant_id: str | None, limit: int, after_seq: int
+        self, states: Iterable[JobState], tenant_id: str | None, limit: int, after_seq: int
     ) -> list[JobRecord]:
         query = "SELECT * FROM jobs WHERE seq > ?"
         args: list[Any] = [after_seq]
@@ -202,7 +194,9 @@ class _Tx:
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
-    return JobRecord(**{c: row[c] for c in COLUMNS})
+    fields = {c: row[c] for c in COLUMNS}
+    fields["state"] = JobState(fields["state"])
+    return JobRecord(**fields)
 
 
 class AsyncJobStore:
@@ -223,6 +217,14 @@ class AsyncJobStore:
 
     async def get(self, job_id: str) -> JobRecord | None:
         return await self.run(self.store.get, job_id)
+
+    async def active(self) -> list[JobRecord]:
+        return await self.run(self.store.active)
+
+    async def list_jobs(
+        self, states: Iterable[JobState], tenant_id: str | None, limit: int, after_seq: int
+    ) -> list[JobRecord]:
+        return await self.run(self.store.list_jobs, states, tenant_id, limit, after_seq)
 
     async def close(self) -> None:
         await self.run(self.store.close)

@@ -17,15 +17,15 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.wire import context as snapshot
 from orchestrator._proto import context_pb2, sandbox_pb2, sandbox_pb2_grpc
 from orchestrator.domain.decision import Batch, Decision, Dispatch, EvictWorker, StartWorker, Wait
-from orchestrator.scheduling.engine import platform_source
-from orchestrator.sandbox.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
+from orchestrator.domain.samples import sample_context
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import PolicyError
-from orchestrator.domain.samples import sample_context
+from orchestrator.sandbox.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
+from orchestrator.scheduling.engine import platform_source
 from orchestrator.scheduling.validation import validate
+from orchestrator.wire import context as snapshot
 from tests.conftest import InProcessRuntime
 
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))

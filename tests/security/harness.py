@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.scheduling.engine import CycleResult, EngineOptions, SchedulingEngine
 from orchestrator.domain.samples import sample_context
+from orchestrator.scheduling.engine import CycleResult, EngineOptions, SchedulingEngine
 from orchestrator.scheduling.validation import validate
 from tests.security.corpus import Case
 

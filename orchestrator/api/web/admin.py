@@ -1,8 +1,8 @@
-"""The HTTP side of orchestratord: Prometheus /metrics, /healthz, and the JSON mirror
-of AdminService at /v2/admin/scheduler/* for the browser.
+"""Prometheus /metrics, /healthz, and the JSON mirror of AdminService at
+/v2/admin/scheduler/* for the browser and scripts.
 
 Bound to localhost by default (listen.http). State-changing endpoints take JSON
-bodies only, so that a cross-site form cannot post to them.
+bodies only (common.body), so that a cross-site form cannot post to them.
 """
 
 from __future__ import annotations
@@ -10,41 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from orchestrator.api.web.common import ORCHESTRATOR, PREFIX, body
 from orchestrator.config.context_file import context_from_dict
-from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
-from orchestrator.domain.errors import ConfigError, OrchestratorError, SchedulerLoadError
-from orchestrator.sandbox.limits import SandboxLimits
-from orchestrator.policy.builder import rule_at_line
-from orchestrator.policy.parse import PolicyError
-from orchestrator.policy.validate import detect_language, to_lua
+from orchestrator.domain.errors import ConfigError, OrchestratorError
 from orchestrator.domain.samples import sample_context
-from orchestrator.service.orchestrator import (
-    NotFoundError,
-    Orchestrator,
-    PermissionDeniedError,
-    ValidationFailedError,
-)
+from orchestrator.policy.builder import rule_at_line
+from orchestrator.policy.validate import detect_language, to_lua
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
 from orchestrator.sim.settings import SimSettings
-from orchestrator.support.tasks import cancel_and_wait
 from orchestrator.state.versions import Version
-
-ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
-PREFIX = "/v2/admin/scheduler"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from orchestrator.support.tasks import cancel_and_wait
 
 
-def make_app(orchestrator: Orchestrator) -> web.Application:
-    from orchestrator.api.web import ui as webui  # noqa: PLC0415 - the UI module imports this one
-
-    app = web.Application(middlewares=[webui.guard, errors_as_json])
-    app[ORCHESTRATOR] = orchestrator
-    webui.add_routes(app)
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get(f"{PREFIX}/status", status)
@@ -57,42 +40,6 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
     app.router.add_get(f"{PREFIX}/shadow", shadow_status)
     app.router.add_post(f"{PREFIX}/shadow", shadow_start)
     app.router.add_post(f"{PREFIX}/shadow/stop", shadow_stop)
-    return app
-
-
-@web.middleware
-async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ValidationFailedError as exc:
-        return web.json_response({"error": str(exc), "report": exc.report.to_dict()}, status=422)
-    except PermissionDeniedError as exc:
-        return web.json_response({"error": str(exc)}, status=403)
-    except NotFoundError as exc:
-        return web.json_response({"error": str(exc)}, status=404)
-    except (ConfigError, PolicyError, SchedulerLoadError) as exc:
-        return web.json_response({"error": str(exc)}, status=400)
-    except OrchestratorError as exc:
-        return web.json_response({"error": str(exc)}, status=500)
-
-
-async def body(request: web.Request) -> dict[str, Any]:
-    if request.content_type != "application/json":
-        raise web.HTTPUnsupportedMediaType(
-            text=json.dumps({"error": "send application/json"}), content_type="application/json"
-        )
-    try:
-        data = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "the body is not valid JSON"}),
-            content_type="application/json",
-        ) from None
-    if not isinstance(data, dict):
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "expected a JSON object"}), content_type="application/json"
-        )
-    return data
 
 
 def source_fields(data: dict[str, Any]) -> tuple[str, str, str]:
@@ -139,7 +86,7 @@ async def platform(request: web.Request) -> web.Response:
 
 async def versions(request: web.Request) -> web.Response:
     o = request.app[ORCHESTRATOR]
-    return web.json_response({"versions": [version_json(v) for v in o.versions.all()]})
+    return web.json_response({"versions": [version_json(v) for v in o.list_versions()]})
 
 
 async def validate(request: web.Request) -> web.Response:
@@ -184,13 +131,7 @@ async def simulate(request: web.Request) -> web.StreamResponse:
         user_source=lua,
         user_name=name,
         language=o.config.scheduler.language,
-        options=EngineOptions(
-            limits=SandboxLimits(deadline_ms=o.config.scheduler.deadline_ms),
-            user_spares=0,
-            platform_spares=0,
-            seccomp=o.config.scheduler.seccomp,
-            spawn=o.config.scheduler.spawn,
-        ),
+        options=EngineOptions.from_config(o.config.scheduler, spares=0),
     )
     async with engine:
         result = await engine.schedule(ctx)

@@ -1,36 +1,26 @@
-"""The web UI: static files at `/`, the builder's helper endpoints, the live view's
-server-sent events, and the guard in front of the whole admin surface.
-
-The guard: with `admin_token` set (required when listen.http is not loopback), every
-admin request carries `Authorization: Bearer <token>` (or `?token=` for the event
-stream, which browsers cannot give headers). State-changing requests are POSTs with
-a JSON body (a cross-site form cannot send one), and one that names a foreign
-`Origin` is refused: together, no cross-site request can deploy or roll back.
-"""
+"""The web UI: static files at `/`, the builder's helper endpoints, and the live view's
+server-sent events. The guard in front of it all is guard.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from orchestrator.state.cluster import now_ms
-from orchestrator.api.web.admin import ORCHESTRATOR, PREFIX, body
+from orchestrator.api.web.common import ORCHESTRATOR, PREFIX, body
 from orchestrator.policy import builder
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import to_lua
 from orchestrator.service.orchestrator import Orchestrator
+from orchestrator.support.clock import now_ms
 
 STATIC = resources.files("orchestrator.api.web").joinpath("static")
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
-PUBLIC = ("/", "/healthz", "/metrics")  # the page itself holds no data
 EVENT_INTERVAL_S = 1.0
 TEMPLATES = resources.files("schedulers").joinpath("templates")
 
@@ -48,24 +38,6 @@ def add_routes(app: web.Application) -> None:
 
 def _orchestrator(request: web.Request) -> Orchestrator:
     return request.app[ORCHESTRATOR]
-
-
-@web.middleware
-async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Bearer token (when configured), and no cross-origin state changes."""
-    o = _orchestrator(request)
-    token = o.config.admin_token
-    if token and request.path not in PUBLIC and not request.path.startswith("/ui/"):
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        given = given or request.query.get("token", "")
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
-    if request.method not in ("GET", "HEAD", "OPTIONS"):
-        origin = request.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc != request.host:
-            return web.json_response({"error": f"cross-origin request from {origin}"}, status=403)
-    response: web.StreamResponse = await handler(request)
-    return response
 
 
 async def index(request: web.Request) -> web.Response:

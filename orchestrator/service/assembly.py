@@ -1,0 +1,221 @@
+"""Building the service from its config: every part, each given what it needs.
+
+This is the one place that knows every concrete class; the parts themselves declare
+the narrow interfaces they use (typing.Protocol) and receive them here, in their
+constructors. `assemble` returns the `Orchestrator` front over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from pathlib import Path
+
+from orchestrator.config.settings import ServiceConfig, load_catalog, load_tenants
+from orchestrator.domain.context import Context
+from orchestrator.domain.errors import ConfigError
+from orchestrator.policy.validate import detect_language, to_lua
+from orchestrator.pools.completion import CompletionClient
+from orchestrator.pools.hardware import GpuProbe, HostProbe, NvmlProbe, PsutilProbe
+from orchestrator.pools.local_pool import LocalPool
+from orchestrator.sandbox.process import SystemdLaunch
+from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
+from orchestrator.scheduling.metrics import EngineMetrics
+from orchestrator.service.apply import DecisionApplier
+from orchestrator.service.deciding import Decider
+from orchestrator.service.events import JobEvents
+from orchestrator.service.history import CycleHistory
+from orchestrator.service.jobs import Jobs
+from orchestrator.service.loop import CYCLE_STALL_S, SchedulingLoop
+from orchestrator.service.metrics import ServiceMetrics
+from orchestrator.service.orchestrator import Orchestrator
+from orchestrator.service.pools import PoolRegistry
+from orchestrator.service.running import JobRunner
+from orchestrator.service.schedulers import SchedulerVersions, read_scheduler_file
+from orchestrator.service.trials import ShadowTrial, Simulations
+from orchestrator.state.cluster import ClusterState
+from orchestrator.state.decision_log import DecisionLog
+from orchestrator.state.store import AsyncJobStore, JobStore
+from orchestrator.state.versions import VersionStore
+from orchestrator.support.log import get_logger
+
+log = get_logger("service")
+
+
+def assemble(
+    config: ServiceConfig,
+    *,
+    gpu_probe: GpuProbe | None = None,
+    host_probe: HostProbe | None = None,
+) -> Orchestrator:
+    state_dir = config.path(config.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    engine_metrics = EngineMetrics()
+    metrics = ServiceMetrics(engine_metrics.registry, cycle_stall_s=CYCLE_STALL_S)
+    wake = asyncio.Event()  # the scheduling loop's: set on any change worth a cycle
+
+    local_pool = _local_pool(config, state_dir, gpu_probe, host_probe)
+    cluster = ClusterState(config, load_catalog(config), load_tenants(config), local_pool)
+    if local_pool is not None:
+        local_pool.on_change.append(wake)
+    store = AsyncJobStore(JobStore(state_dir / "jobs.sqlite3", durability=config.durability))
+    versions = VersionStore(state_dir / "schedulers.sqlite3")
+    decision_log = None
+    if config.decision_log.enabled:
+        decision_log = DecisionLog(
+            state_dir / "decisions",
+            max_file_bytes=int(config.decision_log.max_file_mb * 2**20),
+            keep_files=config.decision_log.keep_files,
+        )
+
+    initial, startup_error = read_scheduler_file(config)
+    sandbox_dir = _sandbox_dir(state_dir)
+    engine = SchedulingEngine(
+        user_source=initial.lua if initial else None,
+        user_name=initial.name if initial else "scheduler.lua",
+        language=config.scheduler.language,
+        options=EngineOptions.from_config(
+            config.scheduler,
+            expose_platform_source=not config.platform_mode,
+            runtime_dir=sandbox_dir,
+        ),
+        metrics=engine_metrics,
+    )
+    engine.decision_log = decision_log
+    tenant_engines = {
+        tenant_id: _tenant_engine(config, cluster, sandbox_dir, tenant_id, file, engine_metrics)
+        for tenant_id, file in sorted(config.tenant_schedulers.items())
+    }
+
+    async def refresh() -> Context:
+        """ctx.refresh_pool_state(): read the local pool now instead of from cache."""
+        return cluster.context(fresh=True)
+
+    events = JobEvents()
+    jobs = Jobs(
+        store, cluster, events, metrics, limits=config.limits, queue=config.queue,
+        retry=config.retry, platform_mode=config.platform_mode, wake=wake,
+    )  # fmt: skip
+    runner = JobRunner(
+        jobs, cluster, CompletionClient(), local_pool, timeout_s=config.timeout.default_ms / 1000
+    )
+    schedulers = SchedulerVersions(
+        config, engine, versions, engine_metrics, initial=initial, startup_error=startup_error
+    )
+    shadow = ShadowTrial(config, metrics)
+    history = CycleHistory(lambda: schedulers.active.name)
+    decider = Decider(engine, tenant_engines, cluster.in_flight, metrics, refresh=refresh)
+    loop = SchedulingLoop(
+        cluster,
+        decider,
+        DecisionApplier(cluster, jobs, runner, local_pool, metrics),
+        (history, schedulers, shadow),
+        metrics,
+        tick_ms=config.scheduler.tick_ms,
+        wake=wake,
+    )
+    return Orchestrator(
+        config=config,
+        state_dir=state_dir,
+        metrics=engine_metrics,
+        local_pool=local_pool,
+        cluster=cluster,
+        store=store,
+        versions=versions,
+        decision_log=decision_log,
+        engine=engine,
+        tenant_engines=tenant_engines,
+        events=events,
+        jobs=jobs,
+        runner=runner,
+        decider=decider,
+        loop=loop,
+        history=history,
+        schedulers=schedulers,
+        shadow=shadow,
+        simulations=Simulations(config, lambda: cluster.catalog, lambda: schedulers.active),
+        pools=PoolRegistry(
+            cluster.remote, local_pool_id=local_pool.id if local_pool else None, wake=wake
+        ),
+    )
+
+
+def _local_pool(
+    config: ServiceConfig, state_dir: Path, gpu_probe: GpuProbe | None, host_probe: HostProbe | None
+) -> LocalPool | None:
+    if not config.local_pool.enabled:
+        return None
+    probe = gpu_probe if gpu_probe is not None else NvmlProbe()
+    if not probe.available() and config.local_pool.use_nvml:
+        reason = getattr(probe, "reason", "no GPU")
+        log.warning(
+            "pool.no_nvml",
+            message=f"no NVIDIA GPU or driver found ({reason}); using the "
+            f"{len(config.local_pool.gpus)} GPUs declared in the config, "
+            "marked as declared (measured=false)",
+        )
+    return LocalPool(
+        config.local_pool,
+        probe,
+        host_probe or PsutilProbe(),
+        state_dir,
+        cache_ms=config.pools.heartbeat_ms,
+    )
+
+
+def _tenant_engine(
+    config: ServiceConfig,
+    cluster: ClusterState,
+    sandbox_dir: Path,
+    tenant_id: str,
+    file: str,
+    metrics: EngineMetrics,
+) -> SchedulingEngine:
+    """A tenant's own scheduler (platform mode), in sandboxes of its own
+    (docs/ARCHITECTURE.md, D15)."""
+    if tenant_id not in cluster.tenant_quotas:
+        raise ConfigError(f"tenant_schedulers[{tenant_id!r}]: no such tenant in `tenants`")
+    path = config.path(file)
+    try:
+        source = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"tenant_schedulers[{tenant_id!r}]: {path}: {exc.strerror}") from None
+    lua = to_lua(source, detect_language(source, path.name), path.name)
+    runtime_dir = sandbox_dir / f"t{len(config.tenant_schedulers)}-{tenant_id[:16]}"
+    runtime_dir.mkdir(exist_ok=True, mode=0o700)
+    return SchedulingEngine(
+        user_source=lua,
+        user_name=f"{tenant_id}:{path.name}",
+        language=config.scheduler.language,
+        options=EngineOptions.from_config(
+            config.scheduler,
+            expose_platform_source=False,
+            runtime_dir=runtime_dir,
+            systemd=_tenant_launch(config, tenant_id),
+        ),
+        metrics=metrics,
+    )
+
+
+def _tenant_launch(config: ServiceConfig, tenant_id: str) -> SystemdLaunch | None:
+    t = config.scheduler.tenant_sandbox
+    if t.launcher != "systemd":
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tenant_id):
+        raise ConfigError(
+            f"tenant_schedulers[{tenant_id!r}]: a systemd unit instance needs a tenant id "
+            "of letters, digits, '_', '.' and '-'"
+        )
+    return SystemdLaunch(prefix=tenant_id, unit=t.unit, socket_dir=Path(t.socket_dir),
+                         systemctl=tuple(t.systemctl))  # fmt: skip
+
+
+def _sandbox_dir(state_dir: Path) -> Path:
+    # Unix socket paths are limited to 108 bytes: keep them short, under /tmp if needed.
+    path = state_dir / "sandbox"
+    if len(str(path)) > 60:
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        path = Path("/tmp") / f"orch-{digest}"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path

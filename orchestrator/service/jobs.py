@@ -1,0 +1,231 @@
+"""Jobs and their state machine, as the service runs it.
+
+Every change follows one order: durable first (the transition is committed to the
+job store), then live (the cluster state the next cycle's context is built from),
+then told (a job event for watchers, a metric). A transition the store refuses (the
+job moved on meanwhile: cancelled, completed by a late reply) changes nothing else.
+The transitions themselves are `orchestrator/domain/transitions.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Sequence
+from typing import Protocol
+
+from orchestrator.domain import transitions
+from orchestrator.domain.context import Catalog, QueueConfig, RetryConfig, Tenant
+from orchestrator.domain.errors import (
+    DrainingError,
+    InvalidRequestError,
+    NotFoundError,
+    QueueFullError,
+)
+from orchestrator.domain.jobs import (
+    JobRecord,
+    JobState,
+    SubmitLimits,
+    SubmitSpec,
+    new_record,
+    retry_delay_ms,
+    validate_submit,
+)
+from orchestrator.domain.transitions import Transition
+from orchestrator.service.events import JobEvents
+from orchestrator.service.metrics import ServiceMetrics
+from orchestrator.support.clock import now_ms
+from orchestrator.support.log import get_logger
+
+log = get_logger("service")
+
+
+class JobStorage(Protocol):
+    """The durable job store (orchestrator/state/store.py, AsyncJobStore)."""
+
+    async def insert(self, record: JobRecord) -> tuple[JobRecord, bool]: ...
+    async def apply(self, transitions: Sequence[Transition]) -> list[JobRecord | None]: ...
+    async def get(self, job_id: str) -> JobRecord | None: ...
+    async def list_jobs(
+        self, states: Sequence[JobState], tenant_id: str | None, limit: int, after_seq: int
+    ) -> list[JobRecord]: ...
+    async def active(self) -> list[JobRecord]: ...
+
+
+class LiveJobs(Protocol):
+    """The jobs in the live cluster state (orchestrator/state/cluster.py, ClusterState)."""
+
+    catalog: Catalog
+    tenant_quotas: dict[str, Tenant]
+    records: dict[str, JobRecord]
+
+    @property
+    def queue_depth(self) -> int: ...
+    def enqueue(self, record: JobRecord, at_ms: int) -> None: ...
+    def start(self, record: JobRecord) -> None: ...
+    def update(self, record: JobRecord) -> None: ...
+    def finish(self, job_id: str) -> None: ...
+    def record_completion(self, record: JobRecord, worker_id: str, at_ms: int) -> None: ...
+
+
+class Jobs:
+    def __init__(
+        self,
+        store: JobStorage,
+        live: LiveJobs,
+        events: JobEvents,
+        metrics: ServiceMetrics,
+        *,
+        limits: SubmitLimits,
+        queue: QueueConfig,
+        retry: RetryConfig,
+        platform_mode: bool,
+        wake: asyncio.Event,
+    ) -> None:
+        self.store = store
+        self.live = live
+        self.events = events
+        self.metrics = metrics
+        self.limits = limits
+        self.queue = queue
+        self.retry = retry
+        self.platform_mode = platform_mode
+        self.wake = wake  # the scheduling loop's: a change worth a cycle
+        self.draining = False
+
+    # ------------------------------------------------------------------ the API's side
+    async def submit(self, spec: SubmitSpec) -> JobRecord:
+        if self.draining:
+            raise DrainingError("the orchestrator is draining; submit elsewhere or retry")
+        catalog = self.live.catalog
+        try:
+            model_ref, priority = validate_submit(
+                spec,
+                catalog=catalog,
+                tenants=self.live.tenant_quotas,
+                limits=self.limits,
+                platform_mode=self.platform_mode,
+            )
+        except InvalidRequestError as exc:
+            self.metrics.rejected.labels(exc.field).inc()
+            raise
+        capacity = self.queue.capacity
+        if capacity >= 0 and self.live.queue_depth >= capacity:
+            raise QueueFullError(f"the queue is full ({capacity} jobs)")
+        at = now_ms()
+        record = new_record("job-" + secrets.token_hex(8), spec, model_ref, priority, catalog, at)
+        stored, created = await self.store.insert(record)
+        if created:
+            self.live.enqueue(stored, at)
+            self.metrics.submitted.inc()
+            self.events.publish(stored, at, "submitted")
+            self.wake.set()
+        return stored
+
+    async def get(self, job_id: str) -> JobRecord:
+        record = self.live.records.get(job_id) or await self.store.get(job_id)
+        if record is None:
+            raise NotFoundError(f"job {job_id!r} not found")
+        return record
+
+    async def list_jobs(
+        self, states: Sequence[JobState], tenant_id: str | None, limit: int, after_seq: int
+    ) -> list[JobRecord]:
+        return await self.store.list_jobs(states, tenant_id, limit, after_seq)
+
+    async def cancel_queued(self, job_id: str) -> JobRecord:
+        """Cancel the job if it is queued; the job as it is afterwards either way."""
+        record = await self.get(job_id)
+        if record.state != JobState.QUEUED:
+            return record
+        at = now_ms()
+        (updated,) = await self.store.apply([transitions.cancel_queued(job_id, at)])
+        if updated is not None:
+            self._finished(updated, at, "cancelled by client")
+            return updated
+        return await self.get(job_id)  # it moved on meanwhile
+
+    # ------------------------------------------------------------------ start-up
+    async def recover(self) -> None:
+        """Queued jobs go back in the queue; jobs that were running are retried."""
+        at = now_ms()
+        records = await self.store.active()
+        requeued = retried = failed = 0
+        changes = []
+        for record in records:
+            if record.state == JobState.QUEUED:
+                self.live.enqueue(record, at)
+                requeued += 1
+                continue
+            delay = retry_delay_ms(self.retry, record.attempts)
+            if delay is None:
+                changes.append(transitions.fail_after_restart(record.id, at))
+                failed += 1
+            else:
+                changes.append(transitions.retry_after_restart(record.id, delay, at))
+                retried += 1
+        for updated in await self.store.apply(changes):
+            if updated is not None and updated.state == JobState.QUEUED:
+                self.live.enqueue(updated, at)
+        if records:
+            log.info("service.recovered", requeued=requeued, retried=retried, failed=failed)
+
+    # ------------------------------------------------------------------ running them
+    async def dispatch(
+        self, batch: Sequence[tuple[JobRecord, str]], at: int
+    ) -> list[JobRecord | None]:
+        """Queued jobs to their workers, in one transaction; None where a job moved on
+        (cancelled while the decision was being made or written)."""
+        results = await self.store.apply([transitions.dispatch(r, w, at) for r, w in batch])
+        for (_, worker_id), updated in zip(batch, results, strict=True):
+            if updated is None:
+                self.metrics.applied.labels("dispatch", "stale").inc()
+                continue
+            self.live.start(updated)
+            self.metrics.applied.labels("dispatch", "applied").inc()
+            self.metrics.dispatch_wait.observe(max(0, at - updated.queued_at) / 1000)
+            self.events.publish(updated, at, f"dispatched to {worker_id}")
+        return results
+
+    async def first_token(self, job_id: str) -> None:
+        at = now_ms()
+        (updated,) = await self.store.apply([transitions.first_token(job_id, at)])
+        if updated is not None:
+            self.live.update(updated)
+            self.events.publish(updated, at, "running")
+
+    async def complete(
+        self, job_id: str, worker_id: str, output: str, tokens: int, at: int
+    ) -> None:
+        (done,) = await self.store.apply(
+            [transitions.complete(job_id, worker_id, output, tokens, at)]
+        )
+        if done is not None:
+            self.live.record_completion(done, worker_id, at)
+            self._finished(done, at, "completed")
+
+    async def retry_or_fail(self, record: JobRecord, error: str, at: int) -> None:
+        """A failed attempt: back to the queue under `retry`, or failed for good."""
+        delay = retry_delay_ms(self.retry, record.attempts)
+        if delay is None:
+            (failed,) = await self.store.apply([transitions.fail(record.id, error, at)])
+            if failed is not None:
+                self._finished(failed, at, error)
+            return
+        (queued,) = await self.store.apply([transitions.retry(record.id, error, delay, at)])
+        if queued is not None:
+            self.metrics.retried.inc()
+            self.live.enqueue(queued, at)
+            self.events.publish(queued, at, f"retry in {delay} ms: {error}")
+            self.wake.set()
+
+    async def cancel_in_flight(self, job_id: str, at: int) -> None:
+        (cancelled,) = await self.store.apply([transitions.cancel_in_flight(job_id, at)])
+        if cancelled is not None:
+            self._finished(cancelled, at, "cancelled by client")
+
+    def _finished(self, record: JobRecord, at: int, detail: str) -> None:
+        self.live.finish(record.id)
+        self.metrics.finished.labels(record.state).inc()
+        self.events.publish(record, at, detail)
+        self.wake.set()

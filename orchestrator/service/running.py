@@ -1,0 +1,121 @@
+"""Running dispatched jobs: one task per job, streaming it from its worker.
+
+A job's task ends in one transition: completed, retried or failed (under `retry`),
+or cancelled when a client asked. When the service stops, running tasks are
+cancelled without a transition: the store still says the job is in flight, and the
+next start retries it (`Jobs.recover`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from orchestrator.domain.jobs import JobRecord
+from orchestrator.pools.completion import Outcome
+from orchestrator.service.jobs import Jobs
+from orchestrator.support.clock import now_ms
+from orchestrator.support.tasks import cancel_and_wait
+
+
+class Completions(Protocol):
+    """Runs a job on a worker (orchestrator/pools/completion.py, CompletionClient)."""
+
+    async def run(
+        self,
+        record: JobRecord,
+        uri: str,
+        timeout_s: float,
+        on_first_token: Callable[[], Awaitable[None]],
+    ) -> Outcome: ...
+    async def close(self) -> None: ...
+
+
+class WorkerOccupancy(Protocol):
+    """Which job each worker runs (orchestrator/state/cluster.py, ClusterState)."""
+
+    def assign(self, worker_id: str, job_id: str | None, at_ms: int) -> None: ...
+
+
+class FailedWorkers(Protocol):
+    """Where a worker that stopped answering is reported (the local pool)."""
+
+    def mark_failed(self, worker_id: str, detail: str) -> None: ...
+
+
+class JobRunner:
+    def __init__(
+        self,
+        jobs: Jobs,
+        occupancy: WorkerOccupancy,
+        completions: Completions,
+        failed_workers: FailedWorkers | None,
+        *,
+        timeout_s: float,
+    ) -> None:
+        self.jobs = jobs
+        self.occupancy = occupancy
+        self.completions = completions
+        self.failed_workers = failed_workers
+        self.timeout_s = timeout_s
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._cancel_requested: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def start(self, record: JobRecord, worker_id: str, uri: str, at: int) -> None:
+        """Run a job dispatched to `worker_id` (serving at `uri`) at `at`."""
+        self.occupancy.assign(worker_id, record.id, at)
+        self._running[record.id] = asyncio.get_running_loop().create_task(
+            self._run(record, worker_id, uri)
+        )
+
+    async def cancel(self, job_id: str) -> None:
+        """A client cancelled the job: stop it, and mark it cancelled."""
+        task = self._running.get(job_id)
+        if task is not None:
+            self._cancel_requested.add(job_id)
+            await cancel_and_wait(task)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let running jobs finish for up to `timeout_s`, then stop the rest."""
+        if self._running:
+            await asyncio.wait(list(self._running.values()), timeout=timeout_s)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop every running job; each stays in flight in the store, retried on restart."""
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await self.completions.close()
+
+    async def _run(self, record: JobRecord, worker_id: str, uri: str) -> None:
+        job_id = record.id
+        try:
+            outcome = await self.completions.run(
+                record, uri, self.timeout_s, lambda: self.jobs.first_token(job_id)
+            )
+        except asyncio.CancelledError:
+            await self._stopped(job_id, worker_id)
+            raise
+        finally:
+            self._running.pop(job_id, None)
+        at = now_ms()
+        self.occupancy.assign(worker_id, None, at)
+        if outcome.ok:
+            await self.jobs.complete(job_id, worker_id, outcome.output, outcome.tokens, at)
+            return
+        if outcome.worker_failed and self.failed_workers is not None:
+            self.failed_workers.mark_failed(worker_id, outcome.error)
+        await self.jobs.retry_or_fail(record, outcome.error, at)
+
+    async def _stopped(self, job_id: str, worker_id: str) -> None:
+        at = now_ms()
+        self.occupancy.assign(worker_id, None, at)
+        if job_id not in self._cancel_requested:
+            return  # shutting down: the job stays in flight in the store, retried on restart
+        self._cancel_requested.discard(job_id)
+        await self.jobs.cancel_in_flight(job_id, at)

@@ -1,0 +1,434 @@
+"""YAML policies: every condition and action, error messages, goldens, and the compiler's twin."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator.domain import decision as decisions
+from orchestrator.domain.context import Context
+from orchestrator.domain.samples import GiB, sample_context
+from orchestrator.policy.compile import compile_yaml
+from orchestrator.policy.interpret import decide
+from orchestrator.policy.parse import PolicyError, parse_policy
+from orchestrator.wire import decision as decision_codec
+from tests.conftest import REPO, InProcessRuntime
+
+SCHEDULERS = REPO / "schedulers"
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def policy(*rules: str, name: str = "t") -> str:
+    body = "".join(rules)
+    return f"scheduler:\n  name: {name}\n  rules:\n{body}"
+
+
+def rule(name: str, condition: str, action: str, priority: int = 0) -> str:
+    return (
+        f"    - name: {name}\n      condition: {condition}\n"
+        f"      action: {action}\n      priority: {priority}\n"
+    )
+
+
+def run_lua(text: str, ctx: Context, language: str = "luajit") -> dict[str, object]:
+    runtime = InProcessRuntime(language)
+    reply = runtime.load(compile_yaml(text, "t.yaml"))
+    assert reply.ok, reply.error.message
+    result = runtime.run(ctx)
+    assert result.error_kind == 0, (result.error_message, result.traceback)
+    assert result.decision is not None
+    return decisions.to_dict(decision_codec.from_proto(result.decision))
+
+
+def both(text: str, ctx: Context | None = None) -> dict[str, object]:
+    """The decision of the compiled Lua, checked equal to the Python interpreter's."""
+    ctx = ctx or sample_context()
+    lua = run_lua(text, ctx)
+    expected = decide(parse_policy(text, "t.yaml"), ctx)
+    assert expected is not None
+    assert lua == decisions.to_dict(expected)
+    return lua
+
+
+# ---------------------------------------------------------------- conditions
+# The sample queue in order: job-1 (interactive, llama-8b, seed 42), job-4
+# (interactive, llama-70b), job-5 (batch, mistral), job-2 (batch, llama-13b),
+# job-3 (batch, llama-8b, seed 7).
+CONDITIONS = [
+    ("always", "job-1"),
+    ("{job.priority: batch}", "job-3"),  # job-5 and job-2 have no ready worker
+    ("{job.priority: {eq: interactive}}", "job-1"),
+    ("{job.priority: {ne: interactive}}", "job-3"),
+    ("{job.seed: {exists: true}}", "job-1"),
+    ("{job.seed: {exists: false}}", "job-4"),
+    ("{job.id: {in: [job-3, job-4]}}", "job-4"),
+    ("{job.id: {not_in: [job-1, job-4]}}", "job-3"),
+    ("{job.seed: {gt: 10}}", "job-1"),
+    ("{job.seed: {gte: 42}}", "job-1"),
+    ("{job.seed: {lt: 42}}", "job-3"),
+    ("{job.seed: {lte: 7}}", "job-3"),
+    ("{job.wait_time_ms: {gt: 8s}}", "job-3"),
+    ("{job.estimated_vram_bytes: {gte: 40GiB}}", "job-4"),
+    ("{job.model_ref: {contains: Llama-3.1-8B}}", "job-3"),  # job-1 names it by alias
+    ("{job.model_ref: {starts_with: llama-7}}", "job-4"),
+    ("{model.family: llama, model.size: 70B}", "job-4"),
+    ("{model.supports_determinism: true, job.priority: batch}", "job-3"),
+    ("{all: [{job.priority: batch}, {job.seed: {exists: true}}]}", "job-3"),
+    ("{any: [{job.id: job-4}, {job.id: job-3}]}", "job-4"),
+    ("{not: {job.priority: interactive}}", "job-3"),
+    ("{metrics.queue_depth: {gte: 5}, job.priority: interactive}", "job-1"),
+    ("{worker.id: worker-1}", "job-1"),  # only worker-1 qualifies for llama-8b
+    ("{pool.id: pool-2}", "job-1"),
+    ("{gpu.device_name: NVIDIA A100, gpu.vram_total_bytes: {lt: 50GiB}}", "job-1"),
+    ("{pool.vram_utilization: {gt: 0.4}}", "job-1"),  # pool-1 is 61/128 allocated
+]
+
+
+@pytest.mark.parametrize(("condition", "job_id"), CONDITIONS, ids=[c[0] for c in CONDITIONS])
+def test_each_condition_selects_the_expected_job(condition: str, job_id: str) -> None:
+    """Each operator and combinator picks the job it should, in Lua and in the interpreter."""
+    text = policy(rule("r", condition, "{dispatch: {worker_selection: least-loaded}}"))
+    decision = both(text)
+    assert decision["action"] == "dispatch" and decision["job_id"] == job_id
+    assert decision["rule"] == "r"
+
+
+def test_metrics_condition_can_gate_everything() -> None:
+    """A false metrics condition skips the rule; no rule acting means wait."""
+    text = policy(rule("r", "{metrics.queue_depth: {gt: 100}}", "{dispatch: {}}"))
+    assert both(text) == {"action": "wait", "reason": "no_rule_matched"}
+
+
+def test_tenant_fields_and_quotas() -> None:
+    """tenant.* reads the job's tenant; dispatches never break a quota."""
+    ctx = sample_context(platform_mode=True)
+    text = policy(rule("r", "{tenant.name: Acme Corp}", "{dispatch: {}}"))
+    assert both(text, ctx)["job_id"] == "job-1"
+    # tenant-2 is at its concurrency quota: its jobs are skipped even though they match.
+    text = policy(rule("r", "{tenant.id: tenant-2}", "{dispatch: {}}"))
+    assert both(text, ctx)["action"] == "wait"
+
+
+# ---------------------------------------------------------------- actions
+@pytest.mark.parametrize(
+    ("selection", "worker_id"),
+    [
+        ("least-loaded", "worker-4"),
+        ("most-vram-free", "worker-4"),
+        ("ready", "worker-1"),
+        ("round-robin", "worker-1"),
+    ],
+)
+def test_dispatch_worker_selection(selection: str, worker_id: str) -> None:
+    """Each worker_selection picks as its built-in does (llama-8b: worker-1 at 35%, worker-4 at 10%)."""
+    text = policy(
+        rule(
+            "r",
+            "{job.id: job-1}",
+            f"{{dispatch: {{worker_selection: {selection}, model_match: required}}}}",
+        )
+    )
+    assert both(text)["worker_id"] == worker_id
+
+
+def test_wait_evict_start_and_platform_actions() -> None:
+    """wait (with duration), evict by LRU/LFU/id, start_worker and use platform-scheduler."""
+    assert both(policy(rule("w", "always", "{wait: {duration_ms: 250}}"))) == {
+        "action": "wait",
+        "retry_after_ms": 250,
+        "reason": "rule w",
+        "rule": "w",
+    }
+    assert (
+        both(policy(rule("w", "{job.priority: interactive}", "{wait: null}")))["reason"]
+        == "held by rule: job-1"
+    )
+    assert both(policy(rule("e", "always", "{evict: {policy: lru}}")))["worker_id"] == "worker-3"
+    assert both(policy(rule("e", "always", "{evict: {policy: lfu}}")))["worker_id"] == "worker-4"
+    assert both(policy(rule("e", "{pool.id: pool-1}", "{evict: {}}")))["worker_id"] == "worker-3"
+    assert (
+        both(policy(rule("e", "always", "{evict: {worker_id: worker-1}}")))["worker_id"]
+        == "worker-1"
+    )
+    # job-5's mistral model has no worker: it is started on the GPU with the most free VRAM.
+    started = both(policy(rule("s", "always", "{start_worker: {}}")))
+    assert (started["action"], started["pool_id"], started["gpu_id"]) == (
+        "start_worker",
+        "pool-1",
+        2,
+    )
+    started = both(
+        policy(
+            rule("s", "{gpu.vram_total_bytes: {lt: 50GiB}}", "{start_worker: {model: mistral-7b}}")
+        )
+    )
+    assert (started["pool_id"], started["gpu_id"]) == ("pool-2", 0)
+    assert (
+        both(policy(rule("s", "always", "{start_worker: {model: llama-8b}}")))["action"] == "wait"
+    )  # served
+    delegated = run_lua(policy(rule("p", "always", "{use: platform-scheduler}")), sample_context())
+    assert delegated["action"] == "batch"
+
+
+def test_rules_run_by_priority_then_file_order() -> None:
+    """Higher priority first; equal priorities keep their order in the file."""
+    text = policy(
+        rule("low", "{job.id: job-1}", "{dispatch: {}}", 1),
+        rule("high", "{job.id: job-3}", "{dispatch: {}}", 10),
+        rule("tie", "{job.id: job-4}", "{dispatch: {}}", 10),
+    )
+    assert both(text)["rule"] == "high"
+    assert [r.name for r in parse_policy(text).rules] == ["high", "tie", "low"]
+
+
+def test_spec_examples_compile_and_decide() -> None:
+    """programmable-spec 3.2 and 6.2 compile as written and decide on the sample context."""
+    text = (SCHEDULERS / "examples" / "programmable-3.2-determinism-first.yaml").read_text()
+    assert run_lua(text, sample_context())["rule"] == "prioritize-seeded-jobs"
+    text = (SCHEDULERS / "examples" / "programmable-6.2-batch-optimized.yaml").read_text()
+    decision = both(text)
+    assert (decision["job_id"], decision["worker_id"], decision["rule"]) == (
+        "job-3",
+        "worker-4",
+        "batch-to-most-vram",
+    )
+
+
+def test_compiled_lua_runs_on_lua54_too() -> None:
+    """The generated Lua is valid on both runtimes and decides the same."""
+    text = (SCHEDULERS / "templates" / "gpu-affinity.yaml").read_text()
+    assert run_lua(text, sample_context(), "lua54") == run_lua(text, sample_context(), "luajit")
+
+
+# ---------------------------------------------------------------- errors
+GOOD_RULE = "    - name: ok\n      condition: always\n      action: {dispatch: {}}\n"
+MALFORMED = [
+    ("scheduler:\n  name: x\n  rules: [\n", 4, "invalid YAML"),
+    ("schedular:\n  name: x\n", 1, "unexpected key 'schedular'"),
+    ("scheduler:\n  name: x\n", 1, "missing 'rules'"),
+    ("scheduler:\n  name: x\n  rules: []\n", 3, "rules needs at least 1 item"),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - condition: always\n      action: {dispatch: {}}\n",
+        4,
+        "missing 'name'",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      action: {dispatch: {}}\n",
+        4,
+        "missing 'condition'",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: always\n",
+        4,
+        "missing 'action'",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: always\n      action: {dispatch: {}}\n      priorty: 3\n",
+        7,
+        "unexpected key 'priorty'",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition:\n        job.prioity: batch\n      action: {dispatch: {}}\n",
+        6,
+        "unknown field 'job.prioity'",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition:\n        jobs.priority: batch\n      action: {dispatch: {}}\n",
+        6,
+        "unexpected key 'jobs.priority'",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: always\n      action:\n        dispatch: {worker_selection: fastest}\n",
+        7,
+        "expected one of least-loaded, most-vram-free, round-robin, ready",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: always\n      action: {dispatch_now: {}}\n",
+        6,
+        "unknown action 'dispatch_now' (expected one of dispatch, wait, evict",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition:\n        job.priority: {gt: 5}\n      action: {dispatch: {}}\n",
+        6,
+        "job.priority is a string; operator 'gt' does not apply",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition:\n        job.max_tokens: lots\n      action: {dispatch: {}}\n",
+        6,
+        "expected a number",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition:\n        job.estimated_vram_bytes: {gt: 16 gigs}\n      action: {dispatch: {}}\n",
+        6,
+        "expected a size like 16GiB",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition:\n        job.priority: urgent\n      action: {dispatch: {}}\n",
+        6,
+        "expected one of interactive, batch",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition:\n        job.priority: batch\n      action: {evict: {policy: lru}}\n",
+        6,
+        "action evict cannot use job fields",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition:\n        any: [{job.seed: {exists: true}}, {worker.status: ready}]\n      action: {dispatch: {}}\n",
+        6,
+        "'any' mixes job/model fields with worker/pool/gpu fields",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n" + GOOD_RULE + GOOD_RULE,
+        7,
+        "the name is already used by rule #1",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: always\n      action: {wait: {duration_ms: -5}}\n",
+        6,
+        "must be within 0..3600000",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: always\n      action: {use: platform}\n",
+        6,
+        "expected 'platform-scheduler'",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: always\n      action: {dispatch: {}}\n      priority: high\n",
+        7,
+        "priority should be integer",
+    ),
+    (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: sometimes\n      action: {dispatch: {}}\n",
+        5,
+        "condition",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "message"), MALFORMED, ids=[m[2][:40] for m in MALFORMED])
+def test_malformed_policy_errors_name_the_line(text: str, line: int, message: str) -> None:
+    """Each malformed policy fails with file:line:column and what was expected."""
+    with pytest.raises(PolicyError) as info:
+        compile_yaml(text, "bad.yaml")
+    error = info.value
+    assert str(error).startswith(f"bad.yaml:{line}:"), str(error)
+    assert message in str(error), str(error)
+
+
+# ---------------------------------------------------------------- goldens
+YAML_FILES = sorted(SCHEDULERS.rglob("*.yaml"))
+POLICIES = [p for p in YAML_FILES if p.name != "scheduler-schema.yaml"]
+
+
+@pytest.mark.parametrize("path", POLICIES, ids=[p.name for p in POLICIES])
+def test_compiled_output_matches_golden(path: Path) -> None:
+    """The Lua compiled from each policy in schedulers/ is the reviewed golden file
+    (UPDATE_GOLDEN=1 rewrites them)."""
+    lua = compile_yaml(path.read_text(), path.name)
+    golden = GOLDEN / (path.stem + ".lua")
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(lua)
+    assert golden.read_text() == lua
+
+
+# ---------------------------------------------------------------- the compiler's twin
+FIELD_TESTS = st.sampled_from(
+    [
+        "job.priority: interactive",
+        "job.priority: batch",
+        "job.seed: {exists: true}",
+        "job.seed: {exists: false}",
+        "job.max_tokens: {gte: 50}",
+        "job.wait_time_ms: {gt: 3000}",
+        "job.tenant_id: {in: [tenant-1]}",
+        "model.family: llama",
+        "model.vram_required_bytes: {lt: 10GiB}",
+        "model.supports_determinism: true",
+        "metrics.queue_depth: {gt: 2}",
+        "metrics.ready_workers: {lt: 3}",
+        "tenant.concurrent_jobs: {lte: 2}",
+        "job.model_ref: {contains: mistral}",
+    ]
+)
+PLACE_TESTS = st.sampled_from(
+    [
+        "worker.jobs_completed: {gt: 10}",
+        "pool.id: pool-2",
+        "gpu.utilization_percent: {lt: 50}",
+        "gpu.vram_total_bytes: {gte: 40GiB}",
+        "pool.status: healthy",
+        "worker.uptime_ms: {gt: 1h}",
+    ]
+)
+
+
+@st.composite
+def random_rule(draw: st.DrawFn, index: int) -> str:
+    kind = draw(
+        st.sampled_from(["dispatch", "dispatch", "wait", "evict", "start_worker", "start_model"])
+    )
+    job_tests = draw(st.lists(FIELD_TESTS, max_size=2, unique=True))
+    place_tests = draw(st.lists(PLACE_TESTS, max_size=1))
+    if kind == "dispatch":
+        selection = draw(
+            st.sampled_from(["least-loaded", "most-vram-free", "ready", "round-robin"])
+        )
+        action = f"{{dispatch: {{worker_selection: {selection}}}}}"
+    elif kind == "wait":
+        action, place_tests = "{wait: {duration_ms: 100}}", []
+    elif kind == "evict":
+        action = f"{{evict: {{policy: {draw(st.sampled_from(['lru', 'lfu']))}}}}}"
+        job_tests = [t for t in job_tests if t.startswith("metrics.")]
+    elif kind == "start_worker":
+        action = "{start_worker: {}}"
+        place_tests = [t for t in place_tests if not t.startswith("worker.")]
+    else:
+        action = "{start_worker: {model: mistral-7b}}"
+        place_tests = [t for t in place_tests if not t.startswith("worker.")]
+    tests = job_tests + place_tests
+    condition = "always" if not tests else "{" + ", ".join(tests) + "}"
+    return rule(f"r{index}", condition, action, draw(st.integers(0, 3)))
+
+
+@st.composite
+def random_context(draw: st.DrawFn) -> Context:
+    ctx = sample_context(platform_mode=draw(st.booleans()))
+    keep = draw(st.lists(st.sampled_from([j.id for j in ctx.queue]), unique=True))
+    queue = tuple(
+        dataclasses.replace(j, seed=draw(st.sampled_from([None, 1, 99])))
+        for j in ctx.queue if j.id in keep
+    )  # fmt: skip
+    pools = []
+    for pool in ctx.pools:
+        workers = tuple(
+            dataclasses.replace(w, status=draw(st.sampled_from(["ready", "busy", "failed"])),
+                                current_job_id=None, last_used_at_ms=ctx.now_ms - draw(st.integers(0, 10**6)))
+            for w in pool.workers
+        )  # fmt: skip
+        gpus = tuple(
+            dataclasses.replace(g, utilization_percent=float(draw(st.integers(0, 100))),
+                                vram_free_bytes=draw(st.integers(0, 40)) * GiB)
+            for g in pool.gpus
+        )  # fmt: skip
+        status = draw(st.sampled_from(["healthy", "healthy", "degraded", "offline"]))
+        pools.append(dataclasses.replace(pool, workers=workers, gpus=gpus, status=status))
+    return dataclasses.replace(ctx, queue=queue, pools=tuple(pools))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(1, 4).flatmap(lambda n: st.tuples(*(random_rule(i) for i in range(n)))),
+    random_context(),
+)
+def test_compiled_lua_decides_like_the_interpreter(rules: tuple[str, ...], ctx: Context) -> None:
+    """On random contexts, the compiled Lua in the sandbox and the pure-Python interpreter agree."""
+    text = policy(*rules)
+    expected = decide(parse_policy(text, "t.yaml"), ctx)
+    assert expected is not None
+    assert run_lua(text, ctx) == decisions.to_dict(expected)
