@@ -2,7 +2,7 @@
 
 Every failure of the script, or of ours, is encoded in the reply. The one status
 code it sets is FAILED_PRECONDITION, for a delta that does not follow the state
-the worker holds (DESIGN.md: the core then sends a full snapshot).
+the worker holds (docs/ARCHITECTURE.md, D1: the core then sends a full snapshot).
 """
 
 from __future__ import annotations

@@ -230,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(yaml.safe_dump(data, sort_keys=False), end="")
         return 0
-    except UsageError as exc:
-        print(f"orchestratord: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OrchestratorError as exc:
+    except OrchestratorError as exc:  # bad flags, files, policies or contexts alike
         print(f"orchestratord: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -172,7 +172,7 @@ class ServiceConfig:
     tenants: Mapping[str, Any] = field(default_factory=dict)
     tenants_file: str | None = None
     # Platform mode: tenant id -> that tenant's own scheduler (Lua or YAML), run in its
-    # own sandbox on a view of the cluster holding only its jobs (DESIGN.md, Q16/17).
+    # own sandbox on a view of the cluster holding only its jobs (docs/ARCHITECTURE.md, D15).
     tenant_schedulers: Mapping[str, str] = field(default_factory=dict)
     drain_timeout_s: float = 30.0
     # Required when listen.http is not a loopback address: the admin UI and API then

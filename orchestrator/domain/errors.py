@@ -3,8 +3,8 @@
 Every error this project raises on purpose is an `OrchestratorError`, and each class
 carries an `ErrorCode`: what went wrong, in words no protocol owns. Each edge turns
 codes into its own terms in exactly one table: gRPC status codes in
-`orchestrator/api/rpc/errors.py`, HTTP statuses in `orchestrator/api/web/errors.py`,
-exit statuses in `orchestrator/cli/main.py`. No edge looks at a message to decide.
+`orchestrator/api/rpc/errors.py`, HTTP statuses in `orchestrator/api/web/errors.py`
+(docs/ARCHITECTURE.md, D24). No edge looks at a message to decide.
 
 Library errors (lupa's LuaError, pynvml's NVMLError, yaml's YAMLError, grpc's
 RpcError) are mapped to these at the boundary where they are caught.

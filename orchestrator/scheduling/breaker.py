@@ -1,4 +1,4 @@
-"""Circuit breaker for crash-looping user schedulers (DESIGN.md, "Crash loops").
+"""Circuit breaker for crash-looping user schedulers (docs/ARCHITECTURE.md, D5).
 
 Pure: time comes from an injected clock. After `threshold` consecutive failures
 the circuit opens and the platform scheduler stays in charge; after a backoff one

@@ -1,4 +1,4 @@
-"""Per-tenant schedulers in platform mode (DESIGN.md, Q16/17). Pure.
+"""Per-tenant schedulers in platform mode (docs/ARCHITECTURE.md, D15). Pure.
 
 A tenant's scheduler runs in its own sandbox worker on its own view of the cluster:
 its queued jobs only, its own tenant record, the workers with other tenants' jobs

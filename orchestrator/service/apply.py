@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from orchestrator.domain import decision as decisions
@@ -78,12 +78,15 @@ class DecisionApplier:
         runner: JobRunner,
         local_pool: LocalWorkers | None,
         metrics: ServiceMetrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,  # the start backoff's
     ) -> None:
         self.cluster = cluster
         self.jobs = jobs
         self.runner = runner
         self.local_pool = local_pool
         self.metrics = metrics
+        self.clock = clock
         self._worker_ids = itertools.count(1)
         self._command_ids = itertools.count(1)
         # (pool, model) -> (monotonic time before which no start is tried, last delay)
@@ -137,7 +140,7 @@ class DecisionApplier:
         if pool is not None and action.pool_id == pool.id:
             key = (action.pool_id, model.model_ref)
             until, delay = self._start_backoff.get(key, (0.0, 0.0))
-            if time.monotonic() < until:
+            if self.clock() < until:
                 self.metrics.applied.labels("start_worker", "backoff").inc()
                 return
             try:
@@ -147,7 +150,7 @@ class DecisionApplier:
             except PoolError as exc:
                 # The scheduler will ask again; do not try more than once per backoff.
                 delay = min(max(1.0, delay * 2), START_BACKOFF_MAX_S)
-                self._start_backoff[key] = (time.monotonic() + delay, delay)
+                self._start_backoff[key] = (self.clock() + delay, delay)
                 log.error(
                     "pool.start_failed", pool=action.pool_id, error=str(exc), retry_in_s=delay
                 )

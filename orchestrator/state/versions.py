@@ -1,4 +1,4 @@
-"""Scheduler version history (DESIGN.md, Q14/15): every deployment, in SQLite.
+"""Scheduler version history (docs/ARCHITECTURE.md, D14): every deployment, in SQLite.
 
 Each entry keeps the source, its content hash, the semver from its header, who
 deployed it, when, why, and the validation report; exactly one entry is active

@@ -1,6 +1,6 @@
 """Context dataclasses to protobuf: full snapshots, and deltas between two contexts.
 
-A delta carries what changed from one context to the next (DESIGN.md): jobs added
+A delta carries what changed from one context to the next (docs/ARCHITECTURE.md, D1): jobs added
 or removed, and pools, GPUs and workers changed. Unchanged records are skipped by
 identity first, so a state store that reuses its unchanged objects makes a cycle
 cost what changed. Pure: no I/O.

@@ -1,6 +1,6 @@
 """Every ctx built-in (runtime-spec section 4) on the hand-made sample context, with known answers.
 
-The sample context (orchestrator/samples.py) is small enough to work the answers
+The sample context (orchestrator/domain/samples.py) is small enough to work the answers
 out by hand; the comments say how. Each case runs on LuaJIT and on Lua 5.4.
 """
 

@@ -1,4 +1,4 @@
-"""The sandbox of runtime-spec section 6 and DESIGN.md's additions, on both Lua runtimes.
+"""The sandbox of runtime-spec section 6 and docs/ARCHITECTURE.md, D7, on both Lua runtimes.
 
 Every disabled feature fails with an error that names it; the attempt counts as a
 sandbox violation even when the script swallows the error with pcall, and the
@@ -30,7 +30,7 @@ DISABLED = [
     ("loadfile('/etc/passwd')", "loadfile"),
     ("dofile('/etc/passwd')", "dofile"),
     ("require('socket')", "require"),
-    # DESIGN.md, question 5
+    # docs/ARCHITECTURE.md, D7
     ("string.dump(schedule)", "string.dump"),
     ("debug.getinfo(1)", "debug.getinfo"),
     ("debug.sethook(function() end, '', 1)", "debug.sethook"),

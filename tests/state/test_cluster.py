@@ -1,0 +1,168 @@
+"""The live cluster state, pure: jobs in and out of the queue, workers seen twice (the
+pool's process, the core's overlay), remote pools, tenants, and the context it builds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from orchestrator.config.settings import ServiceConfig
+from orchestrator.domain.context import Gpu, HostReading, ProcessInfo, Tenant
+from orchestrator.domain.decision import EvictWorker, StartWorker
+from orchestrator.domain.jobs import JobState
+from orchestrator.state.cluster import ClusterState, next_midnight_utc_ms
+from orchestrator.state.remote_pools import RemoteCommand
+from tests.fakes import CATALOG, CONFIG, MODEL, FakeLocalPool, GiB, record
+
+NOW = 1_700_000_000_000
+
+
+def cluster(
+    local: FakeLocalPool | None = None,
+    tenants: dict[str, Tenant] | None = None,
+    config: ServiceConfig = CONFIG,
+) -> ClusterState:
+    return ClusterState(config, CATALOG, tenants or {}, local)
+
+
+def test_queue_order_is_priority_then_arrival() -> None:
+    state = cluster()
+    state.enqueue(record("b1", at=10), NOW)
+    state.enqueue(record("i1", at=30, priority="interactive"), NOW)
+    state.enqueue(record("b0", at=5), NOW)
+    ctx = state.context(NOW)
+    assert [j.id for j in ctx.queue] == ["i1", "b0", "b1"]
+    assert (ctx.metrics.queue_depth, ctx.metrics.queue_depth_interactive) == (3, 1)
+    assert state.queue_depth == 3
+
+
+def test_a_dispatched_job_leaves_the_queue_and_a_finished_one_the_cluster() -> None:
+    state = cluster()
+    job = record("j1")
+    state.enqueue(job, NOW)
+    running = dataclasses.replace(job, state=JobState.DISPATCHED, worker_id="w1")
+    state.start(running)
+    assert [j.id for j in state.context(NOW).queue] == []
+    assert state.in_flight == {"j1": running} and state.queue_depth == 0
+    state.finish("j1")
+    assert "j1" not in state.records and not state.in_flight
+
+
+def test_a_retry_waits_out_its_backoff_then_rejoins_the_queue() -> None:
+    state = cluster()
+    state.enqueue(dataclasses.replace(record("j1"), not_before=NOW + 500), NOW)
+    assert state.context(NOW).queue == ()
+    assert state.next_due_ms() == NOW + 500
+    assert [j.id for j in state.context(NOW + 500).queue] == ["j1"]
+    assert state.next_due_ms() is None
+
+
+def test_every_change_moves_the_version_the_loop_watches() -> None:
+    state = cluster()
+    seen = [state.version]
+    state.enqueue(record("j1"), NOW)
+    seen.append(state.version)
+    state.assign("w1", "j1", NOW)
+    seen.append(state.version)
+    state.remote.register("gpu-host", "http://gpu-host", NOW)
+    seen.append(state.version)
+    state.changed()
+    seen.append(state.version)
+    assert seen == sorted(set(seen)), seen
+
+
+def test_the_core_overlays_busy_and_usage_on_the_pools_workers() -> None:
+    local = FakeLocalPool()
+    local.add("w1")
+    local.add("w2")
+    state = cluster(local)
+    state.assign("w1", "j1", NOW - 200)
+    (pool,) = state.context(NOW).pools
+    w1, w2 = pool.workers
+    assert (w1.status, w1.current_job_id, w1.job_started_at) == ("busy", "j1", NOW - 200)
+    assert (w2.status, w2.current_job_id) == ("ready", None)
+    assert state.running_job("w1") == "j1" and state.running_job("w2") is None
+    state.assign("w1", None, NOW)
+    (pool,) = state.context(NOW).pools
+    assert pool.workers[0].status == "ready"
+
+
+def test_completions_feed_throughput_and_the_tenants_daily_tokens() -> None:
+    tenants = {"acme": Tenant("acme", quota_tokens_daily=10)}
+    state = cluster(FakeLocalPool(), tenants)
+    done = dataclasses.replace(
+        record("j1", tenant_id="acme"), dispatched_at=NOW - 1000, tokens_generated=12
+    )
+    state.context(NOW)  # the day's window starts
+    state.record_completion(done, "w1", NOW)
+    (tenant,) = state.context(NOW).tenants
+    assert (tenant.tokens_used_today, tenant.quota_exceeded) == (12, True)
+    assert state.context(NOW).metrics.jobs_completed_last_minute == 1
+    tomorrow = next_midnight_utc_ms(NOW)
+    (tenant,) = state.context(tomorrow).tenants
+    assert (tenant.tokens_used_today, tenant.quota_exceeded) == (0, False)
+
+
+def test_tenant_usage_counts_its_running_jobs() -> None:
+    state = cluster(tenants={"acme": Tenant("acme", quota_max_concurrent_jobs=2)})
+    job = record("j1", tenant_id="acme")
+    state.enqueue(job, NOW)
+    state.start(dataclasses.replace(job, state=JobState.DISPATCHED))
+    (tenant,) = state.context(NOW).tenants
+    assert (tenant.concurrent_jobs, tenant.vram_used_bytes) == (1, job.estimated_vram_bytes)
+
+
+def test_an_unchanged_pool_keeps_its_record_between_cycles() -> None:
+    """The snapshot diff relies on identity: a pool that did not change is the same object."""
+    local = FakeLocalPool()
+    local.add("w1")
+    state = cluster(local)
+    first = state.context(NOW).pools[0]
+    again = state.context(NOW).pools[0]
+    assert again.workers is first.workers and again.gpus is first.gpus
+    state.assign("w1", "j1", NOW)
+    assert state.context(NOW).pools[0].workers is not first.workers
+
+
+def test_remote_pools_show_what_the_core_asked_for_until_the_pool_reports() -> None:
+    state = cluster()
+    state.remote.register("gpu-host", "http://gpu-host", NOW)
+    pool = state.remote.get("gpu-host")
+    assert pool is not None
+    gpu = Gpu(0, "NVIDIA L4", 24 * GiB)
+    reported = ProcessInfo("old", MODEL, (0,), 6 * GiB, "http://old", "ready", NOW)
+    state.remote.heartbeat(pool, (gpu,), (reported,), (), HostReading(8 * GiB, 4 * GiB, 1, 4), NOW)
+    start = StartWorker("gpu-host", 0, MODEL)
+    state.remote.start("gpu-host", RemoteCommand("c1", start, "new", 6 * GiB), NOW)
+    assert state.remote.evict("old", RemoteCommand("c2", EvictWorker("old")))
+    (ctx_pool,) = state.context(NOW).pools
+    assert [(w.id, w.status) for w in ctx_pool.workers] == [("new", "starting")]
+    assert ctx_pool.host_ram_total_bytes == 8 * GiB
+    commands = state.remote.heartbeat(pool, (gpu,), (), (), HostReading(), NOW + 100)
+    assert [c.id for c in commands] == ["c1", "c2"]
+    assert state.remote.heartbeat(pool, (gpu,), (), (), HostReading(), NOW + 200) == []
+    assert not state.remote.evict("nobody", RemoteCommand("c3", EvictWorker("nobody")))
+
+
+def test_a_remote_pool_goes_degraded_then_offline_without_heartbeats() -> None:
+    state = cluster()
+    state.remote.register("gpu-host", "", NOW)
+    pools = CONFIG.pools
+    statuses = [
+        state.context(NOW + age).pools[0].status
+        for age in (0, pools.degraded_after_ms + 1, pools.offline_after_ms + 1)
+    ]
+    assert statuses == ["healthy", "degraded", "offline"]
+
+
+def test_every_process_is_listed_with_its_pool() -> None:
+    local = FakeLocalPool()
+    local.add("w1")
+    state = cluster(local)
+    state.remote.register("gpu-host", "", NOW)
+    pool = state.remote.get("gpu-host")
+    assert pool is not None
+    far = ProcessInfo("far", MODEL, (0,), GiB, "http://far", "ready", NOW)
+    state.remote.heartbeat(pool, (), (far,), (), HostReading(), NOW)
+    assert [(p, w.id) for p, w in state.processes()] == [("local", "w1"), ("gpu-host", "far")]
+    state.forget_worker("w1")  # an evicted worker's overlay goes
+    assert state.running_job("w1") is None
