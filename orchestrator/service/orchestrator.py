@@ -8,7 +8,8 @@
   (deciding.py), then `DecisionApplier.apply` (apply.py), then the gauges;
 - `JobRunner` (running.py): one task per dispatched job, streaming it from its worker;
 - `SchedulerVersions` (schedulers.py): deploy, rollback, hot reload, auto-rollback;
-- `ShadowTrial` and `Simulations` (trials.py); `PoolRegistry` (pools.py).
+- `ShadowTrial` and `Simulations` (trials.py); `PoolRegistry` (pools.py), which
+  PoolService calls directly.
 
 `assemble` (assembly.py) builds them from the config. Every accepted job and every
 state change is in SQLite before it is acknowledged. On start, jobs that were queued
@@ -25,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from orchestrator.config.settings import ServiceConfig
-from orchestrator.domain.context import Catalog, Gpu, HostReading, ProcessInfo, Tenant
+from orchestrator.domain.context import Catalog, Tenant
 from orchestrator.domain.jobs import IN_FLIGHT, JobRecord, JobState, SubmitSpec
 from orchestrator.policy.validate import Report, policy_version
 from orchestrator.pools.local_pool import LocalPool
@@ -47,7 +48,6 @@ from orchestrator.sim.run import Progress
 from orchestrator.sim.settings import SimSettings
 from orchestrator.state.cluster import ClusterState
 from orchestrator.state.decision_log import DecisionLog
-from orchestrator.state.remote_pools import RemoteCommand
 from orchestrator.state.store import AsyncJobStore
 from orchestrator.state.versions import Version, VersionStore
 from orchestrator.support.clock import now_ms
@@ -206,21 +206,6 @@ class Orchestrator:
         asyncio.Queue[JobEvent]
     ]:  # fmt: skip
         return self.events.subscribe(job_id)
-
-    # ------------------------------------------------------------------ pools
-    def register_pool(self, pool_id: str, endpoint: str) -> None:
-        self.pools.register(pool_id, endpoint)
-
-    def pool_heartbeat(
-        self,
-        pool_id: str,
-        endpoint: str,
-        gpus: tuple[Gpu, ...],
-        workers: tuple[ProcessInfo, ...],
-        cached_models: tuple[str, ...],
-        host: HostReading,
-    ) -> list[RemoteCommand]:
-        return self.pools.heartbeat(pool_id, endpoint, gpus, workers, cached_models, host)
 
     # ------------------------------------------------------------------ schedulers
     def list_versions(self) -> list[Version]:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from orchestrator.domain.context import Gpu, HostReading, ProcessInfo
 from orchestrator.domain.errors import InvalidRequestError, NotFoundError
-from orchestrator.state.remote_pools import RemoteCommand, RemotePool
+from orchestrator.state.remote_pools import Heartbeat, RemoteCommand, RemotePool
 from orchestrator.support.clock import now_ms
 from orchestrator.support.log import get_logger
 
@@ -21,15 +20,7 @@ class Remotes(Protocol):
     def get(self, pool_id: str) -> RemotePool | None: ...
     def status(self, pool: RemotePool, at_ms: int) -> str: ...
     def register(self, pool_id: str, endpoint: str, at_ms: int) -> None: ...
-    def heartbeat(
-        self,
-        pool: RemotePool,
-        gpus: tuple[Gpu, ...],
-        workers: tuple[ProcessInfo, ...],
-        cached_models: tuple[str, ...],
-        host: HostReading,
-        at_ms: int,
-    ) -> list[RemoteCommand]: ...
+    def heartbeat(self, pool: RemotePool, beat: Heartbeat, at_ms: int) -> list[RemoteCommand]: ...
 
 
 class PoolRegistry:
@@ -45,24 +36,14 @@ class PoolRegistry:
         log.info("pool.registered", pool=pool_id, endpoint=endpoint)
         self.wake.set()
 
-    def heartbeat(
-        self,
-        pool_id: str,
-        endpoint: str,
-        gpus: tuple[Gpu, ...],
-        workers: tuple[ProcessInfo, ...],
-        cached_models: tuple[str, ...],
-        host: HostReading,
-    ) -> list[RemoteCommand]:
+    def heartbeat(self, beat: Heartbeat) -> list[RemoteCommand]:
         """Record a heartbeat; returns the commands waiting for this pool."""
-        pool = self.remote.get(pool_id)
+        pool = self.remote.get(beat.pool_id)
         if pool is None:
-            raise NotFoundError(f"pool {pool_id!r} is not registered; call Register first")
+            raise NotFoundError(f"pool {beat.pool_id!r} is not registered; call Register first")
         at = now_ms()
         if self.remote.status(pool, at) == "offline":
-            log.info("pool.back_online", pool=pool_id)
-        if endpoint:
-            pool.endpoint = endpoint
-        commands = self.remote.heartbeat(pool, gpus, workers, cached_models, host, at)
+            log.info("pool.back_online", pool=beat.pool_id)
+        commands = self.remote.heartbeat(pool, beat, at)
         self.wake.set()
         return commands

@@ -19,6 +19,18 @@ from orchestrator.domain.decision import EvictWorker, StartWorker
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """What a remote pool reports about itself, every `pools.heartbeat_ms`."""
+
+    pool_id: str
+    endpoint: str  # empty: unchanged
+    gpus: tuple[Gpu, ...]
+    workers: tuple[ProcessInfo, ...]
+    cached_models: tuple[str, ...]
+    host: HostReading
+
+
+@dataclass(frozen=True)
 class RemoteCommand:
     """An action for a remote pool, handed over with its next heartbeat reply."""
 
@@ -90,19 +102,14 @@ class RemotePools:
             pool.endpoint, pool.last_heartbeat_ms = endpoint, at_ms
         self.version += 1
 
-    def heartbeat(
-        self,
-        pool: RemotePool,
-        gpus: tuple[Gpu, ...],
-        workers: tuple[ProcessInfo, ...],
-        cached_models: tuple[str, ...],
-        host: HostReading,
-        at_ms: int,
-    ) -> list[RemoteCommand]:
+    def heartbeat(self, pool: RemotePool, beat: Heartbeat, at_ms: int) -> list[RemoteCommand]:
         """Take in a heartbeat; returns (and forgets) the commands waiting for the pool."""
         pool.last_heartbeat_ms = at_ms
-        pool.gpus, pool.reported, pool.cached_models, pool.host = gpus, workers, cached_models, host
-        reported = {w.id for w in workers}
+        if beat.endpoint:
+            pool.endpoint = beat.endpoint
+        pool.gpus, pool.reported = beat.gpus, beat.workers
+        pool.cached_models, pool.host = beat.cached_models, beat.host
+        reported = {w.id for w in beat.workers}
         pool.evicting &= reported
         pool.pending = {
             wid: (info, asked)

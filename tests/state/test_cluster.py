@@ -10,7 +10,7 @@ from orchestrator.domain.context import Gpu, HostReading, ProcessInfo, Tenant
 from orchestrator.domain.decision import EvictWorker, StartWorker
 from orchestrator.domain.jobs import JobState
 from orchestrator.state.cluster import ClusterState, next_midnight_utc_ms
-from orchestrator.state.remote_pools import RemoteCommand
+from orchestrator.state.remote_pools import Heartbeat, RemoteCommand
 from tests.fakes import CATALOG, CONFIG, MODEL, FakeLocalPool, GiB, record
 
 NOW = 1_700_000_000_000
@@ -130,16 +130,18 @@ def test_remote_pools_show_what_the_core_asked_for_until_the_pool_reports() -> N
     assert pool is not None
     gpu = Gpu(0, "NVIDIA L4", 24 * GiB)
     reported = ProcessInfo("old", MODEL, (0,), 6 * GiB, "http://old", "ready", NOW)
-    state.remote.heartbeat(pool, (gpu,), (reported,), (), HostReading(8 * GiB, 4 * GiB, 1, 4), NOW)
+    host = HostReading(8 * GiB, 4 * GiB, 1, 4)
+    state.remote.heartbeat(pool, Heartbeat("gpu-host", "", (gpu,), (reported,), (), host), NOW)
     start = StartWorker("gpu-host", 0, MODEL)
     state.remote.start("gpu-host", RemoteCommand("c1", start, "new", 6 * GiB), NOW)
     assert state.remote.evict("old", RemoteCommand("c2", EvictWorker("old")))
     (ctx_pool,) = state.context(NOW).pools
     assert [(w.id, w.status) for w in ctx_pool.workers] == [("new", "starting")]
     assert ctx_pool.host_ram_total_bytes == 8 * GiB
-    commands = state.remote.heartbeat(pool, (gpu,), (), (), HostReading(), NOW + 100)
+    empty = Heartbeat("gpu-host", "", (gpu,), (), (), HostReading())
+    commands = state.remote.heartbeat(pool, empty, NOW + 100)
     assert [c.id for c in commands] == ["c1", "c2"]
-    assert state.remote.heartbeat(pool, (gpu,), (), (), HostReading(), NOW + 200) == []
+    assert state.remote.heartbeat(pool, empty, NOW + 200) == []
     assert not state.remote.evict("nobody", RemoteCommand("c3", EvictWorker("nobody")))
 
 
@@ -162,7 +164,7 @@ def test_every_process_is_listed_with_its_pool() -> None:
     pool = state.remote.get("gpu-host")
     assert pool is not None
     far = ProcessInfo("far", MODEL, (0,), GiB, "http://far", "ready", NOW)
-    state.remote.heartbeat(pool, (), (far,), (), HostReading(), NOW)
+    state.remote.heartbeat(pool, Heartbeat("gpu-host", "", (), (far,), (), HostReading()), NOW)
     assert [(p, w.id) for p, w in state.processes()] == [("local", "w1"), ("gpu-host", "far")]
     state.forget_worker("w1")  # an evicted worker's overlay goes
     assert state.running_job("w1") is None

@@ -8,32 +8,25 @@ from grpc import aio
 
 from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.api.rpc.errors import abort
-from orchestrator.domain.context import Gpu, HostReading, ProcessInfo
+from orchestrator.domain.context import HostReading, ProcessInfo
 from orchestrator.domain.decision import EvictWorker
 from orchestrator.domain.errors import InvalidRequestError, OrchestratorError
-from orchestrator.state.remote_pools import RemoteCommand
+from orchestrator.state.remote_pools import Heartbeat, RemoteCommand
+from orchestrator.wire.context import gpu_from_proto
 
 pb = orchestrator_pb2
 
 
-class PoolsFront(Protocol):
-    """What PoolService needs of the service (orchestrator/service/orchestrator.py)."""
+class Pools(Protocol):
+    """What PoolService needs of the service (orchestrator/service/pools.py, PoolRegistry)."""
 
-    def register_pool(self, pool_id: str, endpoint: str) -> None: ...
-    def pool_heartbeat(
-        self,
-        pool_id: str,
-        endpoint: str,
-        gpus: tuple[Gpu, ...],
-        workers: tuple[ProcessInfo, ...],
-        cached_models: tuple[str, ...],
-        host: HostReading,
-    ) -> list[RemoteCommand]: ...
+    def register(self, pool_id: str, endpoint: str) -> None: ...
+    def heartbeat(self, beat: Heartbeat) -> list[RemoteCommand]: ...
 
 
 class PoolServicer(orchestrator_pb2_grpc.PoolServiceServicer):
-    def __init__(self, orchestrator: PoolsFront, *, heartbeat_ms: int) -> None:
-        self.o = orchestrator
+    def __init__(self, pools: Pools, *, heartbeat_ms: int) -> None:
+        self.pools = pools
         self.heartbeat_ms = heartbeat_ms  # the interval pools are told to keep
 
     async def Register(
@@ -42,7 +35,7 @@ class PoolServicer(orchestrator_pb2_grpc.PoolServiceServicer):
         if not request.pool_id:
             await abort(context, InvalidRequestError("pool_id", "required"))
         try:
-            self.o.register_pool(request.pool_id, request.endpoint)
+            self.pools.register(request.pool_id, request.endpoint)
         except OrchestratorError as exc:
             await abort(context, exc)
         return pb.RegisterPoolReply(heartbeat_interval_ms=self.heartbeat_ms)
@@ -51,50 +44,21 @@ class PoolServicer(orchestrator_pb2_grpc.PoolServiceServicer):
         self, request: orchestrator_pb2.PoolHeartbeat, context: aio.ServicerContext
     ) -> orchestrator_pb2.HeartbeatReply:
         info = request.info
-        gpus = tuple(
-            Gpu(
-                id=g.id,
-                device_name=g.device_name,
-                compute_capability=g.compute_capability,
-                vram_total_bytes=g.vram_total_bytes,
-                vram_allocated_bytes=g.vram_allocated_bytes,
-                vram_free_bytes=g.vram_free_bytes,
-                utilization_percent=g.utilization_percent,
-                temperature_celsius=g.temperature_celsius,
-                power_draw_watts=g.power_draw_watts,
-                supports_fp16=g.supports_fp16,
-                supports_int8=g.supports_int8,
-                supports_tensor_cores=g.supports_tensor_cores,
-                measured=g.measured,
-            )
-            for g in request.gpus
-        )
-        workers = tuple(
-            ProcessInfo(
-                w.id,
-                w.model_ref,
-                tuple(w.gpu_ids),
-                w.vram_bytes,
-                w.uri,
-                w.status or "starting",
-                w.started_at_ms,
-            )
-            for w in request.workers
-        )
+        beat = Heartbeat(
+            pool_id=info.id,
+            endpoint=info.endpoint,
+            gpus=tuple(gpu_from_proto(g) for g in request.gpus),
+            workers=tuple(
+                ProcessInfo(w.id, w.model_ref, tuple(w.gpu_ids), w.vram_bytes, w.uri,
+                            w.status or "starting", w.started_at_ms)
+                for w in request.workers
+            ),
+            cached_models=tuple(info.cached_models),
+            host=HostReading(info.host_ram_total_bytes, info.host_ram_available_bytes,
+                             info.host_cpu_percent, info.host_cpu_count),
+        )  # fmt: skip
         try:
-            commands = self.o.pool_heartbeat(
-                info.id,
-                info.endpoint,
-                gpus,
-                workers,
-                tuple(info.cached_models),
-                HostReading(
-                    info.host_ram_total_bytes,
-                    info.host_ram_available_bytes,
-                    info.host_cpu_percent,
-                    info.host_cpu_count,
-                ),
-            )
+            commands = self.pools.heartbeat(beat)
         except OrchestratorError as exc:
             await abort(context, exc)
         reply = pb.HeartbeatReply(heartbeat_interval_ms=self.heartbeat_ms)
