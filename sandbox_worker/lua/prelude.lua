@@ -3,7 +3,7 @@
 -- change to a global can reach trusted code, and returns it as two tables. Every other
 -- file gets what it needs from those and reads no globals at all (loader.lua).
 --
--- What a runtime lacks (utf8 and table.clear on LuaJIT, bit on Lua 5.4) is false.
+-- What a runtime lacks (utf8 on LuaJIT, table.clear and bit on Lua 5.4) is false.
 
 -- Scripts share the string metatable with trusted code: hide it, so that
 -- getmetatable("").__index cannot be replaced (docs/ARCHITECTURE.md, D7).
