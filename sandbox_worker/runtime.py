@@ -1,6 +1,7 @@
 """The worker's Lua runtime: one lupa LuaRuntime, one scheduler, the context it is fed.
 
-Inside-the-worker code only. `lua/runtime.lua` is the trusted Lua half; this module
+Inside-the-worker code only. The files under `lua/` are the trusted Lua half
+(`lua/loader.lua` loads them in their fixed order; `lua/README.md`); this module
 moves protobuf context updates into it and turns what it returns into replies.
 Nothing here raises to the servicer for a failure of the script: every outcome is
 a `RunResult`.
@@ -8,12 +9,14 @@ a `RunResult`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 from orchestrator._proto import context_pb2, sandbox_pb2
@@ -34,6 +37,26 @@ _MODULES: dict[int, str] = {
 }
 
 ErrorKind = sandbox_pb2.ErrorKind
+
+
+@functools.cache
+def _lua_sources() -> dict[str, str]:
+    """Every trusted Lua file, by its path under lua/ ("builtins/queue.lua").
+
+    loader.lua decides what is loaded and in which order; it refuses a file it does
+    not name. Read once per process.
+    """
+    sources: dict[str, str] = {}
+
+    def walk(directory: Traversable, prefix: str) -> None:
+        for entry in directory.iterdir():
+            if entry.is_dir():
+                walk(entry, f"{prefix}{entry.name}/")
+            elif entry.name.endswith(".lua"):
+                sources[prefix + entry.name] = entry.read_text()
+
+    walk(resources.files("sandbox_worker").joinpath("lua"), "")
+    return sources
 
 
 def _deny_attribute(obj: object, name: object, is_setting: bool) -> object:
@@ -73,9 +96,12 @@ class LuaSchedulerRuntime:
         self.lua_version = str(self.lua.eval("_VERSION"))
         if self.lua.eval("type(jit) == 'table'"):
             self.lua_version = str(self.lua.eval("jit.version"))
-        source = resources.files("sandbox_worker").joinpath("lua/runtime.lua").read_text()
-        loader = self.lua.eval("function(src) return assert(load(src, '=sandbox-runtime'))() end")
-        self.host = loader(source)
+        sources = _lua_sources()
+        compile_loader = self.lua.eval(
+            "function(src, name) return assert(load(src, name, 't')) end"
+        )
+        loader = compile_loader(sources["loader.lua"], "=sandbox/loader.lua")
+        self.host = loader(self.lua.table_from(sources))
         self.lua.execute("python = nil")
         self.limits = SandboxLimits()
         self.source_sha256 = ""
@@ -316,7 +342,7 @@ class LuaSchedulerRuntime:
             result.error_message = f"{type(exc).__name__}: {exc}"
             result.retire = True
             return result
-        # Text from the sandbox is already valid UTF-8 (runtime.lua cleans it).
+        # Text from the sandbox is already valid UTF-8 (lua/text.lua cleans it).
         result.logs = [(str(rec[1]), str(rec[2])) for rec in logs.values()]
         result.logs_dropped = int(logs_dropped)
         result.metrics = [(str(rec[1]), float(rec[2])) for rec in metrics.values()]

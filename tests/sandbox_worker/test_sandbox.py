@@ -7,8 +7,11 @@ worker is retired. The allowed library keeps working.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+import sandbox_worker
 from orchestrator._proto import sandbox_pb2
 from orchestrator.domain.samples import sample_context
 from tests.conftest import InProcessRuntime
@@ -265,3 +268,114 @@ def test_refresh_pool_state_asks_the_core(lua: InProcessRuntime) -> None:
     second = lua.run(pool_state_fresh=True)
     assert not second.refresh_requested
     assert second.logs == [("info", "true")]
+
+
+# The trusted Lua files (sandbox_worker/lua/) are run by the host before any user code
+# and registered nowhere: a script can neither require, load nor read them.
+TRUSTED_LUA = Path(sandbox_worker.__file__).resolve().parent / "lua"
+REACH_TRUSTED = [
+    ("require('env')", "require"),
+    ("require('sandbox/env.lua')", "require"),
+    ("require('host')", "require"),
+    ("local m = package.loaded['env']", "package.loaded"),
+    ("local m = package.loaded", "package.loaded"),
+    ("local p = package.path", "package.path"),
+    ("local s = package.searchers", "package.searchers"),
+    ("local s = package.preload", "package.preload"),
+    (f"io.open('{TRUSTED_LUA / 'env.lua'}')", "io.open"),
+    (f"io.lines('{TRUSTED_LUA / 'host.lua'}')", "io.lines"),
+    (f"loadfile('{TRUSTED_LUA / 'env.lua'}')", "loadfile"),
+    (f"dofile('{TRUSTED_LUA / 'loader.lua'}')", "dofile"),
+    ("load(string.dump(ctx.get_job))", "string.dump"),
+    ("load('\\27LJ\\2', 'x', 'b')", "load"),
+    ("debug.getinfo(ctx.get_job, 'S')", "debug.getinfo"),
+    ("debug.getupvalue(ctx.find_least_loaded_worker, 1)", "debug.getupvalue"),
+    ("debug.upvalueid(ctx.get_job, 1)", "debug.upvalueid"),
+    ("debug.getlocal(2, 1)", "debug.getlocal"),
+    ("debug.getregistry()", "debug.getregistry"),
+    ("getfenv(ctx.get_job)", "getfenv"),
+]
+
+
+@pytest.mark.parametrize(
+    ("statement", "name"), REACH_TRUSTED, ids=[r[0][:40] for r in REACH_TRUSTED]
+)
+def test_trusted_lua_files_cannot_be_reached(
+    lua: InProcessRuntime, statement: str, name: str
+) -> None:
+    """require, package, file access, loaders and debug cannot reach the trusted files."""
+    result = lua.error_of(f"function schedule(ctx) {statement} return {{ action = 'wait' }} end")
+    assert result.error_kind == VIOLATION
+    assert f"{name} is disabled in the scheduler sandbox" in result.error_message
+    assert result.retire
+
+
+# Names the trusted modules export among themselves (sandbox_worker/lua/loader.lua).
+TRUSTED_NAMES = [
+    "master_of", "job_master_mt", "make_job_proxy", "repoint", "release_all", "proxy_next",
+    "readonly_error", "make_env", "compile", "read_decision", "flag_violation", "add_log",
+    "add_metric", "refresh_state", "begin", "current", "configure", "limits", "put_jobs",
+    "remove_jobs", "commit", "reset", "set_now", "counts", "current_queue", "view", "lazy_ctx",
+    "materialize", "worker_copy", "pool_copy", "set_schedule", "set_source", "new_table",
+    "copy_flat", "empty", "safe_tostring", "utf8_valid", "IS_LUAJIT", "LUA_VERSION",
+]  # fmt: skip
+
+
+def test_trusted_modules_are_not_reachable(lua: InProcessRuntime) -> None:
+    """Nothing reachable from a script's globals or ctx is a trusted module or the sources."""
+    names = "{" + ", ".join(f"'{n}'" for n in TRUSTED_NAMES) + "}"
+    found = lua.eval(
+        f"""(function()
+          local trusted = {{}}
+          for _, n in ipairs({names}) do trusted[n] = true end
+          local seen, bad = {{}}, {{}}
+          local function walk(v, path, depth)
+            if depth > 8 then return end
+            if type(v) == 'string' and (v:find('trusted code read the global', 1, true)
+                or v:find('return function(P', 1, true)) then
+              bad[#bad + 1] = path
+            end
+            if type(v) ~= 'table' or seen[v] then return end
+            seen[v] = true
+            local mt = getmetatable(v)
+            if type(mt) == 'table' then walk(mt, path .. '<mt>', depth + 1) end
+            for k, x in pairs(v) do
+              if trusted[k] then bad[#bad + 1] = path .. '.' .. tostring(k) end
+              walk(k, path .. '[key]', depth + 1)
+              walk(x, path .. '.' .. tostring(k), depth + 1)
+            end
+          end
+          walk(_G, '_G', 0)
+          walk(ctx, 'ctx', 0)
+          walk(ctx.helpers, 'ctx.helpers', 0)
+          return bad
+        end)()"""
+    )
+    assert found in ([], {})
+
+
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        ("function schedule(ctx) error('boom') end", "run"),
+        ("function schedule(ctx) ctx.filter_jobs(function() error('boom') end) end", "run"),
+        ("function schedule(ctx) ctx.get_job(1) end", "run"),
+        ("function schedule(ctx) io.open('x') end", "run"),
+        ("local function f() error('boom') end\nf()\nfunction schedule(ctx) end", "load"),
+    ],
+)
+def test_script_tracebacks_stop_where_trusted_code_called_the_script(
+    lua: InProcessRuntime, source: str, where: str
+) -> None:
+    """A script's traceback holds its own frames (and the built-ins it called), never
+    the frames of the trusted code that called it."""
+    if where == "load":
+        reply = lua.load(source)
+        assert not reply.ok
+        traceback = reply.error.traceback
+    else:
+        traceback = lua.error_of(source).traceback
+    assert "test.lua:" in traceback
+    assert "xpcall" not in traceback
+    assert "sandbox/host.lua" not in traceback
+    assert "sandbox/loader.lua" not in traceback
