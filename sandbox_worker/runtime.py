@@ -318,10 +318,6 @@ class LuaSchedulerRuntime:
         )
         self.lua.set_max_memory(state + self.limits.lua_heap_bytes)
 
-    def gc_step(self, kb: int) -> bool:
-        """Advance the Lua collector a little; True when a full cycle completed."""
-        return bool(self.host.gc_step(kb))
-
     def lift_memory_limit(self) -> None:
         """Applying a context must not fail because of what the script left behind."""
         self.lua.set_max_memory(0)

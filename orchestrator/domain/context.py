@@ -144,7 +144,7 @@ class CatalogModel:
 
         A catalog name matches a longer NVML name it starts ("NVIDIA A100" for
         "NVIDIA A100-SXM4-80GB"); the longest such name wins. Must agree with
-        `tokens_per_sec` in sandbox_worker/lua/runtime.lua.
+        `tokens_per_sec` in sandbox_worker/lua/builtins/common.lua.
         """
         table = self.estimated_tokens_per_sec
         if device_name in table:
@@ -173,7 +173,7 @@ class Catalog:
     def resolve(self, model: str) -> str:
         """Canonical model_ref: alias, exact ref, unique ref without its ::file part, or as given.
 
-        Must stay identical to `resolve_model` in sandbox_worker/lua/runtime.lua.
+        Must stay identical to `resolve` in sandbox_worker/lua/builtins/common.lua.
         """
         if model in self.aliases:
             return self.aliases[model]

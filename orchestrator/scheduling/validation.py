@@ -7,7 +7,8 @@ VRAM promised to a start_worker is gone). A decision is accepted whole or not at
 all; every rejection names the action's position and a machine-readable reason.
 
 The predicates here (quota, GPU compatibility, fit) have twins among the Lua
-built-ins in sandbox_worker/lua/runtime.lua; tests hold the two to the same answers.
+built-ins in sandbox_worker/lua/builtins/ (gpus, jobs, quotas); tests hold the two to the
+same answers.
 """
 
 from __future__ import annotations

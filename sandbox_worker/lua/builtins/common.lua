@@ -21,7 +21,7 @@ return function(P, data, copies)
     end
   end
 
-  -- Must stay identical to Catalog.resolve in orchestrator/model.py.
+  -- Must stay identical to Catalog.resolve in orchestrator/domain/context.py.
   local function resolve(model)
     local target = aliases[model]
     if target then return target end
