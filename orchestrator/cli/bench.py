@@ -54,7 +54,9 @@ end
 """  # runtime-spec section 2: a script whose own cost is microseconds
 
 
-TRACE_NAME = "azure-llm-inference-2023-code.csv"
+# In a checkout of the repository; an installed package has no tests/ and skips it.
+TRACES = Path(__file__).resolve().parents[2] / "tests" / "data" / "traces"
+TRACE = TRACES / "azure-llm-inference-2023-code.csv"
 
 
 @dataclass
@@ -326,11 +328,10 @@ async def simulated(report: Report, cycles: int, one_worker_rate: float | None) 
 
 async def trace_replay(report: Report) -> None:
     """The public Azure code trace (8,819 requests, one hour), replayed in full."""
-    trace = Path(__file__).resolve().parent.parent / "tests" / "data" / "traces" / TRACE_NAME
-    if not trace.exists():
+    if not TRACE.exists():
         return
     settings = SimSettings(
-        trace=str(trace), trace_models="2048:llama-8b,8192:mistral-7b,inf:qwen-14b",
+        trace=str(TRACE), trace_models="2048:llama-8b,8192:mistral-7b,inf:qwen-14b",
         tenants="a,b,c",
     )  # fmt: skip
     sim = await simulate(None, "platform", settings)
