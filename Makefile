@@ -45,7 +45,7 @@ fuzz: $(STAMP)
 	FUZZ_SCALE=$${FUZZ_SCALE:-50} $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
 
 soak: $(STAMP)
-	$(PY) -m tests.soak --duration $${SOAK_SECONDS:-600} --output RELIABILITY.md
+	$(PY) -m tests.system.soak --duration $${SOAK_SECONDS:-600} --output RELIABILITY.md
 
 # The browser tests drive Debian's chromium through Playwright (no browser download).
 browser:

@@ -97,7 +97,7 @@ Global___EchoMessage: _TypeAlias = EchoMessage  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
-    """The Lua-side limits of SandboxLimits (orchestrator/limits.py). The process-level
+    """The Lua-side limits of SandboxLimits (orchestrator/sandbox/limits.py). The process-level
     limits (RLIMIT_*) are applied at spawn, before any thread starts.
     """
 

@@ -61,7 +61,7 @@ class Server:
         self.grpc = aio.server()
         orchestrator_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(o), self.grpc)
         orchestrator_pb2_grpc.add_PoolServiceServicer_to_server(
-            PoolServicer(o.pools, heartbeat_ms=self.config.pools.heartbeat_ms), self.grpc
+            PoolServicer(o.pools, heartbeat_ms=o.config.pools.heartbeat_ms), self.grpc
         )
         orchestrator_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(o), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -12,12 +12,10 @@ from grpc import aio
 
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.domain.jobs import JobState
 
-STATE_ENUM = {
-    "queued": pb.JOB_STATE_QUEUED, "dispatched": pb.JOB_STATE_DISPATCHED,
-    "running": pb.JOB_STATE_RUNNING, "completed": pb.JOB_STATE_COMPLETED,
-    "failed": pb.JOB_STATE_FAILED, "cancelled": pb.JOB_STATE_CANCELLED,
-}  # fmt: skip
+# JobState.QUEUED is JOB_STATE_QUEUED on the wire, and so on.
+STATE_ENUM = {state.value: pb.JobState.Value(f"JOB_STATE_{state.name}") for state in JobState}
 
 
 def _print(message: Any) -> None:

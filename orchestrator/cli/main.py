@@ -36,6 +36,7 @@ from orchestrator.config.settings import SchedulerConfig, load_config
 from orchestrator.domain import decision as decisions
 from orchestrator.domain.context import Context
 from orchestrator.domain.errors import OrchestratorError, UsageError
+from orchestrator.domain.jobs import JobState
 from orchestrator.domain.samples import sample_context
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import PolicyError
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--state",
         action="append",
         default=[],
-        choices=["queued", "dispatched", "running", "completed", "failed", "cancelled"],
+        choices=[state.value for state in JobState],
     )
     listing.add_argument("--limit", type=int, default=50)
 

@@ -85,10 +85,12 @@ class EngineOptions:
         breaker = scheduler.breaker
         spares = scheduler.spares if spares is None else spares
         return cls(
-            limits=SandboxLimits(deadline_ms=deadline_ms or scheduler.deadline_ms),
+            limits=SandboxLimits(
+                deadline_ms=scheduler.deadline_ms if deadline_ms is None else deadline_ms
+            ),
             user_spares=spares,
             platform_spares=spares if platform_spares is None else platform_spares,
-            breaker_threshold=breaker_threshold or breaker.threshold,
+            breaker_threshold=breaker.threshold if breaker_threshold is None else breaker_threshold,
             breaker_base_backoff_s=breaker.base_backoff_s,
             breaker_max_backoff_s=breaker.max_backoff_s,
             expose_platform_source=expose_platform_source,

@@ -55,19 +55,13 @@ def assemble(
     metrics = ServiceMetrics(engine_metrics.registry, cycle_stall_s=CYCLE_STALL_S)
     wake = asyncio.Event()  # the scheduling loop's: set on any change worth a cycle
 
+    catalog, tenants = load_catalog(config), load_tenants(config)
     local_pool = _local_pool(config, state_dir, gpu_probe, host_probe)
-    cluster = ClusterState(config, load_catalog(config), load_tenants(config), local_pool)
+    cluster = ClusterState(config, catalog, tenants, local_pool)
     if local_pool is not None:
         local_pool.on_change.append(wake)
     store = AsyncJobStore(JobStore(state_dir / "jobs.sqlite3", durability=config.durability))
     versions = VersionStore(state_dir / "schedulers.sqlite3")
-    decision_log = None
-    if config.decision_log.enabled:
-        decision_log = DecisionLog(
-            state_dir / "decisions",
-            max_file_bytes=int(config.decision_log.max_file_mb * 2**20),
-            keep_files=config.decision_log.keep_files,
-        )
 
     initial, startup_error = read_scheduler_file(config)
     sandbox_dir = _sandbox_dir(state_dir)
@@ -82,11 +76,18 @@ def assemble(
         ),
         metrics=engine_metrics,
     )
-    engine.decision_log = decision_log
     tenant_engines = {
         tenant_id: _tenant_engine(config, cluster, sandbox_dir, tenant_id, file, engine_metrics)
         for tenant_id, file in sorted(config.tenant_schedulers.items())
     }
+    decision_log = None
+    if config.decision_log.enabled:
+        decision_log = DecisionLog(
+            state_dir / "decisions",
+            max_file_bytes=int(config.decision_log.max_file_mb * 2**20),
+            keep_files=config.decision_log.keep_files,
+        )
+        engine.decision_log = decision_log
 
     async def refresh() -> Context:
         """ctx.refresh_pool_state(): read the local pool now instead of from cache."""
@@ -110,8 +111,9 @@ def assemble(
         cluster,
         decider,
         DecisionApplier(cluster, jobs, runner, local_pool, metrics),
-        (history, schedulers, shadow),
         metrics,
+        on_decided=(history.record, schedulers.check_auto_rollback),
+        on_applied=(shadow.offer,),
         tick_ms=config.scheduler.tick_ms,
         wake=wake,
     )

@@ -20,7 +20,7 @@ class CycleHistory:
         self.last_result: CycleResult | None = None
         self.recent: deque[dict[str, object]] = deque(maxlen=RECENT_DECISIONS)
 
-    def cycle_decided(self, result: CycleResult) -> None:
+    def record(self, result: CycleResult) -> None:
         self.last_result = result
         if not isinstance(result.decision, Wait) or result.error is not None:
             self.recent.append({

@@ -7,8 +7,9 @@ three calls into parts with one job each:
     await applier.apply(result.decision)      # the decision meets the live state
     metrics.update_gauges(result.context)     # what the cycle left, for /metrics
 
-with the cycle's observers (the live view's history, auto-rollback, shadow mode)
-told of each result in between. A cycle that wedges is cancelled after
+Observers are told of each result: `on_decided` before it is applied (the live view's
+history, the auto-rollback check), `on_applied` after the gauges (shadow mode, whose
+candidate then decides the same context in the background). A cycle that wedges is cancelled after
 CYCLE_STALL_S and logged with where it waits; the loop goes on.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from orchestrator.domain.context import Context
@@ -56,27 +57,24 @@ class Applying(Protocol):
     async def apply(self, decision: Decision) -> None: ...
 
 
-class CycleObserver(Protocol):
-    def cycle_decided(self, result: CycleResult) -> None:
-        """Called once per cycle with its result, before the decision is applied."""
-
-
 class SchedulingLoop:
     def __init__(
         self,
         cluster: CycleSource,
         decider: Deciding,
         applier: Applying,
-        observers: Sequence[CycleObserver],
         metrics: ServiceMetrics,
         *,
+        on_decided: Sequence[Callable[[CycleResult], None]] = (),
+        on_applied: Sequence[Callable[[CycleResult], None]] = (),
         tick_ms: int,
         wake: asyncio.Event,
     ) -> None:
         self.cluster = cluster
         self.decider = decider
         self.applier = applier
-        self.observers = observers
+        self.on_decided = on_decided
+        self.on_applied = on_applied
         self.metrics = metrics
         self.tick_s = tick_ms / 1000
         self.wake = wake  # set by whoever changed something worth a cycle
@@ -161,12 +159,14 @@ class SchedulingLoop:
         result = await self.decider.decide(self.cluster.context(), self.cycles)
         self.cycles += 1
         self.metrics.cycles.inc()
-        for observer in self.observers:
-            observer.cycle_decided(result)
+        for observe in self.on_decided:
+            observe(result)
         await self.applier.apply(result.decision)
         self.metrics.update_gauges(
             result.context,
             queue_depth=self.cluster.queue_depth,
             running=len(self.cluster.in_flight),
         )
+        for observe in self.on_applied:
+            observe(result)
         return result

@@ -149,9 +149,10 @@ class Orchestrator:
             if killed:
                 log.warning("pool.leftover_workers_killed", count=killed)
         await self.decider.start()
-        self.schedulers.start()
+        self.schedulers.record_initial()
         await self.jobs.recover()
         self.loop.start()
+        self.schedulers.start_watching()
 
     async def drain(self) -> None:
         """Stop taking jobs, let running ones finish (bounded), then stop everything."""
@@ -167,13 +168,14 @@ class Orchestrator:
     async def close(self) -> None:
         await self.schedulers.close()
         await self.loop.stop()
-        await self.runner.close()
+        await self.runner.stop()
         await self.shadow_trial.stop()
         await self.decider.close()
         if self.decision_log is not None:
             self.decision_log.close()
         if self.local_pool is not None:
             await self.local_pool.close()
+        await self.runner.close()
         await self.store.close()
         self.versions.close()
 

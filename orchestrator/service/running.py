@@ -83,13 +83,17 @@ class JobRunner:
         """Let running jobs finish for up to `timeout_s`, then stop the rest."""
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=timeout_s)
-        await self.close()
+        await self.stop()
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         """Stop every running job; each stays in flight in the store, retried on restart."""
         for task in list(self._running.values()):
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop what still runs, and close the connections to the workers."""
+        await self.stop()
         await self.completions.close()
 
     async def _run(self, record: JobRecord, worker_id: str, uri: str) -> None:

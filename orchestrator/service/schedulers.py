@@ -131,10 +131,8 @@ class SchedulerVersions:
         self._rollback_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """After the engine started: record the configured file as the active version,
-        and watch it (home and lab mode, `hot_reload`)."""
-        self._record_initial()
+    def start_watching(self) -> None:
+        """Redeploy the configured file when it changes (home and lab mode, `hot_reload`)."""
         c = self.config
         if c.scheduler.file and c.scheduler.hot_reload and not c.platform_mode:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
@@ -143,7 +141,9 @@ class SchedulerVersions:
         await cancel_and_wait(self._watch_task)
         await cancel_and_wait(self._rollback_task)
 
-    def _record_initial(self) -> None:
+    def record_initial(self) -> None:
+        """After the engine started: the configured file, if it loaded, is the active
+        version (a new one when its content changed since the last start)."""
         initial = self.initial
         load_error = self.engine.user_load_error
         if load_error is not None:
@@ -260,9 +260,9 @@ class SchedulerVersions:
                 log.warning("scheduler.reload_rejected", file=str(path), error=str(exc),
                             running=self.active.name)  # fmt: skip
 
-    def cycle_decided(self, result: CycleResult) -> None:
-        """docs/ARCHITECTURE.md, D20: a version that trips the breaker soon after deploy
-        goes back to the one before it, if there is one (home/lab only)."""
+    def check_auto_rollback(self, result: CycleResult) -> None:
+        """After each cycle (docs/ARCHITECTURE.md, D20): a version that trips the breaker
+        soon after deploy goes back to the one before it, if there is one (home/lab only)."""
         window = self.config.scheduler.auto_rollback_window_s
         if self.config.platform_mode or window <= 0 or self.active.version_id == 0:
             return

@@ -69,7 +69,8 @@ class ShadowTrial:
         if kind is not None:
             self.metrics.shadow_differing.labels(kind).inc()
 
-    def cycle_decided(self, result: CycleResult) -> None:
+    def offer(self, result: CycleResult) -> None:
+        """The active scheduler's cycle, for the shadow to decide too (if one runs)."""
         if self.shadow is not None:
             self.shadow.offer(result)
 

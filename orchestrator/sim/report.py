@@ -284,9 +284,6 @@ def _pairs(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
 
 
-PLOTS = ("queue_depth", "latency_cdf", "vram_utilization", "tenant_throughput")
-
-
 def plots(reports: list[SimReport], directory: Path) -> list[Path]:
     """The four PNG plots, each showing every report."""
     import matplotlib  # noqa: PLC0415 - heavy, and only reports need it

@@ -392,7 +392,7 @@ def render(result: SoakResult, corpus: str) -> str:
     return f"""# Reliability
 
 Written by `make soak` (`python -m tests.system.soak`) on {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.
-A quick version of the same soak runs in `make test` (`tests/test_soak.py`).
+A quick version of the same soak runs in `make test` (`tests/system/test_soak.py`).
 
 ## Soak: {result.duration_s:.0f} s of load with faults
 

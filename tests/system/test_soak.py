@@ -1,4 +1,4 @@
-"""The quick soak: the full soak (tests/soak.py, `make soak`) for 25 seconds."""
+"""The quick soak: the full soak (tests/system/soak.py, `make soak`) for 25 seconds."""
 
 from __future__ import annotations
 

@@ -18,14 +18,10 @@ from orchestrator.service.events import JobEvent
 
 pb = orchestrator_pb2
 
-STATES = MappingProxyType({
-    JobState.QUEUED: pb.JOB_STATE_QUEUED,
-    JobState.DISPATCHED: pb.JOB_STATE_DISPATCHED,
-    JobState.RUNNING: pb.JOB_STATE_RUNNING,
-    JobState.COMPLETED: pb.JOB_STATE_COMPLETED,
-    JobState.FAILED: pb.JOB_STATE_FAILED,
-    JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
-})  # fmt: skip
+# JobState.QUEUED is JOB_STATE_QUEUED on the wire, and so on.
+STATES = MappingProxyType(
+    {state: pb.JobState.Value(f"JOB_STATE_{state.name}") for state in JobState}
+)
 STATE_NAMES = MappingProxyType({v: k for k, v in STATES.items()})
 
 
