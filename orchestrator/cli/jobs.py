@@ -13,9 +13,7 @@ from grpc import aio
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.domain.jobs import JobState
-
-# JobState.QUEUED is JOB_STATE_QUEUED on the wire, and so on.
-STATE_ENUM = {state.value: pb.JobState.Value(f"JOB_STATE_{state.name}") for state in JobState}
+from orchestrator.wire.jobs import STATE_NAMES, STATES
 
 
 def _print(message: Any) -> None:
@@ -26,7 +24,7 @@ def _print(message: Any) -> None:
 async def _follow(jobs: pb_grpc.JobServiceStub, job_id: str) -> int:
     last: Any = None
     async for event in jobs.Watch(pb.WatchRequest(job_id=job_id)):
-        state = pb.JobState.Name(event.state).removeprefix("JOB_STATE_").lower()
+        state = STATE_NAMES[event.state].value
         print(f"{state:<10} {event.detail}", file=sys.stderr)
         last = event.job
     if last is not None:
@@ -62,7 +60,9 @@ async def job_command(args: argparse.Namespace) -> int:
                 return await _follow(jobs, args.job_id)
             else:
                 reply = await jobs.List(
-                    pb.ListJobsRequest(states=[STATE_ENUM[s] for s in args.state], limit=args.limit)
+                    pb.ListJobsRequest(
+                        states=[STATES[JobState(s)] for s in args.state], limit=args.limit
+                    )
                 )
                 _print(reply)
         except aio.AioRpcError as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from types import MappingProxyType
 from typing import Protocol
 
 from grpc import aio
@@ -15,14 +14,9 @@ from orchestrator.api.rpc.errors import abort
 from orchestrator.domain.errors import InvalidRequestError, OrchestratorError
 from orchestrator.domain.jobs import TERMINAL, JobRecord, JobState, SubmitSpec
 from orchestrator.service.events import JobEvent
+from orchestrator.wire.jobs import STATE_NAMES, STATES
 
 pb = orchestrator_pb2
-
-# JobState.QUEUED is JOB_STATE_QUEUED on the wire, and so on.
-STATES = MappingProxyType(
-    {state: pb.JobState.Value(f"JOB_STATE_{state.name}") for state in JobState}
-)
-STATE_NAMES = MappingProxyType({v: k for k, v in STATES.items()})
 
 
 class JobsFront(Protocol):
