@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,21 @@ def test_every_template_exists_in_both_languages_with_a_description() -> None:
         assert policy.name == name and len(policy.description) > 80
 
 
+@pytest.fixture
+def frozen_heap() -> Iterator[None]:
+    """The heap as the service keeps it (api/server.py freezes what start-up built).
+
+    Deep in a full test run, one measured cycle once took 55.8 ms against a usual p99 of
+    about 3 ms, failing the speed stage; a cyclic collection of everything earlier tests
+    left in this process is the likely pause, and it is the harness's cost, not the
+    policy's."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.mark.usefixtures("frozen_heap")
 @pytest.mark.parametrize(
     "path", sorted(TEMPLATES.glob("*.yaml")) + sorted(TEMPLATES.glob("*.lua")), ids=lambda p: p.name
 )
