@@ -12,8 +12,9 @@ script itself: children inherit imported code only, no Lua state and no data.
 
 Protocol, one JSON message per SOCK_SEQPACKET datagram:
     fork server -> core, once:  {"ready": true, "pid": P}
-    core -> fork server:        {"id": N, "socket": S, "limits": JSON, "log": PATH,
-                                 "seccomp": BOOL}
+    core -> fork server:        {"id": N, "socket": S, "limits": JSON, "seccomp": BOOL}
+                                with the worker's log file attached (its stderr), opened
+                                by the core: the fork server opens no path to write
     fork server -> core:        {"id": N, "pid": P} with a pidfd of the child attached,
                                 or {"id": N, "error": TEXT}
 It exits when the core closes its end, and dies with the core (parent-death signal).
@@ -54,9 +55,8 @@ def preload() -> None:
         importlib.import_module("pyseccomp")
 
 
-def _reopen_stdio(log_path: str) -> None:
+def _reopen_stdio(log: int) -> None:
     null = os.open(os.devnull, os.O_RDWR)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.dup2(log, 2)
@@ -64,7 +64,7 @@ def _reopen_stdio(log_path: str) -> None:
     os.close(log)
 
 
-def _child(request: dict[str, Any], control: socket.socket, server_pid: int) -> NoReturn:
+def _child(request: dict[str, Any], log: int, control: socket.socket, server_pid: int) -> NoReturn:
     code = 1
     try:
         # Closed through the object: hardening closes descriptors by number, and the
@@ -72,7 +72,7 @@ def _child(request: dict[str, Any], control: socket.socket, server_pid: int) -> 
         control.close()
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _reopen_stdio(request["log"])
+        _reopen_stdio(log)
         limits = SandboxLimits.from_json(request["limits"])
         code = serve(request["socket"], limits, seccomp=request["seccomp"], parent=server_pid)
     except BaseException:  # a child must never return into the server loop
@@ -82,11 +82,11 @@ def _child(request: dict[str, Any], control: socket.socket, server_pid: int) -> 
         os._exit(code)
 
 
-def _fork(request: dict[str, Any], control: socket.socket) -> None:
+def _fork(request: dict[str, Any], log: int, control: socket.socket) -> None:
     server_pid = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _child(request, control, server_pid)
+        _child(request, log, control, server_pid)
     try:
         # SIGCHLD is ignored, so the kernel reaps children: the pidfd is how the core
         # tells exit from pid reuse.
@@ -105,19 +105,27 @@ def run(control: socket.socket) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     control.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
     while True:
-        data = control.recv(FORK_SERVER_MESSAGE_BYTES)
-        if not data:
-            return 0  # the core closed its end
+        data, fds, _flags, _addr = socket.recv_fds(control, FORK_SERVER_MESSAGE_BYTES, 1)
         try:
-            request = json.loads(data)
-            request_id = request["id"]
-        except (ValueError, KeyError, TypeError) as exc:
-            print(f"fork server: bad request: {exc}", file=sys.stderr)
-            continue
-        try:
-            _fork(request, control)
-        except OSError as exc:  # fork failed (EAGAIN, ENOMEM): the core falls back to exec
-            control.send(json.dumps({"id": request_id, "error": f"fork: {exc}"}).encode())
+            if not data:
+                return 0  # the core closed its end
+            try:
+                request = json.loads(data)
+                request_id = request["id"]
+            except (ValueError, KeyError, TypeError) as exc:
+                print(f"fork server: bad request: {exc}", file=sys.stderr)
+                continue
+            if len(fds) != 1:
+                error = "no log file attached"
+                control.send(json.dumps({"id": request_id, "error": error}).encode())
+                continue
+            try:
+                _fork(request, fds[0], control)
+            except OSError as exc:  # fork failed (EAGAIN, ENOMEM): the core execs instead
+                control.send(json.dumps({"id": request_id, "error": f"fork: {exc}"}).encode())
+        finally:
+            for fd in fds:  # the child has its copy; the next children must not
+                os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,18 +9,19 @@ a `RunResult`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any
 
 from orchestrator._proto import context_pb2, sandbox_pb2
-from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.sandbox.limits import MiB, SandboxLimits
 
 # Lua memory the context takes, per record, on top of the script's own heap cap.
 # Measured at roughly a third of these on both runtimes; the slack is deliberate.
@@ -106,10 +107,12 @@ class LuaSchedulerRuntime:
         self.limits = SandboxLimits()
         self.source_sha256 = ""
         self.loaded = False
-        self._counts = (0, 0, 0, 0, 0)
         h = self.host
         self._put_jobs = h.put_jobs
         self._put_pool = h.put_pool
+        # Looked up now: under the cap, even looking up a field can fail (see _capped).
+        self._run = h.run
+        self._collect = self.lua.eval("collectgarbage")
 
     # ------------------------------------------------------------------ load
     def load(self, request: sandbox_pb2.LoadRequest) -> sandbox_pb2.LoadReply:
@@ -122,12 +125,13 @@ class LuaSchedulerRuntime:
             lim.max_batch_actions,
             lim.max_string_bytes,
         )
-        self.lua.set_max_memory(STATE_BYTES_BASE + lim.lua_heap_bytes)
         name = "=" + (request.name or "scheduler.lua")
+        load = self.host.load
         try:
-            ok, message, traceback = self.host.load(
-                request.source, name, request.platform_source, request.expose_platform_source
-            )
+            with self._capped(STATE_BYTES_BASE + lim.lua_heap_bytes):
+                ok, message, traceback = load(
+                    request.source, name, request.platform_source, request.expose_platform_source
+                )
         except Exception as exc:  # lupa's LuaMemoryError and friends
             ok, message, traceback = False, f"{type(exc).__name__}: {exc}", ""
         self.source_sha256 = hashlib.sha256(request.source.encode()).hexdigest()
@@ -157,7 +161,6 @@ class LuaSchedulerRuntime:
         self._metrics(snap.metrics)
         self._config(snap.config)
         h.commit()
-        self._update_memory_limit()
 
     def apply_delta(self, delta: context_pb2.ContextDelta) -> None:
         h = self.host
@@ -184,7 +187,6 @@ class LuaSchedulerRuntime:
         if delta.HasField("config"):
             self._config(delta.config)
         h.commit()
-        self._update_memory_limit()
 
     def _jobs(self, columns: context_pb2.JobColumns) -> None:
         n = len(columns.id)
@@ -307,20 +309,34 @@ class LuaSchedulerRuntime:
             t(_fields(c.eviction)),
         )
 
-    def _update_memory_limit(self) -> None:
+    def _memory_cap(self) -> int:
+        """The script's heap on top of what the context the worker holds now takes."""
         jobs, workers, _gpus, models, tenants = self.host.counts()
-        self._counts = (jobs, workers, _gpus, models, tenants)
         state = (
             STATE_BYTES_BASE
             + jobs * STATE_BYTES_PER_JOB
             + (workers + tenants) * STATE_BYTES_PER_WORKER
             + models * STATE_BYTES_PER_MODEL
         )
-        self.lua.set_max_memory(state + self.limits.lua_heap_bytes)
+        return int(state) + self.limits.lua_heap_bytes
 
-    def lift_memory_limit(self) -> None:
-        """Applying a context must not fail because of what the script left behind."""
-        self.lua.set_max_memory(0)
+    @contextlib.contextmanager
+    def _capped(self, cap: int) -> Iterator[None]:
+        """The Lua heap cap, on while user code runs and only then.
+
+        Set right before every call into the script, whatever came before it (a full
+        snapshot, deltas, or nothing: a worker's first call after a resync or a spare's
+        background sync carries no update, and the cap used to be set only by one).
+        Lifted when the call returns: applying a context must not fail because of what
+        the script left behind, and Python reading Lua values outside a protected call
+        must never meet the cap (LuaJIT then aborts the process: "PANIC: unprotected
+        error in call to Lua API (not enough memory)").
+        """
+        self.lua.set_max_memory(cap)
+        try:
+            yield
+        finally:
+            self.lua.set_max_memory(0)
 
     @property
     def memory_used(self) -> int:
@@ -329,15 +345,31 @@ class LuaSchedulerRuntime:
     # ------------------------------------------------------------------ run
     def run(self, refresh_available: bool, pool_state_fresh: bool) -> RunResult:
         result = RunResult()
-        try:
-            status, payload, tb, logs, logs_dropped, metrics, metrics_dropped = self.host.run(
-                refresh_available, pool_state_fresh
+        cap = self._memory_cap()
+        if self.memory_used > cap:
+            self._collect()  # garbage, mostly: the context a full snapshot replaced
+        if self.memory_used > cap:
+            # What the script keeps in its globals outgrew the cap (the context shrank):
+            # calling in with the heap already over it is what crashes LuaJIT.
+            result.error_kind = ErrorKind.ERROR_KIND_MEMORY_LIMIT
+            result.error_message = (
+                f"not enough memory: the scheduler's Lua heap holds "
+                f"{self.memory_used / MiB:.1f} MiB, over its cap of {cap / MiB:.1f} MiB"
             )
-        except Exception as exc:  # memory errors raised outside the script's pcall
-            result.error_kind = _exception_kind(exc)
-            result.error_message = f"{type(exc).__name__}: {exc}"
             result.retire = True
             return result
+        try:
+            with self._capped(cap):
+                outcome = self._run(refresh_available, pool_state_fresh)
+        except Exception as exc:  # memory errors raised outside the script's pcall
+            result.error_kind = _exception_kind(exc)
+            detail = str(exc)
+            if not detail and result.error_kind == ErrorKind.ERROR_KIND_MEMORY_LIMIT:
+                detail = "not enough memory"  # Lua 5.4's LuaMemoryError has no message
+            result.error_message = f"{type(exc).__name__}: {detail}"
+            result.retire = True
+            return result
+        status, payload, tb, logs, logs_dropped, metrics, metrics_dropped = outcome
         # Text from the sandbox is already valid UTF-8 (lua/text.lua cleans it).
         result.logs = [(str(rec[1]), str(rec[2])) for rec in logs.values()]
         result.logs_dropped = int(logs_dropped)
@@ -356,8 +388,7 @@ class LuaSchedulerRuntime:
             result.error_message = str(payload)
             result.traceback = str(tb or "")
             result.retire = status in ("violation", "memory")
-        limit = self.lua.get_max_memory()
-        if limit and self.memory_used > MEMORY_PRESSURE * limit:
+        if self.memory_used > MEMORY_PRESSURE * cap:
             result.retire = True
             if result.error_kind == ErrorKind.ERROR_KIND_UNSPECIFIED and not result.decision:
                 result.error_kind = ErrorKind.ERROR_KIND_MEMORY_LIMIT

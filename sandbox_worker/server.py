@@ -85,7 +85,6 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
                 f"got epoch {request.epoch} base_seq {request.base_seq}: send a full snapshot"
             )
             return sandbox_pb2.ScheduleReply(seq=self.seq)
-        runtime.lift_memory_limit()
         self.broken = "applying an update"  # cleared once the update is fully applied
         if full:
             runtime.apply_snapshot(request.snapshot)

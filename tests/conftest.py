@@ -146,12 +146,15 @@ async def make_engine(tmp_path: Path) -> AsyncIterator[EngineFactory]:
         options.setdefault("user_spares", 1)
         options.setdefault("platform_spares", 1)
         platform = options.pop("platform", None)
+        # The engine's own arguments; everything else is an EngineOptions field.
+        own = {name: options.pop(name) for name in ("metrics", "tenant") if name in options}
         engine = SchedulingEngine(
             user_source=user_source,
             user_name=user_name,
             language=language,
             platform=platform,
             options=EngineOptions(runtime_dir=runtime_dir, **options),
+            **own,
         )
         await engine.start()
         engines.append(engine)

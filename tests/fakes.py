@@ -22,6 +22,16 @@ CATALOG = Catalog(
 CONFIG = ServiceConfig()
 
 
+class Clock:
+    """A monotonic clock in seconds that moves only when a test sets `now`."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def record(job_id: str, *, at: int = 1_000, priority: str = "batch", **spec: object) -> JobRecord:
     """A job as submit would have stored it (not yet in any store)."""
     fields = {"model": MODEL, "prompt": f"prompt of {job_id}", "max_tokens": 8, **spec}

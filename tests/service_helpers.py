@@ -17,9 +17,15 @@ from grpc import aio
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.api.server import Server
+from orchestrator.config.credentials import token_hash
 from orchestrator.config.settings import ServiceConfig, load_config
+from orchestrator.wire.channel import ClientAuth, open_channel
 
 LLAMA = "hf:meta-llama/Llama-3.1-8B-Instruct@main::file=Q4_K_M.gguf"
+# The operator key of test configs that need credentials (platform mode): tests that
+# are not about authentication call as this operator.
+OPERATOR_TOKEN = "orch_test-operator"
+OPERATOR_KEY = {"name": "test-operator", "role": "operator", "sha256": token_hash(OPERATOR_TOKEN)}
 
 
 def free_port() -> int:
@@ -49,6 +55,8 @@ def write_config(directory: Path, **overrides: Any) -> Path:
         "max_delay_ms": 1000,
     }
     merge(base, overrides)
+    if base.get("deployment_mode") == "platform" and "auth" not in base:
+        base["auth"] = {"keys": [OPERATOR_KEY]}
     path = directory / "orchestratord.yaml"
     path.write_text(yaml.safe_dump(base))
     return path
@@ -85,7 +93,13 @@ class Running:
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.server.http_port}"
+        scheme = "https" if self.config.tls.enabled else "http"
+        return f"{scheme}://127.0.0.1:{self.server.http_port}"
+
+    @property
+    def operator_headers(self) -> dict[str, str]:
+        """What an HTTP call as the test operator sends (nothing when no keys are set)."""
+        return {"Authorization": f"Bearer {OPERATOR_TOKEN}"} if self.config.auth.configured else {}
 
     async def submit(self, **fields: Any) -> pb.JobInfo:
         fields.setdefault("model", "llama-8b")
@@ -105,11 +119,18 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running_service(config_path: Path, **kwargs: Any) -> AsyncIterator[Running]:
+async def running_service(
+    config_path: Path, *, auth: ClientAuth | None = None, **kwargs: Any
+) -> AsyncIterator[Running]:
+    """The service of `config_path`, and a channel to it as `auth` (default: the test
+    operator when the config has keys)."""
     config = load_config(config_path)
     server = Server(config, **kwargs)
     await server.start()
-    channel = aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    if auth is None:
+        assert not config.tls.enabled, "a TLS service needs auth= naming its CA"
+        auth = ClientAuth(token=OPERATOR_TOKEN if config.auth.configured else "")
+    channel = open_channel(f"127.0.0.1:{server.grpc_port}", auth)
     try:
         yield Running(server, config, channel)
     finally:

@@ -73,7 +73,9 @@ class SubmitRequest(_message.Message):
     seed: _builtins.int
     temperature: _builtins.float
     tenant_id: _builtins.str
-    """required in platform mode"""
+    """A tenant's credential fixes its tenant (a different value is refused); an
+    operator may submit on a tenant's behalf. Required in platform mode.
+    """
     session_id: _builtins.str
     request_id: _builtins.str
     """Idempotency key: resubmitting the same request_id returns the first job."""
@@ -226,6 +228,7 @@ class ListJobsRequest(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """a tenant lists only its own jobs"""
     limit: _builtins.int
     """default 100, at most 1000"""
     page_token: _builtins.str
@@ -525,6 +528,9 @@ class DeployRequest(_message.Message):
     SCHEDULER_FIELD_NUMBER: _builtins.int
     DEPLOYER_FIELD_NUMBER: _builtins.int
     deployer: _builtins.str
+    """The version records the caller's identity; this name is kept (as "local:NAME")
+    only when the service runs without credentials, on loopback.
+    """
     @_builtins.property
     def scheduler(self) -> Global___SchedulerSource: ...
     def __init__(

@@ -16,10 +16,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
+from orchestrator.api import tls
+from orchestrator.api.authn import Gatekeeper
 from orchestrator.api.rpc.admin import AdminServicer
+from orchestrator.api.rpc.auth import AuthInterceptor
 from orchestrator.api.rpc.jobs import JobServicer
 from orchestrator.api.rpc.pools import PoolServicer
 from orchestrator.api.web.app import make_app
+from orchestrator.config.credentials import CredentialStore
 from orchestrator.config.settings import ServiceConfig, load_catalog, load_tenants
 from orchestrator.domain.errors import OrchestratorError
 from orchestrator.service.assembly import assemble
@@ -30,6 +34,10 @@ from orchestrator.support.tasks import cancel_and_wait, where_it_waits
 
 log = get_logger("server")
 
+# The largest request message: gRPC's default, stated because it is a bound of ours
+# (SECURITY.md); a prompt is bounded well below it by limits.max_prompt_bytes.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+HEALTH_CHECK_S = 1.0  # how often gRPC health follows the cycles' health
 SERVICE_NAMES = (
     orchestrator_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     orchestrator_pb2.DESCRIPTOR.services_by_name["PoolService"].full_name,
@@ -48,34 +56,49 @@ class Server:
     def __init__(self, config: ServiceConfig, orchestrator: Orchestrator | None = None) -> None:
         self.config = config
         self.orchestrator = orchestrator or assemble(config)
+        # Read before anything listens: bad keys stop the start with the file's error.
+        self.gate = Gatekeeper(
+            CredentialStore(config) if config.auth.configured else None,
+            self.orchestrator.metrics.registry,
+        )
         self.grpc: aio.Server | None = None
         self.http: web.AppRunner | None = None
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.http_port = 0
         self._stopped = asyncio.Event()
+        self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         o = self.orchestrator
         await o.start()
-        self.grpc = aio.server()
+        self.grpc = aio.server(
+            interceptors=[AuthInterceptor(self.gate)],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        )
         orchestrator_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(o), self.grpc)
         orchestrator_pb2_grpc.add_PoolServiceServicer_to_server(
             PoolServicer(o.pools, heartbeat_ms=o.config.pools.heartbeat_ms), self.grpc
         )
         orchestrator_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(o), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
-        self.grpc_port = self.grpc.add_insecure_port(self.config.listen.grpc)
+        if self.config.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+            )
+        if self.config.tls.enabled:
+            credentials = tls.grpc_credentials(self.config)
+            self.grpc_port = self.grpc.add_secure_port(self.config.listen.grpc, credentials)
+        else:
+            self.grpc_port = self.grpc.add_insecure_port(self.config.listen.grpc)
         if self.grpc_port == 0:
             raise OrchestratorError(f"cannot listen on {self.config.listen.grpc} (gRPC)")
         await self.grpc.start()
         host, port = split_address(self.config.listen.http)
-        self.http = web.AppRunner(make_app(o), access_log=None)
+        self.http = web.AppRunner(make_app(o, self.gate), access_log=None)
         await self.http.setup()
-        site = web.TCPSite(self.http, host, port)
+        ssl_context = tls.http_context(self.config) if self.config.tls.enabled else None
+        site = web.TCPSite(self.http, host, port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -83,13 +106,16 @@ class Server:
                 f"cannot listen on {self.config.listen.http} (HTTP): {exc.strerror}"
             ) from None
         self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._health_task = asyncio.get_running_loop().create_task(self._follow_cycles())
+        scheme = "https" if self.config.tls.enabled else "http"
         log.info(
             "service.started",
             version=VERSION,
             grpc=f"{split_address(self.config.listen.grpc)[0]}:{self.grpc_port}",
-            http=f"http://{host}:{self.http_port}",
+            http=f"{scheme}://{host}:{self.http_port}",
+            tls="mutual" if self.config.tls.client_ca_file else self.config.tls.enabled,
+            auth="keys" if self.gate.store else "none: loopback only, every caller is the operator",
             deployment_mode=self.config.deployment_mode,
             scheduler=o.active.name,
             gpus=o.gpu_source,
@@ -102,8 +128,8 @@ class Server:
 
     async def stop(self) -> None:
         notify("STOPPING=1")
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await cancel_and_wait(self._health_task)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.orchestrator.drain()
         if self.grpc is not None:
             await self.grpc.stop(grace=1.0)
@@ -112,8 +138,30 @@ class Server:
         log.info("service.stopped")
         self._stopped.set()
 
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _follow_cycles(self) -> None:
+        """gRPC health says what /healthz says: NOT_SERVING while cycles keep failing
+        (the service answers but schedules nothing), SERVING again once one succeeds."""
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_S)
+            healthy = not self.orchestrator.cycle_health.failing
+            if healthy != serving:
+                serving = healthy
+                await self._set_health(
+                    health_pb2.HealthCheckResponse.SERVING
+                    if healthy
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+
     def reload(self) -> None:
-        """SIGHUP: reread the catalog and tenants; keep the old ones if the new are bad."""
+        """SIGHUP: reread the keys, the catalog and the tenants; keep the old ones if the
+        new are bad."""
+        if self.gate.store is not None:
+            self.gate.store.reload()
         try:
             catalog, tenants = load_catalog(self.config), load_tenants(self.config)
         except OrchestratorError as exc:

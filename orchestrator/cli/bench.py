@@ -29,6 +29,7 @@ import lupa.luajit21
 import yaml
 
 from orchestrator._proto import sandbox_pb2
+from orchestrator.config.credentials import new_token, token_hash
 from orchestrator.config.settings import SPAWN_METHODS, SchedulerConfig
 from orchestrator.domain.samples import churn, sample_context
 from orchestrator.domain.samples import synthetic_cluster as cluster
@@ -38,6 +39,7 @@ from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, plat
 from orchestrator.sim.run import simulate
 from orchestrator.sim.settings import SimSettings
 from orchestrator.state.journal import SnapshotJournal
+from orchestrator.wire.channel import ClientAuth, open_channel
 from sandbox_worker.runtime import LuaSchedulerRuntime
 
 ENTRY_POINT = """
@@ -350,13 +352,12 @@ async def submit_to_dispatch(report: Report, probes: int, backlog: int = 1000) -
     tenant capped at one concurrent job keeps them waiting, every cycle sees them all,
     and probe jobs of another tenant find an idle worker. Timed by the client, from the
     Submit call to the DISPATCHED event on a Watch of every job."""
-    from grpc import aio  # noqa: PLC0415 - only this figure needs a client and a server
-
     from orchestrator._proto import orchestrator_pb2 as pb  # noqa: PLC0415
     from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc  # noqa: PLC0415
     from orchestrator.api.server import Server  # noqa: PLC0415
     from orchestrator.config.settings import load_config  # noqa: PLC0415
 
+    token = new_token()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data = yaml.safe_load(resources.files("orchestrator.config").joinpath("default_config.yaml")
                               .read_text())  # fmt: skip
@@ -364,6 +365,7 @@ async def submit_to_dispatch(report: Report, probes: int, backlog: int = 1000) -
             deployment_mode="platform", state_dir=f"{tmp}/state", log_level="error",
             listen={"grpc": "127.0.0.1:0", "http": "127.0.0.1:0"},
             tenants={"backlog": {"quota_max_concurrent_jobs": 1}, "probe": {}},
+            auth={"keys": [{"name": "bench", "role": "operator", "sha256": token_hash(token)}]},
         )  # fmt: skip
         data["local_pool"]["worker"]["tokens_per_sec"] = 1000
         path = Path(tmp) / "orchestratord.yaml"
@@ -373,7 +375,8 @@ async def submit_to_dispatch(report: Report, probes: int, backlog: int = 1000) -
         dispatched: dict[str, float] = {}
         arrived = asyncio.Event()
         try:
-            async with aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            address = f"127.0.0.1:{server.grpc_port}"
+            async with open_channel(address, ClientAuth(token=token)) as channel:
                 jobs = pb_grpc.JobServiceStub(channel)
                 watch = jobs.Watch(pb.WatchRequest())
 
@@ -420,6 +423,86 @@ async def submit_to_dispatch(report: Report, probes: int, backlog: int = 1000) -
                note=f"{probes} interactive probes of another tenant, one at a time, through "
                "gRPC Submit and Watch; platform mode, platform scheduler")
     )  # fmt: skip
+
+
+async def tls_and_auth_cost(report: Report, rounds: int, per_round: int) -> None:
+    """What TLS and an API key add to a call: two services side by side, one on plain
+    loopback without keys, one with TLS and keys, called in alternating order, round
+    after round. Submit commits to SQLite (durability full); Get touches no disk and
+    shows the per-call cost alone. No pool: the jobs stay queued."""
+    from orchestrator._proto import orchestrator_pb2 as pb  # noqa: PLC0415
+    from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc  # noqa: PLC0415
+    from orchestrator.api.server import Server  # noqa: PLC0415
+    from orchestrator.cli.certs import make_pki  # noqa: PLC0415
+    from orchestrator.config.settings import load_config  # noqa: PLC0415
+
+    token = new_token()
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
+        pki = make_pki(Path(tmp) / "pki")
+        servers = []
+        for name, secure in (("plain", False), ("tls", True)):
+            data = yaml.safe_load(resources.files("orchestrator.config")
+                                  .joinpath("default_config.yaml").read_text())  # fmt: skip
+            data.update(
+                state_dir=f"{tmp}/{name}", log_level="error",
+                listen={"grpc": "127.0.0.1:0", "http": "127.0.0.1:0"},
+            )  # fmt: skip
+            data["local_pool"]["enabled"] = False
+            if secure:
+                data["tls"] = {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)}
+                data["auth"] = {"keys": [{"name": "bench", "role": "tenant", "tenant": "t",
+                                          "sha256": token_hash(token)}]}  # fmt: skip
+            path = Path(tmp) / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(data))
+            server = Server(load_config(path))
+            await server.start()
+            servers.append(server)
+        auths = (ClientAuth(), ClientAuth(token=token, tls_ca=pki.ca.read_bytes()))
+        channels = [open_channel(f"127.0.0.1:{srv.grpc_port}", a)
+                    for srv, a in zip(servers, auths, strict=True)]  # fmt: skip
+        times: dict[tuple[str, int], list[float]] = {}
+        by_round: dict[tuple[str, int], list[float]] = {}
+        try:
+            stubs = [pb_grpc.JobServiceStub(c) for c in channels]
+            job_ids = []
+            for stub in stubs:  # warm: connections, handshakes, the store
+                job = await stub.Submit(pb.SubmitRequest(model="llama-8b", prompt="w",
+                                                         max_tokens=1))  # fmt: skip
+                job_ids.append(job.id)
+            for r in range(rounds):
+                order = (0, 1) if r % 2 == 0 else (1, 0)
+                for which in order:
+                    stub, job_id = stubs[which], job_ids[which]
+
+                    async def submit(stub: Any = stub) -> None:
+                        await stub.Submit(pb.SubmitRequest(model="llama-8b", prompt="p",
+                                                           max_tokens=1))  # fmt: skip
+
+                    async def get(stub: Any = stub, job_id: str = job_id) -> None:
+                        await stub.Get(pb.GetJobRequest(job_id=job_id))
+
+                    for call, fn in (("Submit", submit), ("Get", get)):
+                        values = await timed(fn, per_round)
+                        times.setdefault((call, which), []).extend(values)
+                        by_round.setdefault((call, which), []).append(statistics.median(values))
+        finally:
+            for channel in channels:
+                await channel.close()
+            for server in servers:
+                await server.stop()
+    for call in ("Submit", "Get"):
+        (pm, pp), (tm, tp) = summary(times[(call, 0)]), summary(times[(call, 1)])
+        ratios = [t / p for p, t in zip(by_round[(call, 0)], by_round[(call, 1)], strict=True)]
+        what = "commits to SQLite" if call == "Submit" else "no disk write"
+        report.figures += [
+            Figure(f"{call} over TLS with an API key ({what})", tm, tp,
+                   ratio=f"{tm / pm:.2f}x plain loopback (per round {min(ratios):.2f}x to "
+                   f"{max(ratios):.2f}x)",
+                   note=f"{tm - pm:+.2f} ms median, {tp - pp:+.2f} ms p99 against plain "
+                   f"loopback; {rounds} rounds x {per_round} calls, the two services called "
+                   "in alternating order; the spread is of the per-round median ratios"),
+            Figure(f"  {call} on plain loopback, no key", pm, pp),
+        ]  # fmt: skip
 
 
 def in_process_floor(n_jobs: int, count: int) -> tuple[float, float]:
@@ -508,6 +591,8 @@ async def run(quick: bool = False) -> Report:
     await trace_replay(report)
     settle("Submit to dispatch at 1,000 queued jobs, real service")
     await submit_to_dispatch(report, 300)
+    settle("what TLS and an API key add to a call")
+    await tls_and_auth_cost(report, rounds=6, per_round=200)
     settle("9. the in-process floor")
     fm_, fp_ = in_process_floor(10_000, 300)
     report.figures.append(

@@ -13,6 +13,7 @@ from grpc import aio
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.domain.jobs import JobState
+from orchestrator.wire.channel import auth_from_arguments, open_channel
 from orchestrator.wire.jobs import STATE_NAMES, STATES
 
 
@@ -34,7 +35,7 @@ async def _follow(jobs: pb_grpc.JobServiceStub, job_id: str) -> int:
 
 async def job_command(args: argparse.Namespace) -> int:
     """Run one job action; exit 0 on success, 1 when the job did not complete, 2 on errors."""
-    async with aio.insecure_channel(args.address) as channel:
+    async with open_channel(args.address, auth_from_arguments(args)) as channel:
         jobs = pb_grpc.JobServiceStub(channel)
         try:
             if args.job_command == "submit":

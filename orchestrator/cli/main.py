@@ -6,6 +6,10 @@
     orchestratord scheduler simulate --file F [--queue-depth N --pools N ...]
     orchestratord scheduler compare A B [workload options]
     orchestratord scheduler replay --log FILE --file CANDIDATE
+    orchestratord auth new-key --name N --role tenant|operator|pool [--tenant T] [--pool P]
+
+Commands that talk to a running orchestrator take --token-file (or $ORCHESTRATOR_TOKEN),
+--tls-ca, and --tls-cert/--tls-key for mutual TLS (SECURITY.md).
 
 Exit status of `scheduler test`: 0 when the user's scheduler decided, 3 when the
 cycle fell back, 2 on bad usage (unreadable file, bad context, bad flags).
@@ -28,6 +32,8 @@ from grpc import aio
 
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.cli.auth import add_commands as add_auth_commands
+from orchestrator.cli.auth import auth_command
 from orchestrator.cli.jobs import job_command
 from orchestrator.cli.sim import COMMANDS as SIM_COMMANDS
 from orchestrator.cli.sim import add_commands as add_sim_commands
@@ -50,6 +56,7 @@ from orchestrator.sandbox.limits import SandboxLimits
 from orchestrator.scheduling.cycle import CycleResult
 from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
 from orchestrator.support.log import configure_logging
+from orchestrator.wire.channel import add_client_arguments, auth_from_arguments, open_channel
 
 EXIT_USER = 0
 EXIT_USAGE = 2
@@ -87,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument(
         "--address", default="127.0.0.1:50051", help="the orchestrator's gRPC HOST:PORT"
     )
+    add_client_arguments(job)
     job_commands = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     submit = job_commands.add_parser("submit", help="submit a job and print it (--wait: follow it)")
     submit.add_argument("--model", required=True, help="a catalog model_ref or alias")
@@ -120,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evict inference workers when it says so. Uses the local_pool section of --config.",
     )
     pool.add_argument("--orchestrator", required=True, help="the core's gRPC HOST:PORT")
+    add_client_arguments(pool)
     pool.add_argument("--config", type=Path, help="YAML config (local_pool, pools, state_dir)")
     pool.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
 
@@ -166,14 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="validate and deploy a policy to a running orchestrator")
     deploy.add_argument("file", type=Path)
     deploy.add_argument("--address", default="127.0.0.1:50051")
+    add_client_arguments(deploy)
     deploy.add_argument("--deployer", default=os.environ.get("USER", "cli"))
     deploy.add_argument("--json", action="store_true")
     versions = sub.add_parser("versions", help="list the deployed versions")
     versions.add_argument("--address", default="127.0.0.1:50051")
+    add_client_arguments(versions)
     versions.add_argument("--json", action="store_true")
     rollback = sub.add_parser("rollback", help="go back to an earlier version (one call)")
     rollback.add_argument("--to", type=int, default=0, help="version id; default: the one before")
     rollback.add_argument("--address", default="127.0.0.1:50051")
+    add_client_arguments(rollback)
     rollback.add_argument("--json", action="store_true")
 
     add_sim_commands(sub)
@@ -191,11 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     shadow_sub.add_parser("stop", help="stop the shadow")
     for action_parser in shadow_sub.choices.values():
         action_parser.add_argument("--address", default="127.0.0.1:50051")
+        add_client_arguments(action_parser)
         action_parser.add_argument("--json", action="store_true")
     sub.add_parser("platform-source", help="print the platform scheduler's Lua source")
     sample = sub.add_parser("sample-context", help="print the sample context as YAML")
     sample.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     sample.add_argument("--platform-mode", action="store_true", help="with tenants and quotas")
+    add_auth_commands(commands)
     return parser
 
 
@@ -210,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "job":
             return asyncio.run(job_command(args))
+        if args.command == "auth":
+            return auth_command(args)
         if args.command == "bench":
             configure_logging("console", "error")
             from orchestrator.cli.bench import main as bench_main  # noqa: PLC0415 - heavy, rare
@@ -249,7 +265,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         if args.command == "pool-manager":
-            asyncio.run(run_pool_manager(config, args.orchestrator))
+            auth = auth_from_arguments(args)
+            asyncio.run(run_pool_manager(config, args.orchestrator, auth))
         else:
             asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -314,7 +331,7 @@ async def _compile(args: argparse.Namespace) -> int:
 
 async def _admin(args: argparse.Namespace) -> int:
     """deploy, versions, rollback: through AdminService on a running orchestrator."""
-    async with aio.insecure_channel(args.address) as channel:
+    async with open_channel(args.address, auth_from_arguments(args)) as channel:
         admin = pb_grpc.AdminServiceStub(channel)
         try:
             if args.scheduler_command == "deploy":
@@ -348,7 +365,7 @@ async def _admin(args: argparse.Namespace) -> int:
 
 async def _shadow(args: argparse.Namespace) -> int:
     """shadow start FILE | stop | status, through AdminService."""
-    async with aio.insecure_channel(args.address) as channel:
+    async with open_channel(args.address, auth_from_arguments(args)) as channel:
         admin = pb_grpc.AdminServiceStub(channel)
         try:
             if args.shadow_command == "start":

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import TextIO
 
 from orchestrator.config.settings import SchedulerConfig
-from orchestrator.domain.errors import ConfigError, UsageError
+from orchestrator.domain.errors import ConfigError, InvalidRequestError, UsageError
 from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import read_policy, to_lua
 from orchestrator.sim.compare import Policy, compare
 from orchestrator.sim.replay import replay
 from orchestrator.sim.report import table, write_html
 from orchestrator.sim.run import Progress, simulate
-from orchestrator.sim.settings import SimSettings
+from orchestrator.sim.settings import MAX_JOBS, SimSettings
 
 PLATFORM = "platform"  # as a policy argument: the built-in platform scheduler
 
@@ -183,12 +183,24 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     replay_.add_argument("--quiet", "-q", action="store_true")
 
 
+# Settings whose flag is not the field's name with dashes.
+FLAGS = {"duration_s": "--duration", "burst_every_s": "--burst-every"}
+
+
 def settings_from_args(args: argparse.Namespace) -> SimSettings:
+    """The flags' settings, under the same bounds as a request to the service but a
+    higher cap on jobs (MAX_JOBS, not the service's); an error names the flag."""
     names = [n for n in SimSettings.__dataclass_fields__ if hasattr(args, n)]
     try:
-        return SimSettings(**{n: getattr(args, n) for n in names})
-    except ValueError as exc:
-        raise UsageError(str(exc).replace("_", "-")) from None
+        settings = SimSettings(**{n: getattr(args, n) for n in names})
+    except InvalidRequestError as exc:
+        flag = FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
+        raise UsageError(f"{flag}{str(exc).removeprefix(exc.field)}") from None
+    if settings.expected_jobs() > MAX_JOBS:
+        raise UsageError(
+            f"the workload holds about {settings.expected_jobs()} jobs; at most {MAX_JOBS}"
+        )
+    return settings
 
 
 def load_policy(spec: str) -> Policy:

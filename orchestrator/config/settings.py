@@ -8,7 +8,6 @@ at start and again on reload (SIGHUP).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,7 +26,7 @@ from orchestrator.domain.context import (
     TimeoutConfig,
 )
 from orchestrator.domain.errors import ConfigError
-from orchestrator.domain.jobs import SubmitLimits
+from orchestrator.domain.jobs import SubmitLimits, TenantLimits
 
 DEPLOYMENT_MODES = ("home", "lab", "platform")
 # How sandbox workers start: forked from the pre-imported fork server (milliseconds),
@@ -35,10 +34,78 @@ DEPLOYMENT_MODES = ("home", "lab", "platform")
 SPAWN_METHODS = ("fork-server", "exec")
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def listen_host(address: str) -> str:
+    """The host part of a HOST:PORT listen address (IPv6 brackets removed)."""
+    return address.rpartition(":")[0].strip("[]")
+
+
 @dataclass(frozen=True)
 class ListenConfig:
     grpc: str = "127.0.0.1:50051"
     http: str = "127.0.0.1:8080"
+    # Host names (no port) the HTTP API answers to besides the loopback names and the
+    # listen address itself: a request naming any other Host is refused, so a web page
+    # that rebinds its own DNS name to this address cannot talk to the admin API.
+    allowed_hosts: tuple[str, ...] = ()
+    # gRPC server reflection (schema only, no data). None: on, except in platform mode.
+    reflection: bool | None = None
+
+    @property
+    def loopback_only(self) -> bool:
+        return all(listen_host(a) in LOOPBACK_HOSTS for a in (self.grpc, self.http))
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for both listeners (PEM files). With `client_ca_file`, clients must present
+    a certificate signed by that CA (mutual TLS), and a certificate's common name can
+    stand for an identity (`auth.keys[].cert_cn`)."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("tls.client_ca_file (mutual TLS) needs tls.cert_file and key_file")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One credential and the identity it stands for (SECURITY.md). A key is stored
+    only as the SHA-256 of its token (`orchestratord auth new-key` prints both); with
+    mutual TLS, `cert_cn` names the client certificate that stands for the same
+    identity."""
+
+    name: str
+    role: str
+    sha256: str = ""
+    tenant: str | None = None  # role tenant: its tenant id
+    pools: tuple[str, ...] = ()  # role pool: the pool ids it speaks for
+    cert_cn: str = ""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Credentials. `keys_file` (a YAML file with a `keys:` list) is re-read when it
+    changes and on SIGHUP, so keys rotate without a restart: add the new key, move the
+    clients over, remove the old one."""
+
+    keys: tuple[ApiKey, ...] = ()
+    keys_file: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.keys or self.keys_file)
 
 
 @dataclass(frozen=True)
@@ -140,6 +207,20 @@ class PoolsConfig:
     heartbeat_ms: int = 500
     degraded_after_ms: int = 1500
     offline_after_ms: int = 5000
+    # A remote pool silent this long is removed, and its running jobs are retried: the
+    # cluster never keeps a pool, nor the scheduler a worker, that is gone for good.
+    expire_after_ms: int = 60_000
+    # Remote pools registered at once; each costs memory and work in every cycle.
+    max_pools: int = 256
+
+    def __post_init__(self) -> None:
+        if self.expire_after_ms <= self.offline_after_ms:
+            raise ValueError(
+                f"expire_after_ms ({self.expire_after_ms}) must exceed offline_after_ms "
+                f"({self.offline_after_ms}): a pool is offline before it is removed"
+            )
+        if self.max_pools < 0:
+            raise ValueError(f"max_pools must be 0 or more, not {self.max_pools}")
 
 
 @dataclass(frozen=True)
@@ -158,8 +239,12 @@ class ServiceConfig:
     state_dir: str = ".orchestratord"
     durability: str = "full"  # SQLite synchronous: "full" survives power loss, "normal" a crash
     listen: ListenConfig = ListenConfig()
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
-    queue: QueueConfig = QueueConfig()
+    # Bounded, unlike the domain's default (-1, as in the runtime spec's examples):
+    # every queued job is held in memory until it is dispatched.
+    queue: QueueConfig = QueueConfig(capacity=100_000)
     timeout: TimeoutConfig = TimeoutConfig()
     retry: RetryConfig = RetryConfig()
     eviction: EvictionConfig = EvictionConfig()
@@ -175,9 +260,6 @@ class ServiceConfig:
     # own sandbox on a view of the cluster holding only its jobs (docs/ARCHITECTURE.md, D15).
     tenant_schedulers: Mapping[str, str] = field(default_factory=dict)
     drain_timeout_s: float = 30.0
-    # Required when listen.http is not a loopback address: the admin UI and API then
-    # want `Authorization: Bearer <admin_token>`.
-    admin_token: str = ""
     log_level: str = "info"
     # Where relative paths (scheduler file, catalog_file, state_dir) are resolved.
     base_dir: str = "."
@@ -187,11 +269,20 @@ class ServiceConfig:
             raise ValueError(f"deployment_mode must be one of {DEPLOYMENT_MODES}")
         if self.durability not in ("full", "normal"):
             raise ValueError("durability must be 'full' or 'normal'")
-        host = self.listen.http.rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "localhost", "::1") and not self.admin_token:
+        for name, address in (("grpc", self.listen.grpc), ("http", self.listen.http)):
+            if listen_host(address) in LOOPBACK_HOSTS:
+                continue
+            if not (self.tls.enabled and self.auth.configured):
+                raise ValueError(
+                    f"listen.{name} {address!r} is not a loopback address: set tls.cert_file "
+                    "and tls.key_file, and auth.keys or auth.keys_file, so that nothing "
+                    "reaches the network unencrypted or unauthenticated (SECURITY.md)"
+                )
+        if self.platform_mode and not self.auth.configured:
             raise ValueError(
-                f"listen.http {self.listen.http!r} is not a loopback address: set admin_token "
-                "so that the admin UI and API are not open to the network"
+                "deployment_mode platform serves several tenants: set auth.keys or "
+                "auth.keys_file, so that each caller's tenant comes from its credential "
+                "(SECURITY.md)"
             )
         if self.tenant_schedulers and self.deployment_mode != "platform":
             raise ValueError("tenant_schedulers: only in platform mode (deployment_mode)")
@@ -199,6 +290,12 @@ class ServiceConfig:
     @property
     def platform_mode(self) -> bool:
         return self.deployment_mode == "platform"
+
+    @property
+    def reflection(self) -> bool:
+        if self.listen.reflection is None:
+            return not self.platform_mode
+        return self.listen.reflection
 
     def path(self, value: str) -> Path:
         path = Path(value).expanduser()
@@ -254,26 +351,38 @@ def load_catalog(config: ServiceConfig) -> Catalog:
 
 @dataclass(frozen=True)
 class TenantQuota:
-    """A tenant as configured: its name and quotas (usage is live state)."""
+    """A tenant as configured: its name and quotas (usage is live state), and its
+    overrides of `limits.per_tenant`. Those bound its submits in the service and are
+    not part of ctx.tenants: schedulers see only what `tenant()` returns."""
 
     name: str = ""
     quota_vram_bytes: int | None = None
     quota_max_concurrent_jobs: int | None = None
     quota_tokens_daily: int | None = None
+    limits: TenantLimits = TenantLimits()
+
+    def tenant(self, tenant_id: str) -> Tenant:
+        """The tenant as ctx.tenants shows it, before any usage."""
+        return Tenant(
+            id=tenant_id,
+            name=self.name,
+            quota_vram_bytes=self.quota_vram_bytes,
+            quota_max_concurrent_jobs=self.quota_max_concurrent_jobs,
+            quota_tokens_daily=self.quota_tokens_daily,
+        )
 
 
-def load_tenants(config: ServiceConfig) -> dict[str, Tenant]:
-    """Tenants and their quotas: `tenants` inline, or `tenants_file`."""
+def load_tenants(config: ServiceConfig) -> dict[str, TenantQuota]:
+    """Tenants, their quotas and limits, by id: `tenants` inline, or `tenants_file`."""
     data: Any = config.tenants
     name = "config.tenants"
     if config.tenants_file:
         path = config.path(config.tenants_file)
         data, name = _readparse_yaml(path), str(path)
-    out = {}
-    for tenant_id, raw in (data or {}).items():
-        quota = build(TenantQuota, raw or {}, f"{name}[{tenant_id!r}]")
-        out[str(tenant_id)] = Tenant(id=str(tenant_id), **dataclasses.asdict(quota))
-    return out
+    return {
+        str(tenant_id): build(TenantQuota, raw or {}, f"{name}[{tenant_id!r}]")
+        for tenant_id, raw in (data or {}).items()
+    }
 
 
 def _readparse_yaml(path: Path) -> Any:

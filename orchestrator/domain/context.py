@@ -20,6 +20,8 @@ PRIORITY_RANK: Mapping[str, int] = MappingProxyType({"interactive": 0, "batch": 
 PRIORITIES = tuple(PRIORITY_RANK)
 WORKER_STATUSES = ("ready", "busy", "starting", "failed")
 POOL_STATUSES = ("healthy", "degraded", "offline")
+# ctx.metrics travels as int64: a sum past this is clamped, not an error in every cycle.
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,10 +387,17 @@ def derive_metrics(
         degraded_pools=pool_statuses["degraded"],
         offline_pools=pool_statuses["offline"],
         total_gpus=len(gpus),
-        total_vram_bytes=sum(g.vram_total_bytes for g in gpus),
-        allocated_vram_bytes=sum(g.vram_allocated_bytes for g in gpus),
-        free_vram_bytes=sum(g.vram_free_bytes for g in gpus),
+        total_vram_bytes=_int64(sum(g.vram_total_bytes for g in gpus)),
+        allocated_vram_bytes=_int64(sum(g.vram_allocated_bytes for g in gpus)),
+        free_vram_bytes=_int64(sum(g.vram_free_bytes for g in gpus)),
         avg_gpu_utilization=(sum(g.utilization_percent for g in gpus) / len(gpus) if gpus else 0.0),
         jobs_completed_last_minute=jobs_completed_last_minute,
         avg_tokens_per_sec=sum(rates) / len(rates) if rates else 0.0,
     )
+
+
+def _int64(total: int) -> int:
+    """A sum of per-GPU values, within int64. Each value is bounded where it enters
+    (orchestrator/state/pool_checks.py), but 64 GPUs in each of hundreds of pools can
+    still add up past 2**63."""
+    return max(-INT64_MAX - 1, min(total, INT64_MAX))

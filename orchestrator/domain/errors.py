@@ -19,12 +19,14 @@ class ErrorCode(StrEnum):
     """What kind of failure an error is, for callers that must act on it."""
 
     INVALID_ARGUMENT = "invalid_argument"  # the request, file or field is malformed
+    UNAUTHENTICATED = "unauthenticated"  # no credential, or one that matches no identity
     NOT_FOUND = "not_found"  # no such job, pool or scheduler version
-    PERMISSION_DENIED = "permission_denied"  # not allowed in this deployment mode
+    PERMISSION_DENIED = "permission_denied"  # not allowed: this role, mode or pool
     POLICY_REJECTED = "policy_rejected"  # a scheduler failed validation before deploy
     SCHEDULER_UNLOADABLE = "scheduler_unloadable"  # a scheduler does not load in a sandbox
     UNAVAILABLE = "unavailable"  # draining: the service takes no new work
     QUEUE_FULL = "queue_full"  # the queue is at its configured capacity
+    RATE_LIMITED = "rate_limited"  # a tenant's request or token rate, or its share, is used up
     USAGE = "usage"  # the command line was used wrongly
     INTERNAL = "internal"  # a failure of ours
 
@@ -55,6 +57,12 @@ class InvalidRequestError(OrchestratorError):
         self.field = field
 
 
+class UnauthenticatedError(OrchestratorError):
+    """No credential was given, or the one given matches no identity."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
 class NotFoundError(OrchestratorError):
     """No such job, pool or scheduler version."""
 
@@ -62,7 +70,7 @@ class NotFoundError(OrchestratorError):
 
 
 class PermissionDeniedError(OrchestratorError):
-    """Not allowed in this deployment mode."""
+    """Not allowed: for this caller's role, in this deployment mode, or for this pool."""
 
     code = ErrorCode.PERMISSION_DENIED
 
@@ -77,6 +85,12 @@ class QueueFullError(OrchestratorError):
     """The queue holds `queue.capacity` jobs already."""
 
     code = ErrorCode.QUEUE_FULL
+
+
+class RateLimitedError(OrchestratorError):
+    """A tenant's submit rate or queue share is used up; retrying later may succeed."""
+
+    code = ErrorCode.RATE_LIMITED
 
 
 class SchedulerLoadError(OrchestratorError):

@@ -5,6 +5,7 @@ How a job moves between states is `orchestrator/domain/transitions.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,11 +31,54 @@ TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 
 
 @dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """What one tenant may hold queued and submit per minute (jobs without a tenant
+    count as the tenant ""). The config's `limits.per_tenant` are the defaults; a
+    tenant's `limits` in the tenants file override them field by field.
+
+    None: not set (an override falls back to the default; a default means unlimited);
+    -1: unlimited. Tokens are `max_tokens` plus the prompt's bytes / 4, the usual
+    estimate of a prompt's tokens, so that a limit holds before the prompt is tokenized.
+    """
+
+    max_queued_jobs: int | None = None
+    max_queued_prompt_bytes: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and value != -1 and value <= 0:
+                raise ValueError(f"{f.name} must be positive, or -1 for unlimited; got {value}")
+
+    def over(self, defaults: TenantLimits) -> TenantLimits:
+        """These limits where they are set, `defaults` elsewhere."""
+        mine = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(defaults, **{k: v for k, v in mine.items() if v is not None})
+
+
+def prompt_tokens(prompt_bytes: int) -> int:
+    """The tokens a prompt is counted as before it is tokenized: its bytes / 4, rounded up."""
+    return -(-prompt_bytes // 4)
+
+
+@dataclass(frozen=True, slots=True)
 class SubmitLimits:
     """Bounds on a submitted job (the config's `limits`)."""
 
     max_prompt_bytes: int = 1024 * 1024
     max_tokens: int = 32_768
+    # Queued prompts stay in the core's memory until their jobs are dispatched: this
+    # bounds them for all tenants together (a full queue is RESOURCE_EXHAUSTED).
+    max_queued_prompt_bytes: int = 1024**3
+    # Every tenant's share of the queue by default: a tenth of the default capacity
+    # (100000 jobs) and a quarter of the queued prompt bytes, so that no one tenant can
+    # fill the queue for the others. Rates are unlimited unless configured: what a
+    # tenant may send per minute depends on the deployment's hardware and contracts.
+    per_tenant: TenantLimits = TenantLimits(
+        max_queued_jobs=10_000, max_queued_prompt_bytes=256 * 1024**2
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +142,13 @@ class SubmitSpec:
     tenant_id: str = ""
     session_id: str = ""
     request_id: str = ""
+
+
+def in_scope(tenant_id: str | None, scope: str | None) -> bool:
+    """Whether a job of `tenant_id` exists for a caller whose job scope is `scope`:
+    None sees every tenant's jobs, a tenant id only that tenant's, "" only jobs without
+    a tenant (domain/identity.py, `Identity.job_scope`)."""
+    return scope is None or (tenant_id or "") == scope
 
 
 def validate_submit(

@@ -28,6 +28,7 @@ from orchestrator.domain.context import Gpu, HostReading, ProcessInfo
 from orchestrator.domain.errors import PoolError
 from orchestrator.pools.hardware import GpuProbe, HostProbe
 from orchestrator.support.clock import now_ms
+from orchestrator.support.files import open_log
 from orchestrator.support.log import get_logger
 
 log = get_logger("pool")
@@ -185,20 +186,25 @@ class LocalPool:
             port=port,
             started_at_ms=now_ms(),
         )
-        log_path = self.state_dir / f"worker-{worker_id}.log"
         try:
-            with open(log_path, "ab") as log_file:
-                worker.process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    env=env,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    start_new_session=True,
-                )
+            log_fd = open_log(self.state_dir / f"worker-{worker_id}.log", append=True)
+        except OSError as exc:
+            self._ports_in_use.discard(port)
+            raise PoolError(f"worker log: {exc}") from None
+        try:
+            worker.process = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                start_new_session=True,
+            )
         except OSError as exc:
             self._ports_in_use.discard(port)
             raise PoolError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+        finally:
+            os.close(log_fd)  # the worker has its own copy
         self.workers[worker_id] = worker
         self._record_pids()
         worker.watcher = asyncio.get_running_loop().create_task(self._watch(worker))
@@ -327,7 +333,10 @@ class LocalPool:
             if w.process is not None:
                 with contextlib.suppress(psutil.Error):
                     entries[w.id] = [w.process.pid, psutil.Process(w.process.pid).create_time()]
-        self._pid_file.write_text(json.dumps(entries))
+        # Written as a log is (support/files.py): never through a link planted in the
+        # state directory, since kill_leftovers trusts what it reads back.
+        with os.fdopen(open_log(self._pid_file), "w") as out:
+            out.write(json.dumps(entries))
 
     def kill_leftovers(self) -> int:
         """Kill workers a previous run of this pool left behind (it was killed itself)."""

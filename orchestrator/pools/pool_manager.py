@@ -16,11 +16,13 @@ import signal
 from grpc import aio
 
 from orchestrator._proto import context_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from orchestrator.config.settings import ServiceConfig
-from orchestrator.domain.errors import PoolError
+from orchestrator.config.settings import LocalPoolConfig, ServiceConfig
+from orchestrator.domain.errors import ConfigError, PoolError
 from orchestrator.pools.hardware import GpuProbe, HostProbe, NvmlProbe, PsutilProbe
 from orchestrator.pools.local_pool import LocalPool
+from orchestrator.state.pool_checks import endpoint_host
 from orchestrator.support.log import get_logger
+from orchestrator.wire.channel import ClientAuth, open_channel
 from orchestrator.wire.context import gpu_to_proto
 
 log = get_logger("pool-manager")
@@ -31,11 +33,13 @@ class PoolManager:
         self,
         config: ServiceConfig,
         orchestrator_address: str,
+        auth: ClientAuth | None = None,
         *,
         gpu_probe: GpuProbe | None = None,
         host_probe: HostProbe | None = None,
     ) -> None:
         self.address = orchestrator_address
+        self.auth = auth or ClientAuth()  # a pool key bound to this pool's id (SECURITY.md)
         state_dir = config.path(config.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.pool = LocalPool(
@@ -45,6 +49,7 @@ class PoolManager:
             state_dir,
             cache_ms=config.pools.heartbeat_ms,
         )
+        self.endpoint = pool_endpoint(config.local_pool)
         self.interval_s = config.pools.heartbeat_ms / 1000
         self.done: list[str] = []
         self._stop = asyncio.Event()
@@ -53,7 +58,7 @@ class PoolManager:
         gpus, host = self.pool.read()
         info = context_pb2.PoolInfo(
             id=self.pool.id,
-            endpoint=self.pool.config.endpoint,
+            endpoint=self.endpoint,
             status="healthy",
             host_ram_total_bytes=host.ram_total,
             host_ram_available_bytes=host.ram_available,
@@ -97,7 +102,7 @@ class PoolManager:
 
     async def run(self) -> None:
         self.pool.kill_leftovers()
-        async with aio.insecure_channel(self.address) as channel:
+        async with open_channel(self.address, self.auth) as channel:
             stub = orchestrator_pb2_grpc.PoolServiceStub(channel)
             registered = False
             while not self._stop.is_set():
@@ -105,7 +110,7 @@ class PoolManager:
                     if not registered:
                         reply = await stub.Register(
                             orchestrator_pb2.RegisterPoolRequest(
-                                pool_id=self.pool.id, endpoint=self.pool.config.endpoint
+                                pool_id=self.pool.id, endpoint=self.endpoint
                             ),
                             timeout=5,
                         )
@@ -127,8 +132,35 @@ class PoolManager:
         self._stop.set()
 
 
-async def run_pool_manager(config: ServiceConfig, orchestrator_address: str) -> None:
-    manager = PoolManager(config, orchestrator_address)
+def pool_endpoint(config: LocalPoolConfig) -> str:
+    """What the pool registers as: `local_pool.endpoint`, by default its workers' host.
+
+    The core accepts a pool's workers only on the host of the endpoint it registered
+    (orchestrator/state/pool_checks.py), so a mismatch is refused here, at start,
+    rather than in every heartbeat.
+    """
+    host = config.worker.host
+    endpoint = config.endpoint or f"http://{host}"
+    registered = endpoint_host(endpoint)
+    if registered is None:
+        named = "local_pool.endpoint" if config.endpoint else "local_pool.worker.host"
+        raise ConfigError(
+            f"{named}: {endpoint!r} is not http(s)://host[:port] or host:port on an "
+            "address the orchestrator can reach"
+        )
+    if endpoint_host(f"http://{host}") != registered:
+        raise ConfigError(
+            f"local_pool.worker.host: {host!r} is not the host of local_pool.endpoint "
+            f"{endpoint!r}; the orchestrator takes a pool's workers only on the host it "
+            "registers, at an address it can reach"
+        )
+    return endpoint
+
+
+async def run_pool_manager(
+    config: ServiceConfig, orchestrator_address: str, auth: ClientAuth | None = None
+) -> None:
+    manager = PoolManager(config, orchestrator_address, auth)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, manager.stop)

@@ -81,22 +81,18 @@ class ForkServer:
         return self.process.pid if self.process is not None else 0
 
     async def spawn(
-        self, socket_path: Path, log_path: Path, limits: SandboxLimits, *, seccomp: bool
+        self, socket_path: Path, log_fd: int, limits: SandboxLimits, *, seccomp: bool
     ) -> tuple[int, int]:
-        """Fork a worker that will serve on `socket_path`; returns its pid and a pidfd
-        the caller owns. One retry with a fresh fork server if the old one is gone."""
+        """Fork a worker that will serve on `socket_path` with `log_fd` (the caller's,
+        opened by orchestrator/support/files.py) as its stderr; returns its pid and a
+        pidfd the caller owns. One retry with a fresh fork server if the old one is gone."""
         lock = self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-        request = {
-            "socket": str(socket_path),
-            "log": str(log_path),
-            "limits": limits.to_json(),
-            "seccomp": seccomp,
-        }
+        request = {"socket": str(socket_path), "limits": limits.to_json(), "seccomp": seccomp}
         async with lock:
             for attempt in (1, 2):
                 try:
                     await self._ensure_running()
-                    return await self._request(request)
+                    return await self._request(request, log_fd)
                 except (OSError, EOFError, TimeoutError, ValueError) as exc:
                     self.stop()
                     if attempt == 2:
@@ -140,10 +136,12 @@ class ForkServer:
             start_ms=round((time.perf_counter() - started) * 1000, 1),
         )
 
-    async def _request(self, request: dict[str, Any]) -> tuple[int, int]:
+    async def _request(self, request: dict[str, Any], log_fd: int) -> tuple[int, int]:
         assert self._control is not None
         request_id = next(self._ids)
-        self._control.send(json.dumps({"id": request_id, **request}).encode())
+        # The log goes as a descriptor: the fork server never opens a path to write.
+        message = json.dumps({"id": request_id, **request}).encode()
+        socket.send_fds(self._control, [message], [log_fd])
         while True:
             reply, fds = await self._receive(REPLY_TIMEOUT_S)
             if reply.get("id") == request_id:

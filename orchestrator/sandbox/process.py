@@ -5,6 +5,10 @@ exec'd; either way it starts with an empty environment, no inherited descriptors
 beyond /dev/null and its log file, in its own session, under `-I` (isolated mode: no
 user site, no PYTHON* variables, no current directory on the path). Killing is
 SIGKILL: hooks inside Lua cannot be trusted to stop a script.
+
+The log file is opened here, by the core, with orchestrator/support/files.py (never
+through a link) and handed to the worker as a descriptor: no sandbox process opens a
+path of the runtime directory for writing.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from orchestrator.sandbox.fork_server import (
     shared_fork_server,
 )
 from orchestrator.sandbox.limits import GRPC_MESSAGE_OPTIONS, SandboxLimits
+from orchestrator.support.files import open_log
 from orchestrator.support.log import get_logger
 
 log = get_logger("sandbox")
@@ -151,24 +156,35 @@ class WorkerProcess:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         if self.spec.systemd is not None:
-            await self._start_unit()
-        elif self.spec.spawn == "fork-server":
+            await self._start_unit()  # its output goes to the journal
+        else:
             try:
-                self.forked_pid, self.pidfd = await shared_fork_server().spawn(
-                    self.socket_path, self.log_path, limits, seccomp=self.spec.seccomp
-                )
-            except SandboxUnavailableError as exc:
-                log.warning("sandbox.fork_failed", worker=self.label, reason=str(exc),
-                            fallback="exec")  # fmt: skip
-        if self.spec.systemd is None and self.pidfd is None:
-            await self._exec(limits)
+                log_fd = open_log(self.log_path)
+            except OSError as exc:
+                raise SandboxUnavailableError(f"{self.label}: worker log: {exc}") from None
+            try:
+                await self._spawn(limits, log_fd)
+            finally:
+                os.close(log_fd)  # the worker has its own copy
         try:
             await self._ready_and_load(limits)
         except BaseException:
             self.kill()  # cancelled or failed half way: never leave the process behind
             raise
 
-    async def _exec(self, limits: SandboxLimits) -> None:
+    async def _spawn(self, limits: SandboxLimits, log_fd: int) -> None:
+        if self.spec.spawn == "fork-server":
+            try:
+                self.forked_pid, self.pidfd = await shared_fork_server().spawn(
+                    self.socket_path, log_fd, limits, seccomp=self.spec.seccomp
+                )
+                return
+            except SandboxUnavailableError as exc:
+                log.warning("sandbox.fork_failed", worker=self.label, reason=str(exc),
+                            fallback="exec")  # fmt: skip
+        await self._exec(limits, log_fd)
+
+    async def _exec(self, limits: SandboxLimits, log_fd: int) -> None:
         argv = [
             sys.executable, "-I", "-B", "-m", "sandbox_worker",
             "--socket", str(self.socket_path), "--limits", limits.to_json(),
@@ -176,16 +192,15 @@ class WorkerProcess:
         ]  # fmt: skip
         if not self.spec.seccomp:
             argv.append("--no-seccomp")
-        with open(self.log_path, "wb") as log_file:
-            self.process = await asyncio.create_subprocess_exec(
-                *argv,
-                env={},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log_file,
-                close_fds=True,
-                start_new_session=True,
-            )
+        self.process = await asyncio.create_subprocess_exec(
+            *argv,
+            env={},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log_fd,
+            close_fds=True,
+            start_new_session=True,
+        )
 
     async def _ready_and_load(self, limits: SandboxLimits) -> None:
         try:
@@ -335,9 +350,12 @@ class WorkerProcess:
 
     def log_tail(self, limit: int = 2000) -> str:
         """The end of the worker's stderr: a crash's last words."""
+        # Not through a link, nor blocked by a FIFO: the tail goes into errors callers see.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            with open(self.log_path, "rb") as log:
-                log.seek(max(0, os.path.getsize(self.log_path) - limit))
-                return log.read().decode("utf-8", "replace").strip() or "(no output)"
+            with open(os.open(self.log_path, flags), "rb") as log:
+                log.seek(max(0, os.fstat(log.fileno()).st_size - limit))
+                tail = log.read() or b""  # None: a FIFO with nothing to read
+                return tail.decode("utf-8", "replace").strip() or "(no output)"
         except OSError:
             return "(no log)"

@@ -51,11 +51,16 @@ class SandboxCaller:
     """Calls one worker group's scheduler on the journal's current context."""
 
     def __init__(
-        self, journal: SnapshotJournal, limits: SandboxLimits, metrics: EngineMetrics
+        self,
+        journal: SnapshotJournal,
+        limits: SandboxLimits,
+        metrics: EngineMetrics,
+        tenant: str = "",
     ) -> None:
         self.journal = journal
         self.limits = limits
         self.metrics = metrics
+        self.tenant = tenant  # whose scheduler, for the metrics ("" for the main one)
 
     async def attempt(self, group: WorkerGroup, ctx: Context, refresh: Refresh | None) -> Attempt:
         """Run `group`'s scheduler on `ctx` once; the outcome, never an exception."""
@@ -100,9 +105,9 @@ class SandboxCaller:
         attempt.logs = [ScriptLog(r.level, r.message) for r in reply.logs]
         attempt.metrics = [(m.name, m.value) for m in reply.metrics]
         if reply.logs_dropped:
-            self.metrics.script_logs_dropped.inc(reply.logs_dropped)
+            self.metrics.script_logs_dropped.labels(self.tenant).inc(reply.logs_dropped)
         if reply.metrics_dropped:
-            self.metrics.custom_dropped.inc(reply.metrics_dropped)
+            self.metrics.custom_dropped.labels(self.tenant).inc(reply.metrics_dropped)
         if reply.HasField("error"):
             kind = ERROR_KINDS.get(reply.error.kind, "internal")
             attempt.failure = Failure(kind, reply.error.message, reply.error.traceback)

@@ -33,7 +33,7 @@ from orchestrator.domain.errors import SchedulerLoadError
 from orchestrator.sandbox.group import WorkerGroup
 from orchestrator.sandbox.limits import SandboxLimits
 from orchestrator.sandbox.process import SchedulerSpec, SystemdLaunch
-from orchestrator.scheduling.accounting import account
+from orchestrator.scheduling.accounting import ScriptLogRate, ScriptLogRelay, account
 from orchestrator.scheduling.attempt import Refresh, SandboxCaller
 from orchestrator.scheduling.breaker import CircuitBreaker
 from orchestrator.scheduling.cycle import Attempt, CycleResult, Failure, Source
@@ -64,6 +64,7 @@ class EngineOptions:
     runtime_dir: Path | None = None
     clock: Callable[[], float] = time.monotonic  # the breaker's; the simulator's is simulated
     systemd: SystemdLaunch | None = None  # user-scheduler workers as systemd units (tenants)
+    script_logs: ScriptLogRate = field(default_factory=ScriptLogRate)  # into the service log
 
     @classmethod
     def from_config(
@@ -112,14 +113,20 @@ class SchedulingEngine:
         platform: str | None = None,
         options: EngineOptions = EngineOptions(),
         metrics: EngineMetrics | None = None,
+        tenant: str = "",
     ) -> None:
         self.options = options
         self.metrics = metrics or EngineMetrics()
+        # Whose scheduler this is: a tenant's in platform mode (D15), "" for the main
+        # one. Its custom metrics and script logs are that tenant's, with a share of
+        # their own (engines of one service share one registry and one log).
+        self.tenant = tenant
+        self.script_logs = ScriptLogRelay(options.script_logs, self.metrics, tenant)
         self.platform_source = platform if platform is not None else platform_source()
         self._own_dir = options.runtime_dir is None
         self.runtime_dir = options.runtime_dir or Path(tempfile.mkdtemp(prefix="orch-"))
         self.journal = SnapshotJournal()
-        self.caller = SandboxCaller(self.journal, options.limits, self.metrics)
+        self.caller = SandboxCaller(self.journal, options.limits, self.metrics, tenant)
         self.breaker = self._new_breaker()
         spec = SchedulerSpec(
             name="platform.lua",
@@ -229,8 +236,8 @@ class SchedulingEngine:
             self.journal.advance(ctx)
             result = await self._cycle(ctx, refresh, started)
             account(
-                self.metrics, result, has_user=self.user is not None,
-                circuit_open=self.breaker.state == "open",
+                self.metrics, result, tenant=self.tenant, script_logs=self.script_logs,
+                has_user=self.user is not None, circuit_open=self.breaker.state == "open",
             )  # fmt: skip
             if self.decision_log is not None:
                 name = self.user.spec.name if self.user is not None else "platform"

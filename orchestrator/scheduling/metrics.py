@@ -10,8 +10,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# Custom metrics from ctx.emit_metric become one labelled gauge; the number of
-# distinct names is capped so that a script cannot blow up the exposition.
+# Custom metrics from ctx.emit_metric become one gauge labelled by tenant and name.
+# Each tenant's scheduler ("" for the main one) may make this many distinct names, so
+# that a script cannot blow up the exposition, nor use up another tenant's share.
 MAX_CUSTOM_METRICS = 200
 
 LATENCY_BUCKETS = (
@@ -85,18 +86,26 @@ class EngineMetrics:
         )
         self.script_logs_dropped = Counter(
             "scheduler_script_logs_dropped",
-            "ctx.log_* records over the per-call quota.",
+            "ctx.log_* records over the per-call quota, by tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.script_logs_rate_limited = Counter(
+            "scheduler_script_logs_rate_limited",
+            "ctx.log_* records kept out of the service log by the scheduler's rate limit.",
+            ["tenant"],
             registry=r,
         )
         self.custom = Gauge(
             "scheduler_custom_metric",
-            "Values sent by schedulers through ctx.emit_metric.",
-            ["name"],
+            "Values sent by schedulers through ctx.emit_metric, by tenant ('' for the main one).",
+            ["tenant", "name"],
             registry=r,
         )
         self.custom_dropped = Counter(
             "scheduler_custom_metrics_dropped",
-            "ctx.emit_metric samples over the per-call quota or the name cap.",
+            "ctx.emit_metric samples over the per-call quota or the tenant's name cap.",
+            ["tenant"],
             registry=r,
         )
         self.reloads = Counter(
@@ -105,7 +114,7 @@ class EngineMetrics:
             ["result"],
             registry=r,
         )
-        self._custom_names: set[str] = set()
+        self._custom_names: dict[str, set[str]] = {}  # by tenant
         # labels() costs microseconds per call; the hot path reuses the children.
         self._decision_children: dict[tuple[str, str], Any] = {}
         self._latency_children: dict[str, Any] = {}
@@ -124,12 +133,14 @@ class EngineMetrics:
             child = self._latency_children[source] = self.latency.labels(source)
         return child
 
-    def record_custom(self, name: str, value: float) -> None:
-        if name not in self._custom_names and len(self._custom_names) >= MAX_CUSTOM_METRICS:
-            self.custom_dropped.inc()
+    def record_custom(self, tenant: str, name: str, value: float) -> None:
+        """A ctx.emit_metric sample of `tenant`'s scheduler ("" for the main one)."""
+        names = self._custom_names.setdefault(tenant, set())
+        if name not in names and len(names) >= MAX_CUSTOM_METRICS:
+            self.custom_dropped.labels(tenant).inc()
             return
-        self._custom_names.add(name)
-        self.custom.labels(name=name).set(value)
+        names.add(name)
+        self.custom.labels(tenant, name).set(value)
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a sample (0 when absent); for status pages and tests."""

@@ -97,7 +97,11 @@ class DecisionApplier:
         at = now_ms()
         dispatches: list[tuple[JobRecord, str, str]] = []  # (job, worker id, worker uri)
         claimed: set[str] = set()
-        ready = {p.id: p for _, p in self.cluster.processes()}
+        # The local pool's worker wins over a remote one reporting the same id (a remote
+        # pool may have reported the id before the local worker it names was started).
+        ready: dict[str, ProcessInfo] = {}
+        for _, reported in self.cluster.processes():
+            ready.setdefault(reported.id, reported)
         for action in decisions.flatten(decision):
             if isinstance(action, Dispatch):
                 record = self.cluster.records.get(action.job_id)
@@ -135,7 +139,7 @@ class DecisionApplier:
         if model is None:
             self.metrics.applied.labels("start_worker", "stale").inc()
             return
-        worker_id = f"{action.pool_id}-w{next(self._worker_ids)}-{secrets.token_hex(2)}"
+        worker_id = self._new_worker_id(action.pool_id)
         pool = self.local_pool
         if pool is not None and action.pool_id == pool.id:
             key = (action.pool_id, model.model_ref)
@@ -170,6 +174,16 @@ class DecisionApplier:
             return
         self.metrics.applied.labels("start_worker", "applied").inc()
         self.cluster.changed()
+
+    def _new_worker_id(self, pool_id: str) -> str:
+        """An id no pool holds: a remote pool could have reported the one that comes
+        next, to be handed the new worker's jobs or to have its owner's heartbeats
+        refused."""
+        taken = {process.id for _, process in self.cluster.processes()}
+        while True:
+            worker_id = f"{pool_id}-w{next(self._worker_ids)}-{secrets.token_hex(2)}"
+            if worker_id not in taken:
+                return worker_id
 
     def _evict_worker(self, action: EvictWorker) -> None:
         if self.cluster.running_job(action.worker_id) is not None:

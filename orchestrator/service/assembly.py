@@ -8,7 +8,6 @@ constructors. `assemble` returns the `Orchestrator` front over them.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from orchestrator.state.cluster import ClusterState
 from orchestrator.state.decision_log import DecisionLog
 from orchestrator.state.store import AsyncJobStore, JobStore
 from orchestrator.state.versions import VersionStore
+from orchestrator.support.files import UnsafePathError, private_dir
 from orchestrator.support.log import get_logger
 
 log = get_logger("service")
@@ -57,7 +57,9 @@ def assemble(
 
     catalog, tenants = load_catalog(config), load_tenants(config)
     local_pool = _local_pool(config, state_dir, gpu_probe, host_probe)
-    cluster = ClusterState(config, catalog, tenants, local_pool)
+    cluster = ClusterState(
+        config, catalog, {tid: quota.tenant(tid) for tid, quota in tenants.items()}, local_pool
+    )
     if local_pool is not None:
         local_pool.on_change.append(wake)
     store = AsyncJobStore(JobStore(state_dir / "jobs.sqlite3", durability=config.durability))
@@ -97,6 +99,7 @@ def assemble(
     jobs = Jobs(
         store, cluster, events, metrics, limits=config.limits, queue=config.queue,
         retry=config.retry, platform_mode=config.platform_mode, wake=wake,
+        tenant_limits={tid: quota.limits for tid, quota in tenants.items()},
     )  # fmt: skip
     runner = JobRunner(
         jobs, cluster, CompletionClient(), local_pool, timeout_s=config.timeout.default_ms / 1000
@@ -137,9 +140,7 @@ def assemble(
         schedulers=schedulers,
         shadow=shadow,
         simulations=Simulations(config, lambda: cluster.catalog, lambda: schedulers.active),
-        pools=PoolRegistry(
-            cluster.remote, local_pool_id=local_pool.id if local_pool else None, wake=wake
-        ),
+        pools=PoolRegistry(cluster, runner, local_pool, config.pools, metrics, wake=wake),
     )
 
 
@@ -169,7 +170,7 @@ def _local_pool(
 def _tenant_engine(
     config: ServiceConfig,
     cluster: ClusterState,
-    sandbox_dir: Path,
+    sandbox_dir: Path | None,
     tenant_id: str,
     file: str,
     metrics: EngineMetrics,
@@ -184,8 +185,9 @@ def _tenant_engine(
     except OSError as exc:
         raise ConfigError(f"tenant_schedulers[{tenant_id!r}]: {path}: {exc.strerror}") from None
     lua = to_lua(source, detect_language(source, path.name), path.name)
-    runtime_dir = sandbox_dir / f"t{len(config.tenant_schedulers)}-{tenant_id[:16]}"
-    runtime_dir.mkdir(exist_ok=True, mode=0o700)
+    runtime_dir = None  # the engine's own, from mkdtemp
+    if sandbox_dir is not None:
+        runtime_dir = _private(sandbox_dir / f"t{len(config.tenant_schedulers)}-{tenant_id[:16]}")
     return SchedulingEngine(
         user_source=lua,
         user_name=f"{tenant_id}:{path.name}",
@@ -197,6 +199,7 @@ def _tenant_engine(
             systemd=_tenant_launch(config, tenant_id),
         ),
         metrics=metrics,
+        tenant=tenant_id,
     )
 
 
@@ -213,11 +216,21 @@ def _tenant_launch(config: ServiceConfig, tenant_id: str) -> SystemdLaunch | Non
                          systemctl=tuple(t.systemctl))  # fmt: skip
 
 
-def _sandbox_dir(state_dir: Path) -> Path:
-    # Unix socket paths are limited to 108 bytes: keep them short, under /tmp if needed.
+def _sandbox_dir(state_dir: Path) -> Path | None:
+    """Where the sandbox workers' sockets and logs go: state_dir/sandbox, private to
+    this user (created 0700; reused only if it is ours and writable by no one else).
+    Unix socket paths are limited to 108 bytes: when that path is too long, None, and
+    each engine makes its own directory with mkdtemp (unpredictable, 0700, removed when
+    it closes). A predictable name in the shared /tmp could be created first by anyone,
+    who would then own the directory of our sockets."""
     path = state_dir / "sandbox"
     if len(str(path)) > 60:
-        digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-        path = Path("/tmp") / f"orch-{digest}"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+        return None
+    return _private(path)
+
+
+def _private(path: Path) -> Path:
+    try:
+        return private_dir(path)
+    except UnsafePathError as exc:
+        raise ConfigError(f"sandbox directory {exc}") from None

@@ -11,29 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from orchestrator.domain import transitions
 from orchestrator.domain.context import Catalog, QueueConfig, RetryConfig, Tenant
-from orchestrator.domain.errors import (
-    DrainingError,
-    InvalidRequestError,
-    NotFoundError,
-    QueueFullError,
-)
+from orchestrator.domain.errors import DrainingError, InvalidRequestError, NotFoundError
 from orchestrator.domain.jobs import (
     JobRecord,
     JobState,
     SubmitLimits,
     SubmitSpec,
+    TenantLimits,
+    in_scope,
     new_record,
     retry_delay_ms,
     validate_submit,
 )
 from orchestrator.domain.transitions import Transition
+from orchestrator.service.admission import Admission
 from orchestrator.service.events import JobEvents
 from orchestrator.service.metrics import ServiceMetrics
+from orchestrator.state.cluster import last_midnight_utc_ms
 from orchestrator.support.clock import now_ms
 from orchestrator.support.log import get_logger
 
@@ -50,6 +49,7 @@ class JobStorage(Protocol):
         self, states: Sequence[JobState], tenant_id: str | None, limit: int, after_seq: int
     ) -> list[JobRecord]: ...
     async def active(self) -> list[JobRecord]: ...
+    async def tokens_since(self, since_ms: int) -> dict[str, int]: ...
 
 
 class LiveJobs(Protocol):
@@ -61,11 +61,15 @@ class LiveJobs(Protocol):
 
     @property
     def queue_depth(self) -> int: ...
+    @property
+    def queued_prompt_bytes(self) -> int: ...
+    def tenant_queued(self, tenant: str) -> tuple[int, int]: ...
     def enqueue(self, record: JobRecord, at_ms: int) -> None: ...
     def start(self, record: JobRecord) -> None: ...
     def update(self, record: JobRecord) -> None: ...
     def finish(self, job_id: str) -> None: ...
     def record_completion(self, record: JobRecord, worker_id: str, at_ms: int) -> None: ...
+    def restore_tokens_today(self, tokens: dict[str, int], at_ms: int) -> None: ...
 
 
 class Jobs:
@@ -81,13 +85,16 @@ class Jobs:
         retry: RetryConfig,
         platform_mode: bool,
         wake: asyncio.Event,
+        tenant_limits: Mapping[str, TenantLimits] | None = None,
     ) -> None:
         self.store = store
         self.live = live
         self.events = events
         self.metrics = metrics
         self.limits = limits
-        self.queue = queue
+        self.admission = Admission(
+            live, metrics, limits=limits, queue=queue, tenant_limits=tenant_limits or {}
+        )
         self.retry = retry
         self.platform_mode = platform_mode
         self.wake = wake  # the scheduling loop's: a change worth a cycle
@@ -109,22 +116,23 @@ class Jobs:
         except InvalidRequestError as exc:
             self.metrics.rejected.labels(exc.field).inc()
             raise
-        capacity = self.queue.capacity
-        if capacity >= 0 and self.live.queue_depth >= capacity:
-            raise QueueFullError(f"the queue is full ({capacity} jobs)")
-        at = now_ms()
-        record = new_record("job-" + secrets.token_hex(8), spec, model_ref, priority, catalog, at)
-        stored, created = await self.store.insert(record)
-        if created:
-            self.live.enqueue(stored, at)
-            self.metrics.submitted.inc()
-            self.events.publish(stored, at, "submitted")
-            self.wake.set()
+        with self.admission.admit(spec.tenant_id, len(spec.prompt.encode()), spec.max_tokens):
+            at = now_ms()
+            job_id = "job-" + secrets.token_hex(8)
+            record = new_record(job_id, spec, model_ref, priority, catalog, at)
+            stored, created = await self.store.insert(record)
+            if created:
+                self.live.enqueue(stored, at)
+                self.metrics.submitted.inc()
+                self.events.publish(stored, at, "submitted")
+                self.wake.set()
         return stored
 
-    async def get(self, job_id: str) -> JobRecord:
+    async def get(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
+        """The job; with a `tenant` ("": none), only if it is that tenant's. Another
+        tenant's job is not found, in the same words as an unknown one."""
         record = self.live.records.get(job_id) or await self.store.get(job_id)
-        if record is None:
+        if record is None or not in_scope(record.tenant_id, tenant):
             raise NotFoundError(f"job {job_id!r} not found")
         return record
 
@@ -133,9 +141,10 @@ class Jobs:
     ) -> list[JobRecord]:
         return await self.store.list_jobs(states, tenant_id, limit, after_seq)
 
-    async def cancel_queued(self, job_id: str) -> JobRecord:
-        """Cancel the job if it is queued; the job as it is afterwards either way."""
-        record = await self.get(job_id)
+    async def cancel_queued(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
+        """Cancel the job if it is queued; the job as it is afterwards either way. With
+        a `tenant`, only that tenant's job (NotFoundError otherwise, as `get`)."""
+        record = await self.get(job_id, tenant=tenant)
         if record.state != JobState.QUEUED:
             return record
         at = now_ms()
@@ -147,8 +156,10 @@ class Jobs:
 
     # ------------------------------------------------------------------ start-up
     async def recover(self) -> None:
-        """Queued jobs go back in the queue; jobs that were running are retried."""
+        """Queued jobs go back in the queue; jobs that were running are retried; today's
+        tokens by tenant are counted again, or a restart would reset daily quotas."""
         at = now_ms()
+        self.live.restore_tokens_today(await self.store.tokens_since(last_midnight_utc_ms(at)), at)
         records = await self.store.active()
         requeued = retried = failed = 0
         changes = []

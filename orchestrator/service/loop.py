@@ -10,7 +10,9 @@ three calls into parts with one job each:
 Observers are told of each result: `on_decided` before it is applied (the live view's
 history, the auto-rollback check), `on_applied` after the gauges (shadow mode, whose
 candidate then decides the same context in the background). A cycle that wedges is cancelled after
-CYCLE_STALL_S and logged with where it waits; the loop goes on.
+CYCLE_STALL_S and logged with where it waits; the loop goes on. So does it after a cycle
+that raises (bad state must not stop scheduling for good): each failure is counted,
+and FAILING_CYCLES of them in a row make /healthz say "degraded" (`health`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from orchestrator.domain.context import Context
@@ -34,6 +37,22 @@ log = get_logger("service")
 
 CYCLE_STALL_S = 30.0  # a cycle takes milliseconds; one this old waits on something broken
 LOOP_STALL_S = 2 * CYCLE_STALL_S  # no cycle for this long: the watchdog stops pinging
+FAILING_CYCLES = 3  # failed cycles in a row that make the service unhealthy; one is noise
+TRACEBACK_EVERY = 100  # a failing cycle fails every tick: its traceback once in so many
+ERROR_CHARS = 200  # of the last error, as /healthz shows it
+
+
+@dataclass(frozen=True)
+class CycleHealth:
+    """How the latest cycles went (what /healthz reports)."""
+
+    consecutive_failures: int = 0
+    last_error: str = ""  # of the latest failure, while they go on
+    failing_since_ms: int | None = None
+
+    @property
+    def failing(self) -> bool:
+        return self.consecutive_failures >= FAILING_CYCLES
 
 
 class CycleSource(Protocol):
@@ -80,6 +99,7 @@ class SchedulingLoop:
         self.wake = wake  # set by whoever changed something worth a cycle
         self.cycles = 0
         self.last_cycle_at = time.monotonic()
+        self._health = CycleHealth()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -90,6 +110,9 @@ class SchedulingLoop:
             and not self._task.done()
             and time.monotonic() - self.last_cycle_at < LOOP_STALL_S
         )
+
+    def health(self) -> CycleHealth:
+        return self._health
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -118,14 +141,21 @@ class SchedulingLoop:
             last_cycle = time.monotonic()
             try:
                 result = await self._guarded_cycle()
-            except Exception:
-                log.exception("scheduler.cycle_failed")
+            except Exception as exc:
+                self._failed(f"{type(exc).__name__}: {exc}")
+                failures = self._health.consecutive_failures
+                if failures == 1 or failures % TRACEBACK_EVERY == 0:
+                    log.exception("scheduler.cycle_failed", failures=failures)
+                else:
+                    log.error("scheduler.cycle_failed", failures=failures,
+                              error=self._health.last_error)  # fmt: skip
                 next_in = tick
                 continue
             self.last_cycle_at = time.monotonic()
             if result is None:
                 next_in = 0.0
                 continue
+            self._health = CycleHealth()
             next_in = tick
             if isinstance(result.decision, Wait) and result.decision.retry_after_ms:
                 next_in = min(tick, result.decision.retry_after_ms / 1000)
@@ -147,12 +177,23 @@ class SchedulingLoop:
                 # Nobody cancelled it from here: a CancelledError escaped from inside.
                 # Raised on, it would end this loop (it is not an Exception).
                 log.error("scheduler.cycle_failed", error="the cycle ended cancelled")
+                self._failed("the cycle ended cancelled")
                 return None
             return task.result()
         log.error("scheduler.cycle_stalled", after_s=CYCLE_STALL_S, stack=where_it_waits(task))
         self.metrics.cycle_stalls.inc()
+        self._failed(f"the cycle stalled for {CYCLE_STALL_S:.0f} s")
         await cancel_and_wait(task)
         return None
+
+    def _failed(self, error: str) -> None:
+        self.metrics.cycle_failures.inc()
+        before = self._health
+        self._health = CycleHealth(
+            consecutive_failures=before.consecutive_failures + 1,
+            last_error=error[:ERROR_CHARS],
+            failing_since_ms=before.failing_since_ms or now_ms(),
+        )
 
     async def cycle(self) -> CycleResult:
         """One cycle: decide, apply, update."""

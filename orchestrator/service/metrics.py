@@ -18,6 +18,14 @@ class ServiceMetrics:
         self.rejected = Counter(
             "orchestrator_jobs_rejected", "Submits refused, by field.", ["field"], registry=r
         )
+        self.limited = Counter(
+            "orchestrator_jobs_limited",
+            "Submits refused by a bound (service/admission.py): queue_capacity, "
+            "queued_prompt_bytes, or a tenant's tenant_queued_jobs, tenant_queued_prompt_bytes, "
+            "tenant_requests_per_minute, tenant_tokens_per_minute.",
+            ["limit"],
+            registry=r,
+        )
         self.finished = Counter(
             "orchestrator_jobs_finished", "Jobs that ended, by state.", ["state"], registry=r
         )
@@ -38,6 +46,22 @@ class ServiceMetrics:
         self.cycle_stalls = Counter(
             "orchestrator_cycle_stalls",
             f"Cycles cancelled after {cycle_stall_s:.0f} s (each is logged with its stack).",
+            registry=r,
+        )
+        self.cycle_failures = Counter(
+            "orchestrator_cycle_failures",
+            "Cycles that raised or stalled instead of deciding (each is logged).",
+            registry=r,
+        )
+        self.pool_refusals = Counter(
+            "orchestrator_pool_refusals",
+            "PoolService registrations and heartbeats refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.pools_expired = Counter(
+            "orchestrator_pools_expired",
+            "Remote pools removed after pools.expire_after_ms without a heartbeat.",
             registry=r,
         )
         self.arbitration_dropped = Counter(

@@ -22,10 +22,10 @@ import asyncio
 import contextlib
 import hashlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
-from orchestrator.config.settings import ServiceConfig
+from orchestrator.config.settings import ServiceConfig, TenantQuota
 from orchestrator.domain.context import Catalog, Tenant
 from orchestrator.domain.jobs import IN_FLIGHT, JobRecord, JobState, SubmitSpec
 from orchestrator.policy.validate import Report, policy_version
@@ -38,7 +38,7 @@ from orchestrator.service.deciding import Decider
 from orchestrator.service.events import JobEvent, JobEvents
 from orchestrator.service.history import CycleHistory
 from orchestrator.service.jobs import Jobs
-from orchestrator.service.loop import SchedulingLoop
+from orchestrator.service.loop import CycleHealth, SchedulingLoop
 from orchestrator.service.pools import PoolRegistry
 from orchestrator.service.running import JobRunner
 from orchestrator.service.schedulers import ActiveScheduler, SchedulerVersions
@@ -139,6 +139,10 @@ class Orchestrator:
         return self.loop.alive
 
     @property
+    def cycle_health(self) -> CycleHealth:
+        return self.loop.health()
+
+    @property
     def gpu_source(self) -> str:
         return self.local_pool.gpu_source if self.local_pool else "remote"
 
@@ -152,6 +156,7 @@ class Orchestrator:
         self.schedulers.record_initial()
         await self.jobs.recover()
         self.loop.start()
+        self.pools.start()
         self.schedulers.start_watching()
 
     async def drain(self) -> None:
@@ -166,6 +171,7 @@ class Orchestrator:
         await self.close()
 
     async def close(self) -> None:
+        await self.pools.stop()  # expiry retries jobs: before the runner stops
         await self.schedulers.close()
         await self.loop.stop()
         await self.runner.stop()
@@ -179,35 +185,47 @@ class Orchestrator:
         await self.store.close()
         self.versions.close()
 
-    def reload_catalog(self, catalog: Catalog, tenants: dict[str, Tenant]) -> None:
+    def reload_catalog(self, catalog: Catalog, tenants: Mapping[str, TenantQuota]) -> None:
         """SIGHUP: the next cycle, submit and simulation use the new catalog and tenants."""
         self.cluster.catalog = catalog
-        self.cluster.tenant_quotas = tenants
+        self.cluster.tenant_quotas = {tid: quota.tenant(tid) for tid, quota in tenants.items()}
+        self.jobs.admission.tenant_limits = {tid: quota.limits for tid, quota in tenants.items()}
         self.cluster.changed()
 
     # ------------------------------------------------------------------ jobs
     async def submit(self, spec: SubmitSpec) -> JobRecord:
         return await self.jobs.submit(spec)
 
-    async def get(self, job_id: str) -> JobRecord:
-        return await self.jobs.get(job_id)
+    async def get(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
+        """The job, if `tenant` may see it (None: any job; "": jobs without a tenant);
+        NotFoundError otherwise, exactly as for an unknown job."""
+        return await self.jobs.get(job_id, tenant=tenant)
 
     async def list_jobs(
         self, states: Sequence[JobState], tenant_id: str | None, limit: int, after_seq: int
     ) -> list[JobRecord]:
         return await self.jobs.list_jobs(states, tenant_id, limit, after_seq)
 
-    async def cancel(self, job_id: str) -> JobRecord:
-        record = await self.jobs.cancel_queued(job_id)
+    async def cancel(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
+        """Cancel the job, if `tenant` may see it (as `get`)."""
+        record = await self.jobs.cancel_queued(job_id, tenant=tenant)
         if record.state in IN_FLIGHT:  # dispatched or running: its runner stops it
             await self.runner.cancel(job_id)
             record = await self.jobs.get(job_id)
         return record
 
-    def subscribe(self, job_id: str | None) -> contextlib.AbstractAsyncContextManager[
-        asyncio.Queue[JobEvent]
-    ]:  # fmt: skip
-        return self.events.subscribe(job_id)
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, job_id: str | None, *, tenant: str | None = None
+    ) -> AsyncIterator[asyncio.Queue[JobEvent]]:
+        """Events of `job_id` (None: of every job `tenant` may see). With a `tenant`, a
+        job it may not see raises NotFoundError on entry, exactly as an unknown one; the
+        check follows the subscription, so no event falls between. A watcher that falls
+        behind gets RateLimitedError from `get` (service/events.py)."""
+        async with self.events.subscribe(job_id, tenant=tenant) as queue:
+            if job_id is not None and tenant is not None:
+                await self.jobs.get(job_id, tenant=tenant)
+            yield queue
 
     # ------------------------------------------------------------------ schedulers
     def list_versions(self) -> list[Version]:

@@ -1,7 +1,9 @@
 """Running dispatched jobs: one task per job, streaming it from its worker.
 
 A job's task ends in one transition: completed, retried or failed (under `retry`),
-or cancelled when a client asked. When the service stops, running tasks are
+or cancelled when a client asked. A job whose worker is known to be gone without an
+answer (its pool expired) is abandoned: stopped, and retried like any lost worker's
+job. When the service stops, running tasks are
 cancelled without a transition: the store still says the job is in flight, and the
 next start retries it (`Jobs.recover`).
 """
@@ -61,6 +63,7 @@ class JobRunner:
         self.timeout_s = timeout_s
         self._running: dict[str, asyncio.Task[None]] = {}
         self._cancel_requested: set[str] = set()
+        self._abandoned: dict[str, str] = {}  # job id -> why its worker is gone
 
     def __len__(self) -> int:
         return len(self._running)
@@ -78,6 +81,17 @@ class JobRunner:
         if task is not None:
             self._cancel_requested.add(job_id)
             await cancel_and_wait(task)
+
+    async def abandon(self, job_id: str, error: str) -> bool:
+        """The job's worker is gone: stop waiting for it, and retry the job under
+        `retry` with `error`. False when the job has no task left to stop (it is
+        making its own transition)."""
+        task = self._running.get(job_id)
+        if task is None:
+            return False
+        self._abandoned[job_id] = error
+        await cancel_and_wait(task)
+        return True
 
     async def drain(self, timeout_s: float) -> None:
         """Let running jobs finish for up to `timeout_s`, then stop the rest."""
@@ -103,7 +117,7 @@ class JobRunner:
                 record, uri, self.timeout_s, lambda: self.jobs.first_token(job_id)
             )
         except asyncio.CancelledError:
-            await self._stopped(job_id, worker_id)
+            await self._stopped(record, worker_id)
             raise
         finally:
             self._running.pop(job_id, None)
@@ -116,10 +130,14 @@ class JobRunner:
             self.failed_workers.mark_failed(worker_id, outcome.error)
         await self.jobs.retry_or_fail(record, outcome.error, at)
 
-    async def _stopped(self, job_id: str, worker_id: str) -> None:
+    async def _stopped(self, record: JobRecord, worker_id: str) -> None:
+        job_id = record.id
         at = now_ms()
         self.occupancy.assign(worker_id, None, at)
-        if job_id not in self._cancel_requested:
-            return  # shutting down: the job stays in flight in the store, retried on restart
-        self._cancel_requested.discard(job_id)
-        await self.jobs.cancel_in_flight(job_id, at)
+        lost = self._abandoned.pop(job_id, None)
+        if job_id in self._cancel_requested:
+            self._cancel_requested.discard(job_id)
+            await self.jobs.cancel_in_flight(job_id, at)
+        elif lost is not None:
+            await self.jobs.retry_or_fail(record, lost, at)
+        # Otherwise shutting down: the job stays in flight in the store, retried on restart.

@@ -4,6 +4,7 @@ settings shared by the CLI flags, the HTTP JSON body and AdminService.Simulate."
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from orchestrator.config.records import build
 from orchestrator.domain.context import Catalog
-from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.errors import ConfigError, InvalidRequestError
 from orchestrator.sim.cluster import ClusterSpec
 from orchestrator.sim.workload import (
     Arrival,
@@ -22,6 +23,35 @@ from orchestrator.sim.workload import (
     token_range,
     weighted,
 )
+
+MAX_JOBS = 1_000_000  # jobs of a generated workload, even locally (the service allows fewer)
+MAX_SPAN_S = 86_400.0  # simulated seconds of arrivals
+MAX_TEXT = 4096  # characters of a text setting (mixes, token ranges)
+MAX_MIX = 100  # entries of a tenant or model mix
+INT64 = 1 << 63
+# (lowest, highest) of every numeric setting. The cluster's size, the arrivals and the
+# simulated span are what a simulation's CPU time grows with, so each is capped; a
+# request beyond a bound is refused with the field's name, before anything is built.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "pools": (1, 64),
+    "workers_per_pool": (1, 256),
+    "gpus_per_pool": (0, 64),
+    "start_delay_ms": (0, 3_600_000),
+    "evict_delay_ms": (0, 3_600_000),
+    "deadline_ms": (1, 10_000),
+    "queue_depth": (0, MAX_JOBS),
+    "rate": (0, 10_000),
+    "duration_s": (0, MAX_SPAN_S),
+    "jobs": (0, MAX_JOBS),
+    "burst_every_s": (0, MAX_SPAN_S),
+    "burst_size": (0, MAX_JOBS),
+    "interactive": (0, 1),
+    "seed": (-INT64, INT64 - 1),
+    "speedup": (0, 1_000_000),
+    "trace_limit": (0, MAX_JOBS),
+}
+POSITIVE = frozenset({"speedup"})  # a float bound whose lowest value is excluded
+MIN_BURST_EVERY_S = 0.001  # the simulated clock counts milliseconds
 
 
 @dataclass(frozen=True)
@@ -54,33 +84,44 @@ class SimSettings:
     trace_time_unit: str = "auto"  # numeric timestamps: auto (JSONL ms, CSV s), s or ms
 
     def __post_init__(self) -> None:
-        positive = ("pools", "workers_per_pool", "deadline_ms", "speedup")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        for name in (
-            "gpus_per_pool",
-            "queue_depth",
-            "rate",
-            "duration_s",
-            "jobs",
-            "burst_every_s",
-            "burst_size",
-            "start_delay_ms",
-            "evict_delay_ms",
-            "trace_limit",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        if not 0 <= self.interactive <= 1:
-            raise ValueError("interactive must be a share between 0 and 1")
+        """Pure validation of every field. InvalidRequestError names the field; a mix or
+        range that does not parse is a ConfigError naming it. The workload's size is the
+        caller's to cap (expected_jobs): the service allows fewer jobs than the CLI."""
+        for name, (low, high) in BOUNDS.items():
+            _check_bound(name, getattr(self, name), low, high)
+        if 0 < self.burst_every_s < MIN_BURST_EVERY_S:
+            raise InvalidRequestError(
+                "burst_every_s", f"must be 0 (no bursts) or at least {MIN_BURST_EVERY_S}"
+            )
+        texts = ("tenants", "models", "prompt_tokens", "output_tokens", "trace_models")
+        for name in (*texts, "trace_time_unit"):
+            if len(getattr(self, name)) > MAX_TEXT:
+                raise InvalidRequestError(name, f"at most {MAX_TEXT} characters")
+        for name in ("tenants", "models"):
+            if len(weighted(getattr(self, name), name)) > MAX_MIX:
+                raise InvalidRequestError(name, f"at most {MAX_MIX} entries")
+        token_range(self.prompt_tokens, "prompt_tokens")
+        token_range(self.output_tokens, "output_tokens")
+        if self.trace:
+            return  # a local file: its length is the operator's, trace_limit bounds it
+        if self.jobs and self.rate and self.jobs / self.rate > MAX_SPAN_S:
+            raise InvalidRequestError(
+                "jobs",
+                f"{self.jobs} arrivals at {self.rate}/s take about {self.jobs / self.rate:.0f} "
+                f"simulated seconds; at most {MAX_SPAN_S:.0f}",
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = "workload") -> SimSettings:
         """From JSON or a proto's set fields; unknown keys and bad values name the field."""
         if "trace" in data:
             raise ConfigError(f"{where}.trace: trace replay is available from the CLI only")
-        return build(cls, data, where)
+        try:
+            return build(cls, data, where)
+        except InvalidRequestError as exc:
+            # The field as the request spells it: "workload.pools".
+            reason = str(exc).removeprefix(f"{exc.field}: ")
+            raise InvalidRequestError(f"{where}.{exc.field}", reason) from None
 
     def cluster(self) -> ClusterSpec:
         return ClusterSpec(
@@ -92,16 +133,23 @@ class SimSettings:
         )
 
     def expected_jobs(self) -> int:
-        """About how many jobs the workload holds (for limits, before generating it)."""
+        """At most how many jobs the workload holds, known before generating it: the
+        queue at t=0, then `jobs` arrivals, or else the Poisson arrivals and every
+        burst within the duration. arrivals() never generates more (its ceiling), so
+        a cap checked against this number holds. A trace: its trace_limit (0: all)."""
         if self.trace:
             return self.trace_limit
-        arrivals = self.jobs or int(self.rate * self.duration_s * 1.2) + 10
-        bursts = (
-            int(self.duration_s / self.burst_every_s) * self.burst_size
-            if (self.burst_every_s and not self.jobs)
-            else 0
-        )
-        return self.queue_depth + arrivals + bursts
+        if self.jobs:  # arrivals and bursts alike stop at `jobs`
+            return self.queue_depth + self.jobs
+        mean = self.rate * self.duration_s
+        poisson = int(mean + 6 * math.sqrt(mean)) + 10  # six standard deviations above
+        bursts = 0
+        if self.burst_every_s > 0 and self.burst_size > 0:
+            # Bursts at every multiple of burst_every_s within the duration; with
+            # Poisson arrivals, the one due just after the end lands too.
+            count = int(self.duration_s / self.burst_every_s) + (1 if self.rate > 0 else 0)
+            bursts = count * self.burst_size
+        return self.queue_depth + poisson + bursts
 
     def arrivals(self, catalog: Catalog) -> list[Arrival]:
         tenants = weighted(self.tenants, "tenants")
@@ -135,6 +183,7 @@ class SimSettings:
             output_tokens=token_range(self.output_tokens, "output_tokens"),
             queue_depth=self.queue_depth,
             seed=self.seed,
+            ceiling=self.expected_jobs(),
         )
         return generate(spec, tuple(sorted(catalog.aliases) or sorted(catalog.models)))
 
@@ -156,6 +205,18 @@ class SimSettings:
 
     def with_seed(self, seed: int) -> SimSettings:
         return dataclasses.replace(self, seed=seed)
+
+
+def _check_bound(name: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequestError(name, f"must be a finite number, got {value}")
+    if name in POSITIVE and value <= low:
+        raise InvalidRequestError(name, f"must be positive, got {value}")
+    if value < low:
+        floor = "must not be negative" if low == 0 else f"must be at least {low}"
+        raise InvalidRequestError(name, f"{floor}, got {value}")
+    if value > high:
+        raise InvalidRequestError(name, f"must be at most {high}, got {value}")
 
 
 def _known(catalog: Catalog, model: str, what: str) -> None:

@@ -9,11 +9,14 @@ import csv
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from orchestrator.domain.errors import ConfigError
+
+MAX_TOKENS = 1 << 20  # prompt or output tokens of one simulated job
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class WorkloadSpec:
     seeded: float = 0.2  # share of jobs that carry a seed
     queue_depth: int = 0  # jobs already queued at t = 0 (runtime-spec 10.3's --queue-depth)
     seed: int = 1
+    # Never more jobs than this, whatever the rest says (0: no ceiling). SimSettings sets
+    # it to its expected_jobs(), so a cap checked against that holds by construction.
+    ceiling: int = 0
 
 
 def weighted(text: str, what: str) -> tuple[tuple[str, float], ...]:
@@ -54,8 +60,8 @@ def weighted(text: str, what: str) -> tuple[tuple[str, float], ...]:
             value = float(weight) if weight else 1.0
         except ValueError:
             raise ConfigError(f"{what}: {part!r} is not NAME or NAME:WEIGHT") from None
-        if value <= 0:
-            raise ConfigError(f"{what}: the weight of {name!r} must be positive")
+        if not 0 < value < math.inf:  # NaN too: random.choices needs finite weights
+            raise ConfigError(f"{what}: the weight of {name!r} must be positive and finite")
         out.append((name, value))
     return tuple(out)
 
@@ -69,6 +75,8 @@ def token_range(text: str, what: str) -> tuple[int, int]:
         raise ConfigError(f"{what}: expected MIN-MAX, got {text!r}") from None
     if not 0 < lo <= hi:
         raise ConfigError(f"{what}: expected 0 < MIN <= MAX, got {text!r}")
+    if hi > MAX_TOKENS:
+        raise ConfigError(f"{what}: at most {MAX_TOKENS} tokens per job, got {text!r}")
     return lo, hi
 
 
@@ -96,26 +104,34 @@ def generate(spec: WorkloadSpec, models: tuple[str, ...]) -> list[Arrival]:
             seed=rng.randrange(1 << 31) if rng.random() < spec.seeded else None,
         )
 
-    out = [job(i, 0) for i in range(spec.queue_depth)]
-    limit = spec.jobs + spec.queue_depth if spec.jobs else None
+    counted = spec.jobs > 0  # arrivals stop after `jobs` of them, else after `duration_s`
+    limit = min(  # `jobs` after the queue, and the ceiling; 0 is no limit
+        (n for n in (spec.jobs + spec.queue_depth if counted else 0, spec.ceiling) if n),
+        default=sys.maxsize,
+    )
+    out = [job(i, 0) for i in range(min(spec.queue_depth, limit))]
     end_ms = spec.duration_s * 1000
     t = 0.0
-    next_burst = spec.burst_every_s * 1000 if spec.burst_every_s > 0 else math.inf
-    while spec.rate > 0 or next_burst < end_ms:
+    # A burst of no jobs would only spin this loop: with a tiny `burst_every_s`, for long.
+    bursts = spec.burst_every_s > 0 and spec.burst_size > 0
+    next_burst = spec.burst_every_s * 1000 if bursts else math.inf
+    while (spec.rate > 0 or next_burst < end_ms) and len(out) < limit:
         gap = rng.expovariate(spec.rate) * 1000 if spec.rate > 0 else math.inf
         if next_burst <= t + gap:
             t = next_burst
-            for _ in range(spec.burst_size):
+            # Stop at the limit inside a burst too: building jobs to drop them cost
+            # seconds of the event loop (burst_size=300000 with jobs=1).
+            for _ in range(min(spec.burst_size, limit - len(out))):
                 out.append(job(len(out), int(t)))
             next_burst += spec.burst_every_s * 1000
         else:
             t += gap
-            if limit is None and t > end_ms:
+            if not counted and t > end_ms:
                 break
             out.append(job(len(out), int(t)))
-        if (limit is not None and len(out) >= limit) or (limit is None and t > end_ms):
+        if not counted and t > end_ms:
             break
-    return out[:limit] if limit is not None else out
+    return out
 
 
 def model_map(text: str) -> tuple[tuple[float, str], ...]:

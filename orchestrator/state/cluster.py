@@ -42,6 +42,11 @@ def next_midnight_utc_ms(at_ms: int) -> int:
     return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
 
 
+def last_midnight_utc_ms(at_ms: int) -> int:
+    """When the day of daily token quotas began (a UTC day: Unix time has no leap seconds)."""
+    return next_midnight_utc_ms(at_ms) - 86_400_000
+
+
 class LocalPoolView(Protocol):
     """What the cluster state reads of the core's own pool."""
 
@@ -92,6 +97,11 @@ class ClusterState:
         self._last_context: Context | None = None
         self._delayed: list[tuple[int, str]] = []
         self.in_flight: dict[str, JobRecord] = {}
+        # Queued jobs (retries in their backoff included) by tenant ("" without one), and
+        # their prompts' bytes: what submit admission bounds (service/admission.py).
+        self._queued_shares: dict[str, tuple[str, int]] = {}  # job id -> (tenant, bytes)
+        self._tenant_queued: dict[str, tuple[int, int]] = {}  # tenant -> (jobs, bytes)
+        self.queued_prompt_bytes = 0
         self.tokens_today: dict[str, int] = {}
         self.tokens_day_ends_ms = 0
         self.completions: deque[int] = deque()
@@ -112,6 +122,7 @@ class ClusterState:
     def enqueue(self, record: JobRecord, at_ms: int) -> None:
         self.records[record.id] = record
         self.in_flight.pop(record.id, None)
+        self._count_queued(record)
         if record.not_before > at_ms:
             heapq.heappush(self._delayed, (record.not_before, record.id))
         else:
@@ -127,6 +138,7 @@ class ClusterState:
     def start(self, record: JobRecord) -> None:
         """The job was dispatched."""
         self._unqueue(record.id)
+        self._uncount_queued(record.id)
         self.records[record.id] = record
         self.in_flight[record.id] = record
         self._changes += 1
@@ -140,6 +152,7 @@ class ClusterState:
     def finish(self, job_id: str) -> None:
         """The job left the cluster (completed, failed or cancelled)."""
         self._unqueue(job_id)
+        self._uncount_queued(job_id)
         self.in_flight.pop(job_id, None)
         self.records.pop(job_id, None)
         self._changes += 1
@@ -159,6 +172,31 @@ class ClusterState:
     @property
     def queue_depth(self) -> int:
         return len(self.records) - len(self.in_flight)
+
+    def tenant_queued(self, tenant: str) -> tuple[int, int]:
+        """(jobs, prompt bytes) queued for `tenant` ("": jobs without a tenant)."""
+        return self._tenant_queued.get(tenant, (0, 0))
+
+    def _count_queued(self, record: JobRecord) -> None:
+        if record.id in self._queued_shares:
+            return
+        tenant, size = record.tenant_id or "", len(record.prompt.encode())
+        self._queued_shares[record.id] = (tenant, size)
+        jobs, held = self.tenant_queued(tenant)
+        self._tenant_queued[tenant] = (jobs + 1, held + size)
+        self.queued_prompt_bytes += size
+
+    def _uncount_queued(self, job_id: str) -> None:
+        share = self._queued_shares.pop(job_id, None)
+        if share is None:
+            return
+        tenant, size = share
+        jobs, held = self._tenant_queued[tenant]
+        if jobs == 1:
+            del self._tenant_queued[tenant]  # tenant ids are the client's: keep no empty ones
+        else:
+            self._tenant_queued[tenant] = (jobs - 1, held - size)
+        self.queued_prompt_bytes -= size
 
     def record_completion(self, record: JobRecord, worker_id: str, at_ms: int) -> None:
         stats = self.stats.setdefault(worker_id, WorkerStats())
@@ -189,6 +227,14 @@ class ClusterState:
         self.stats.pop(worker_id, None)
 
     # ------------------------------------------------------------------ pools
+    def expire_pools(self, at_ms: int) -> list[RemotePool]:
+        """Remove the remote pools silent for `pools.expire_after_ms`; returns them.
+        Their jobs in flight are the caller's to retry (service/pools.py)."""
+        gone = self.remote.expire(at_ms)
+        for pool in gone:
+            self._pool_cache.pop(pool.id, None)
+        return gone
+
     def processes(self) -> list[tuple[str, ProcessInfo]]:
         """Every worker process, with its pool id."""
         out: list[tuple[str, ProcessInfo]] = []
@@ -282,6 +328,12 @@ class ClusterState:
         return tuple(out)
 
     # ------------------------------------------------------------------ tenants
+    def restore_tokens_today(self, tokens: dict[str, int], at_ms: int) -> None:
+        """Today's tokens by tenant as the job store counted them (at start-up), so that
+        a restart does not hand every tenant a fresh daily quota."""
+        self.tokens_today = dict(tokens)
+        self.tokens_day_ends_ms = next_midnight_utc_ms(at_ms)
+
     def tenants(self, at_ms: int) -> tuple[Tenant, ...]:
         if at_ms >= self.tokens_day_ends_ms:
             self.tokens_today = {}

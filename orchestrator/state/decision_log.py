@@ -9,6 +9,7 @@ back into contexts for `orchestratord scheduler replay`.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from orchestrator.domain import decision as decisions
 from orchestrator.domain.context import Context
 from orchestrator.domain.errors import ConfigError
 from orchestrator.state.journal import SnapshotJournal
+from orchestrator.support.files import open_log
 from orchestrator.wire import context as snapshot
 from orchestrator.wire import decision as decision_codec
 
@@ -120,7 +122,9 @@ class DecisionLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         path = self.directory / f"decisions-{stamp}-{time.monotonic_ns() % 10**6:06d}{SUFFIX}"
-        self._file = path.open("ab")
+        # Never through a link; group-readable, so that operators in the service's group
+        # can replay it (under the unit's UMask=0027, as before it was opened safely).
+        self._file = os.fdopen(open_log(path, append=True, mode=0o640), "ab")
         self.path, self._size = path, 0
         for old in sorted(self.directory.glob(f"decisions-*{SUFFIX}"))[: -self.keep_files]:
             old.unlink(missing_ok=True)

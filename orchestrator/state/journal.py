@@ -27,15 +27,23 @@ class SnapshotJournal:
         self._full: tuple[int, context_pb2.Context] | None = None
 
     def advance(self, ctx: Context) -> None:
-        """Record the next cycle's context."""
+        """Record the next cycle's context.
+
+        Encoded before anything is recorded: a context that does not encode raises and
+        leaves the journal as it was, so the chain of deltas never skips a cycle.
+        """
         previous = self.context
-        self.seq += 1
-        self.context = ctx
         if previous is None:
-            data = self.full_snapshot().SerializeToString(deterministic=True)
+            snapshot = to_proto(ctx)
+            self.seq += 1
+            self.context = ctx
+            self._full = (self.seq, snapshot)
+            data = snapshot.SerializeToString(deterministic=True)
             self.snapshot_hash = hashlib.sha256(data).hexdigest()
             return
         delta = diff(previous, ctx)
+        self.seq += 1
+        self.context = ctx
         # Keep the job index warm along the chain: with the parent's index it is a
         # copy plus the changes (~35 µs at 10,000 jobs); cold, the validator's first
         # dispatch check rebuilds it (~1 ms).

@@ -5,6 +5,12 @@ start_worker and evict_worker commands its scheduler decided, with the next
 heartbeat reply. Between the two, the core shows what it asked for: workers it asked
 to start appear as "starting", workers it asked to go are hidden. Without that, the
 scheduler would ask again every cycle.
+
+A worker id belongs to one pool: the pool that reported it first, or was asked to
+start it, keeps it until it stops reporting it (`owner`), so that no other pool can
+take over a worker's dispatches. A pool silent for `pools.expire_after_ms` is removed
+(`expire`). What a heartbeat may contain is checked before it gets here
+(`pool_checks.py`).
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ class RemotePool:
         shown = tuple(w for w in self.reported if w.id not in self.evicting)
         return shown + tuple(info for info, _ in self.pending.values())
 
+    @property
+    def worker_ids(self) -> set[str]:
+        """The workers this pool holds: reported, and asked for but not reported yet."""
+        return {w.id for w in self.reported} | self.pending.keys()
+
 
 class RemotePools:
     def __init__(self, config: PoolsConfig, *, startup_timeout_ms: int) -> None:
@@ -69,6 +80,7 @@ class RemotePools:
         # A worker asked for and never reported is forgotten after this long.
         self.startup_timeout_ms = startup_timeout_ms
         self._pools: dict[str, RemotePool] = {}
+        self._owners: dict[str, str] = {}  # worker id -> the pool that holds it
         self.version = 0  # bumped on every change; part of the cluster's version
 
     def get(self, pool_id: str) -> RemotePool | None:
@@ -76,6 +88,13 @@ class RemotePools:
 
     def __contains__(self, pool_id: object) -> bool:
         return pool_id in self._pools
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def owner(self, worker_id: str) -> str | None:
+        """The pool that holds `worker_id`, if any does."""
+        return self._owners.get(worker_id)
 
     def sorted(self) -> list[RemotePool]:
         return sorted(self._pools.values(), key=lambda p: p.id)
@@ -104,6 +123,7 @@ class RemotePools:
 
     def heartbeat(self, pool: RemotePool, beat: Heartbeat, at_ms: int) -> list[RemoteCommand]:
         """Take in a heartbeat; returns (and forgets) the commands waiting for the pool."""
+        held = pool.worker_ids
         pool.last_heartbeat_ms = at_ms
         if beat.endpoint:
             pool.endpoint = beat.endpoint
@@ -116,10 +136,33 @@ class RemotePools:
             for wid, (info, asked) in pool.pending.items()
             if wid not in reported and at_ms - asked < self.startup_timeout_ms
         }
+        self._reindex(pool, held)
         commands = list(pool.commands)
         pool.commands.clear()
         self.version += 1
         return commands
+
+    def expire(self, at_ms: int) -> list[RemotePool]:
+        """Remove the pools silent for longer than `expire_after_ms`; returns them."""
+        limit = self.config.expire_after_ms
+        gone = [p for p in self._pools.values() if at_ms - p.last_heartbeat_ms > limit]
+        for pool in gone:
+            del self._pools[pool.id]
+            self._reindex(pool, pool.worker_ids, held_now=set())
+        if gone:
+            self.version += 1
+        return gone
+
+    def _reindex(
+        self, pool: RemotePool, held_before: set[str], *, held_now: set[str] | None = None
+    ) -> None:
+        """Worker ownership after `pool` went from holding `held_before` to what it holds."""
+        now = pool.worker_ids if held_now is None else held_now
+        for worker_id in held_before - now:
+            if self._owners.get(worker_id) == pool.id:
+                del self._owners[worker_id]
+        for worker_id in now - held_before:
+            self._owners.setdefault(worker_id, pool.id)  # the first holder keeps it
 
     def start(self, pool_id: str, command: RemoteCommand, at_ms: int) -> None:
         pool = self._pools[pool_id]
@@ -135,6 +178,7 @@ class RemotePools:
             at_ms,
         )
         pool.pending[command.worker_id] = (info, at_ms)
+        self._owners.setdefault(command.worker_id, pool_id)
         pool.commands.append(command)
         self.version += 1
 

@@ -17,17 +17,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from orchestrator.domain.errors import ConfigError
 from orchestrator.domain.jobs import ACTIVE, JobRecord, JobState
 from orchestrator.domain.transitions import Transition
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = "1"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+SCHEMA_VERSION = "2"
+# The jobs table, named by {table} so that a migration can build it beside the old one.
+# request_id is unique per tenant (jobs_request below), not globally: a tenant that
+# knew or guessed another's request_id must not get that tenant's job back.
+JOBS_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
     id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
-    request_id TEXT UNIQUE,
+    request_id TEXT,
     tenant_id TEXT,
     session_id TEXT,
     priority TEXT NOT NULL,
@@ -50,9 +54,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL,
     estimated_vram_bytes INTEGER NOT NULL,
     estimated_duration_ms INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE INDEX IF NOT EXISTS jobs_tenant_finished ON jobs(tenant_id, finished_at);
+)
+"""
+JOBS_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state)",
+    "CREATE INDEX IF NOT EXISTS jobs_tenant_finished ON jobs(tenant_id, finished_at)",
+    # A job without a tenant is the tenant "" here, as everywhere (NULLs are distinct
+    # in a unique index). Jobs without a request_id (NULL) never collide.
+    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs(COALESCE(tenant_id, ''), request_id)",
+)
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS transitions (
     job_id TEXT NOT NULL,
     at INTEGER NOT NULL,
@@ -80,9 +91,35 @@ class JobStore:
         self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
-        self.db.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
-        )
+        with self._transaction():
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = row[0] if row is not None else SCHEMA_VERSION  # None: a new database
+            if version == "1":
+                self._migrate_from_1()
+            elif version != SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{path}: job store schema {version} is not {SCHEMA_VERSION}: written by "
+                    "another version of orchestratord"
+                )
+            self.db.execute(JOBS_TABLE.format(table="jobs"))
+            for index in JOBS_INDEXES:
+                self.db.execute(index)
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+
+    def _migrate_from_1(self) -> None:
+        """Schema 1 had `request_id TEXT UNIQUE`. SQLite cannot drop a column's
+        constraint, so the table is rebuilt (https://sqlite.org/lang_altertable.html,
+        "other kinds of table schema changes"), inside the caller's transaction: a
+        crash leaves the old table as it was. Schema 1 held request_ids unique across
+        all tenants, so its rows satisfy the new per-tenant uniqueness."""
+        self.db.execute(JOBS_TABLE.format(table="jobs_v2"))
+        columns = ", ".join(COLUMNS)
+        self.db.execute(f"INSERT INTO jobs_v2 ({columns}) SELECT {columns} FROM jobs")
+        self.db.execute("DROP TABLE jobs")  # and its indexes, built again by the caller
+        self.db.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
 
     def close(self) -> None:
         self.db.close()
@@ -92,10 +129,12 @@ class JobStore:
         return int(row[0]) + 1
 
     def insert(self, record: JobRecord) -> tuple[JobRecord, bool]:
-        """Store a new job; with a known request_id, return the first job instead (False)."""
+        """Store a new job; with a request_id its tenant used before, return the first
+        job instead (False)."""
         if record.request_id is not None:
             existing = self.db.execute(
-                "SELECT * FROM jobs WHERE request_id = ?", (record.request_id,)
+                "SELECT * FROM jobs WHERE COALESCE(tenant_id, '') = ? AND request_id = ?",
+                (record.tenant_id or "", record.request_id),
             ).fetchone()
             if existing is not None:
                 return _record(existing), False
@@ -155,8 +194,8 @@ class JobStore:
         if states:
             query += f" AND state IN ({', '.join('?' * len(states))})"
             args.extend(states)
-        if tenant_id:
-            query += " AND tenant_id = ?"
+        if tenant_id is not None:  # "": only jobs without a tenant
+            query += " AND COALESCE(tenant_id, '') = ?"
             args.append(tenant_id)
         query += " ORDER BY seq LIMIT ?"
         args.append(limit)
@@ -225,6 +264,9 @@ class AsyncJobStore:
         self, states: Iterable[JobState], tenant_id: str | None, limit: int, after_seq: int
     ) -> list[JobRecord]:
         return await self.run(self.store.list_jobs, states, tenant_id, limit, after_seq)
+
+    async def tokens_since(self, since_ms: int) -> dict[str, int]:
+        return await self.run(self.store.tokens_since, since_ms)
 
     async def close(self) -> None:
         await self.run(self.store.close)

@@ -1,8 +1,9 @@
 -- The user environment: an allowlist, built fresh for every load. Runtime-spec
 -- section 6, plus the restrictions of docs/ARCHITECTURE.md, D7: no bytecode, no
--- string.dump, no debug but traceback, no ffi or jit, a read-only string metatable,
--- collectgarbage("count") only. Every name left out fails with an error that names it,
--- and the attempt is recorded as a violation even if the script catches the error.
+-- string.dump (nor through a string's methods), no debug but traceback, no ffi or jit,
+-- a read-only string metatable, collectgarbage("count") only. Every name left out fails
+-- with an error that names it, and the attempt is recorded as a violation even if the
+-- script catches the error.
 --
 -- Nothing here hands user code a trusted table: library tables are copies, the raw
 -- functions are wrapped so that read-only jobs stay read-only, and `python` (lupa puts
@@ -53,6 +54,13 @@ return function(P, R, text, flag_violation, add_log, proxies, ctx)
     end
     return out
   end
+
+  -- Every string's methods: ("").dump reached the real string.dump through the
+  -- metatable's __index, which was the real string library. One guarded copy, made
+  -- before any script exists and reachable by none (getmetatable("") is false), serves
+  -- every environment; a script's own `string` is a copy of its own (make_env).
+  R.string_meta.__index = guarded("string", copy_lib(string, { dump = true }), "no bytecode",
+    { dump = true })
 
   local function make_env(print_level)
     local env = {}

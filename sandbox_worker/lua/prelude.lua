@@ -6,8 +6,10 @@
 -- What a runtime lacks (utf8 on LuaJIT, table.clear and bit on Lua 5.4) is false.
 
 -- Scripts share the string metatable with trusted code: hide it, so that
--- getmetatable("").__index cannot be replaced (docs/ARCHITECTURE.md, D7).
-getmetatable("").__metatable = false
+-- getmetatable("").__index cannot be replaced (docs/ARCHITECTURE.md, D7). Its __index
+-- is still the real string library, dump included, until env.lua replaces it.
+local string_meta = getmetatable("")
+string_meta.__metatable = false
 
 local string, table, math = string, table, math
 
@@ -61,12 +63,12 @@ local P = {
   copy_array = copy_array, copy_flat = copy_flat,
 }
 
--- R: the library tables themselves (shared with every string's methods), `load` and
--- `collectgarbage`: for env.lua only, which copies what user code may have.
+-- R: the library tables themselves, the string metatable, `load` and `collectgarbage`:
+-- for env.lua only, which copies what user code may have.
 local R = {
   string = string, table = table, math = math, os = os, coroutine = coroutine,
   utf8 = utf8 or false, bit = bit or false,
-  load = load, collectgarbage = collectgarbage,
+  load = load, collectgarbage = collectgarbage, string_meta = string_meta,
 }
 
 return P, R

@@ -114,8 +114,11 @@ async def test_platform_mode_refuses_deploys(tmp_path: Path) -> None:
         assert code_of(info.value) == grpc.StatusCode.PERMISSION_DENIED
         async with (
             aiohttp.ClientSession() as http,
-            http.post(svc.http + "/v2/admin/scheduler/deploy", json={"source": GOOD}) as r,
-        ):
+            http.post(
+                svc.http + "/v2/admin/scheduler/deploy", json={"source": GOOD},
+                headers=svc.operator_headers,
+            ) as r,
+        ):  # fmt: skip
             assert r.status == 403
             assert "cannot be replaced" in (await r.json())["error"]
 
@@ -135,7 +138,7 @@ async def test_http_mirror(tmp_path: Path) -> None:
         async with http.post(
             base + "/deploy", json={"source": GOOD, "name": "g.yaml", "deployer": "ann"}
         ) as r:
-            assert r.status == 200 and (await r.json())["version"]["deployer"] == "ann"
+            assert r.status == 200 and (await r.json())["version"]["deployer"] == "local:ann"
         async with http.post(base + "/deploy", json={"source": "scheduler: {name: x}"}) as r:
             assert r.status == 422 and "missing 'rules'" in (await r.json())["error"]
         async with http.get(base + "/versions") as r:

@@ -18,6 +18,7 @@ from orchestrator.api.rpc.jobs import JobServicer
 from orchestrator.api.web import errors as web_errors
 from orchestrator.domain import errors
 from orchestrator.domain.errors import ErrorCode, OrchestratorError
+from orchestrator.domain.identity import LOCAL_OPERATOR
 from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import Report, ValidationFailedError
 
@@ -86,7 +87,7 @@ class RefusingFront:
 async def test_grpc_status_follows_the_code_not_the_message(
     error: OrchestratorError, status: grpc.StatusCode
 ) -> None:
-    servicer = JobServicer(RefusingFront(error))  # type: ignore[arg-type]
+    servicer = JobServicer(RefusingFront(error), caller=lambda: LOCAL_OPERATOR)  # type: ignore[arg-type]
     request = pb.SubmitRequest(model="m", prompt="p", max_tokens=1)
     with pytest.raises(Aborted) as aborted:
         await servicer.Submit(request, FakeContext())  # type: ignore[arg-type]
@@ -94,7 +95,9 @@ async def test_grpc_status_follows_the_code_not_the_message(
 
 
 async def test_grpc_request_checks_go_through_the_same_table() -> None:
-    servicer = JobServicer(RefusingFront(errors.OrchestratorError("unused")))  # type: ignore[arg-type]
+    servicer = JobServicer(
+        RefusingFront(errors.OrchestratorError("unused")), caller=lambda: LOCAL_OPERATOR
+    )  # type: ignore[arg-type]
     with pytest.raises(Aborted) as aborted:
         await servicer.List(pb.ListJobsRequest(limit=5000), FakeContext())  # type: ignore[arg-type]
     assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT

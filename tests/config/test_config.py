@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.settings import load_catalog, load_config, load_tenants
+from orchestrator.domain.context import Tenant
 from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.jobs import TenantLimits
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "config"
 
@@ -39,6 +41,11 @@ def test_example_configs_load(name: str) -> None:
         ("listen: [1, 2]\n", "listen: expected a mapping"),
         ("catalog:\n  aliases: {x: missing}\n", "'missing' is not in the catalog"),
         ("queue: {capacity: lots}\n", "queue.capacity: expected int"),
+        (
+            "pools: {offline_after_ms: 9000, expire_after_ms: 9000}\n",
+            "pools: expire_after_ms (9000) must exceed offline_after_ms (9000)",
+        ),
+        ("pools: {max_pools: -1}\n", "pools: max_pools must be 0 or more"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -48,3 +55,19 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> No
     with pytest.raises(ConfigError) as info:
         load_catalog(load_config(path))
     assert message in str(info.value)
+
+
+def test_tenant_limits_load_beside_the_quotas_and_stay_out_of_ctx(tmp_path: Path) -> None:
+    """A tenant's `limits` bound its submits in the service; schedulers see its quotas."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "tenants:\n  acme:\n    quota_tokens_daily: 100\n"
+        "    limits: {max_queued_jobs: 5, requests_per_minute: -1}\n  globex: {}\n"
+    )
+    tenants = load_tenants(load_config(path))
+    assert tenants["acme"].limits == TenantLimits(max_queued_jobs=5, requests_per_minute=-1)
+    assert tenants["acme"].tenant("acme") == Tenant(id="acme", quota_tokens_daily=100)
+    assert tenants["globex"].limits == TenantLimits()
+    path.write_text("tenants:\n  acme:\n    limits: {max_queued_jobs: 0}\n")
+    with pytest.raises(ConfigError, match=r"\['acme'\].limits: max_queued_jobs must be positive"):
+        load_tenants(load_config(path))

@@ -14,7 +14,7 @@ from orchestrator.policy import builder
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import FIELDS
 from tests.conftest import REPO
-from tests.service_helpers import running_service, write_config
+from tests.service_helpers import OPERATOR_KEY, OPERATOR_TOKEN, running_service, write_config
 
 POLICIES = sorted((REPO / "schedulers").glob("*/*.yaml"))
 
@@ -55,12 +55,12 @@ def test_what_the_builder_cannot_show_it_says() -> None:
 
 
 async def test_builder_endpoints_and_the_guard(tmp_path: Path) -> None:
-    """compile/parse/templates answer; with admin_token set, no token means 401, and a
+    """compile/parse/templates answer; with API keys set, no key means 401, and a
     state change from a foreign Origin is refused."""
-    config = write_config(tmp_path, admin_token="t0ken")
+    config = write_config(tmp_path, auth={"keys": [OPERATOR_KEY]})
     async with running_service(config) as svc, aiohttp.ClientSession() as http:
         base = svc.http + "/v2/admin/scheduler"
-        auth = {"Authorization": "Bearer t0ken"}
+        auth = svc.operator_headers
         async with http.get(svc.http + "/") as r:
             assert r.status == 200 and "scheduler builder" in await r.text()
         async with http.get(base + "/templates") as r:
@@ -87,15 +87,15 @@ async def test_builder_endpoints_and_the_guard(tmp_path: Path) -> None:
             base + "/rollback", json={}, headers={**auth, "Origin": "http://evil.example"}
         ) as r:
             assert r.status == 403
-        async with http.get(svc.http + "/v2/admin/events?token=t0ken") as r:
+        async with http.get(svc.http + f"/v2/admin/events?token={OPERATOR_TOKEN}") as r:
             line = await r.content.readline()
             assert line == b"event: state\n"
         async with http.get(svc.http + "/metrics") as r:
             assert r.status == 200
 
 
-def test_a_non_loopback_admin_needs_a_token(tmp_path: Path) -> None:
-    """Binding the admin HTTP elsewhere than localhost without admin_token is refused."""
+def test_a_non_loopback_admin_needs_tls_and_keys(tmp_path: Path) -> None:
+    """Binding the admin HTTP elsewhere than localhost without TLS and keys is refused."""
     config = write_config(tmp_path, listen={"grpc": "127.0.0.1:0", "http": "0.0.0.0:8080"})
-    with pytest.raises(ConfigError, match="set admin_token"):
+    with pytest.raises(ConfigError, match=r"listen\.http .* set tls\.cert_file"):
         load_config(config)

@@ -17,6 +17,7 @@ from orchestrator.domain.samples import sample_context
 from orchestrator.sandbox import fork_server
 from orchestrator.sandbox.fork_server import ForkServer, pidfd_exited, shared_fork_server
 from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.support.files import open_log
 from tests.conftest import EngineFactory
 
 WAIT = "function schedule(ctx) return { action = 'wait' } end"
@@ -92,12 +93,11 @@ async def test_a_worker_whose_caller_was_cancelled_is_killed(tmp_path: Path) -> 
     request's exchange kills it instead of leaking it."""
     server = shared_fork_server()
     limits = SandboxLimits()
-    warm = await server.spawn(tmp_path / "warm.sock", tmp_path / "warm.log", limits, seccomp=True)
+    log = open_log(tmp_path / "workers.log")  # the workers' stderr, passed as a descriptor
+    warm = await server.spawn(tmp_path / "warm.sock", log, limits, seccomp=True)
     before = {p.pid for p in psutil.Process(server.pid).children()}
     os.kill(server.pid, signal.SIGSTOP)  # so that the reply cannot beat the cancellation
-    cancelled = asyncio.create_task(
-        server.spawn(tmp_path / "a.sock", tmp_path / "a.log", limits, seccomp=True)
-    )
+    cancelled = asyncio.create_task(server.spawn(tmp_path / "a.sock", log, limits, seccomp=True))
     await asyncio.sleep(0.05)  # the request is sent and waits for its reply
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -111,7 +111,7 @@ async def test_a_worker_whose_caller_was_cancelled_is_killed(tmp_path: Path) -> 
             break
         await asyncio.sleep(0.02)
     assert orphan is not None
-    fresh_worker = await server.spawn(tmp_path / "b.sock", tmp_path / "b.log", limits, seccomp=True)
+    fresh_worker = await server.spawn(tmp_path / "b.sock", log, limits, seccomp=True)
     try:
         assert fresh_worker[0] != orphan.pid and not pidfd_exited(fresh_worker[1])
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -121,3 +121,4 @@ async def test_a_worker_whose_caller_was_cancelled_is_killed(tmp_path: Path) -> 
         for _, pidfd in (warm, fresh_worker):
             fork_server.kill_pidfd(pidfd)
             os.close(pidfd)
+        os.close(log)

@@ -139,6 +139,58 @@ def test_string_metatable_is_hidden(lua: InProcessRuntime) -> None:
     assert lua.eval("getmetatable(ctx.queue[1])") == "ctx is read-only"
 
 
+# Every string's methods are found through the string metatable's __index.
+STRING_METHOD_DUMPS = [
+    "local d = ('').dump",
+    "local b = ('').dump(schedule)",
+    "local b = ('x'):dump()",
+    "local d = ('x')['du' .. 'mp']",
+]
+
+
+@pytest.mark.parametrize("statement", STRING_METHOD_DUMPS)
+def test_string_methods_do_not_reach_string_dump(lua: InProcessRuntime, statement: str) -> None:
+    """("").dump is string.dump: a violation, the same as through the string library."""
+    result = lua.error_of(f"function schedule(ctx) {statement} return {{ action = 'wait' }} end")
+    assert result.error_kind == VIOLATION
+    assert "string.dump is disabled in the scheduler sandbox" in result.error_message
+    assert result.retire
+
+
+def test_string_methods_are_the_scripts_string_library(lua: InProcessRuntime) -> None:
+    """Every name of the real string library but dump reaches, as a string method, what
+    the script's own `string` holds: the metatable offers nothing the library lacks."""
+    lua.load("function schedule(ctx) return { action = 'wait' } end")
+    assert lua.runtime is not None
+    names = sorted(str(k) for k in lua.runtime.lua.globals().string)
+    assert "dump" in names and "format" in names
+    differing = lua.eval(
+        "(function() local out = {} for _, k in ipairs({"
+        + ", ".join(f"'{n}'" for n in names if n != "dump")
+        + "}) do if ('')[k] ~= string[k] then out[#out + 1] = k end end return out end)()"
+    )
+    assert differing in ([], {})
+
+
+def test_string_metatable_index_is_not_the_real_library(lua: InProcessRuntime) -> None:
+    """Seen from trusted code: the __index every string uses is a copy without dump."""
+    lua.load("function schedule(ctx) return { action = 'wait' } end")
+    assert lua.runtime is not None
+    real = lua.runtime.lua.eval
+    assert real("debug.getmetatable('').__index ~= string")
+    assert real("rawget(debug.getmetatable('').__index, 'dump') == nil")
+    assert real("type(string.dump) == 'function'"), "trusted code keeps the real library"
+
+
+def test_no_other_type_has_a_metatable(lua: InProcessRuntime) -> None:
+    """Numbers, booleans, nil, functions and coroutines have no metatable to go through."""
+    values = lua.eval(
+        "getmetatable(1) == nil, getmetatable(true) == nil, getmetatable(nil) == nil,"
+        " getmetatable(print) == nil, getmetatable(coroutine.create(print)) == nil"
+    )
+    assert values == [True] * 5
+
+
 def test_no_python_objects_reachable(lua: InProcessRuntime) -> None:
     """Nothing in the global environment or ctx is a userdata (a Python object)."""
     found = lua.eval(

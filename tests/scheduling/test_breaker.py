@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.scheduling.breaker import CircuitBreaker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import Clock
 
 
 def test_opens_after_threshold_and_half_opens_after_backoff() -> None:

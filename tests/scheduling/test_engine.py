@@ -17,10 +17,11 @@ from structlog.testing import capture_logs
 from orchestrator.config.settings import SPAWN_METHODS
 from orchestrator.domain.context import Context, Worker
 from orchestrator.domain.decision import Dispatch, Wait
-from orchestrator.domain.samples import LLAMA_13B, sample_context
+from orchestrator.domain.samples import LLAMA_13B, sample_context, synthetic_cluster
 from orchestrator.sandbox.fork_server import shared_fork_server
-from orchestrator.sandbox.limits import SandboxLimits
+from orchestrator.sandbox.limits import MiB, SandboxLimits
 from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
+from orchestrator.scheduling.metrics import EngineMetrics
 from tests.conftest import LANGUAGES, EngineFactory
 
 
@@ -108,6 +109,103 @@ async def test_timeout_kills_the_worker_and_counts(make_engine: EngineFactory) -
     assert m.value("sandbox_worker_events_total", scheduler="user", event="killed_timeout") == 1
     fallback = [e for e in logs if e["event"] == "scheduler.fallback"]
     assert fallback and fallback[0]["kind"] == "timeout"
+
+
+def hoarding(pieces: int) -> str:
+    """A script that keeps `pieces` times 4 KiB more in a global on each call."""
+    return f"""
+hoard = hoard or {{}}
+function schedule(ctx)
+  hoard[#hoard + 1] = string.rep(string.rep("x", 4096), {pieces})
+  return {{ action = "wait", reason = "kept " .. #hoard }}
+end
+"""
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_the_heap_cap_holds_on_a_workers_first_call(
+    make_engine: EngineFactory, language: str
+) -> None:
+    """A worker's first call comes after a full snapshot sent on its own (a spare's after a
+    background sync) and carries no update; it used to run with no heap cap at all, and
+    the worker then crashed on its next call (LuaJIT aborts on a memory error outside a
+    protected call). Every cycle is a memory error now, and no worker crashes."""
+    engine = await make_engine(
+        hoarding(10240),  # 40 MiB against a 16 MiB heap
+        language=language,
+        limits=SandboxLimits(lua_heap_bytes=16 * MiB, deadline_ms=1000),
+    )
+    for n in range(3):
+        result = await engine.schedule(cycle(n))
+        assert result.source == "platform-fallback", result.decision
+        assert result.error is not None and result.error.kind == "memory_limit", result.error
+        await spares_ready(engine)
+    m = engine.metrics
+    assert m.value("scheduler_error_total", scheduler="user", kind="memory_limit") == 3
+    assert m.value("scheduler_error_total", scheduler="user", kind="worker_crash") == 0
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_a_heap_over_the_cap_before_the_call_is_a_memory_error(
+    make_engine: EngineFactory, language: str
+) -> None:
+    """What a script kept while the context was big (the cap grows with it) is over the
+    cap once the context shrinks: the call is refused with a memory error, instead of
+    calling into a heap already past its cap (which crashed LuaJIT workers)."""
+    engine = await make_engine(
+        hoarding(6144),  # 24 MiB, within 16 MiB plus the slack of 30,000 jobs' estimate
+        language=language,
+        limits=SandboxLimits(lua_heap_bytes=16 * MiB, deadline_ms=2000),
+        user_spares=0,
+    )
+    big = await engine.schedule(synthetic_cluster(30_000, 16))
+    assert big.source == "user" and big.decision.reason == "kept 1", big.error
+    shrunk = await engine.schedule(synthetic_cluster(5, 16, now=big.context.now_ms + 100))
+    assert shrunk.source == "platform-fallback"
+    assert shrunk.error is not None and shrunk.error.kind == "memory_limit", shrunk.error
+    assert "not enough memory" in shrunk.error.message
+    assert engine.metrics.value("scheduler_error_total", scheduler="user", kind="worker_crash") == 0
+
+
+async def test_script_logs_reach_the_service_log_within_a_rate(
+    make_engine: EngineFactory,
+) -> None:
+    """A script logging its whole quota every cycle: every record stays in the cycle's
+    result, but the service log gets a burst and then the sustained rate (every record
+    used to be re-logged: about 1 MB per 10 s from one script)."""
+    engine = await make_engine(
+        "function schedule(ctx)\n"
+        "  for i = 1, 100 do ctx.log_info(string.rep('x', 150), i) end\n"
+        "  return { action = 'wait' }\nend"
+    )
+    with capture_logs() as logs:
+        results = [await engine.schedule(cycle(n)) for n in range(5)]
+    assert [len(r.logs) for r in results] == [100] * 5
+    relayed = sum(1 for e in logs if e["event"] == "scheduler.script_log")
+    assert relayed < 500, "every record was re-logged"
+    rate = engine.options.script_logs
+    assert rate.burst <= relayed <= rate.burst + 5 * rate.per_second, relayed
+    limited = engine.metrics.value("scheduler_script_logs_rate_limited_total", tenant="")
+    assert limited == 500 - relayed
+
+
+async def test_tenant_schedulers_custom_metrics_are_their_own(make_engine: EngineFactory) -> None:
+    """Two tenants' engines on one registry, as in the service: the same metric name is
+    one series per tenant, not one series they overwrite."""
+    emit = (
+        "function schedule(ctx) ctx.emit_metric('custom_mine', {value}) "
+        "return {{ action = 'wait' }} end"
+    )
+    shared = EngineMetrics()
+    for tenant, value in (("acme", 1), ("globex", 2)):
+        engine = await make_engine(
+            emit.format(value=value), metrics=shared, tenant=tenant, user_spares=0,
+            platform_spares=0,
+        )  # fmt: skip
+        assert (await engine.schedule(cycle(0))).source == "user"
+    for tenant, value in (("acme", 1), ("globex", 2)):
+        labels = {"tenant": tenant, "name": "custom_mine"}
+        assert shared.registry.get_sample_value("scheduler_custom_metric", labels) == value
 
 
 async def test_sigkilled_worker_mid_call_falls_back(make_engine: EngineFactory) -> None:

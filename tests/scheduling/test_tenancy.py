@@ -131,6 +131,8 @@ async def test_service_runs_each_tenant_scheduler_on_its_own_jobs(tmp_path: Path
     )  # fmt: skip
     async with running_service(config) as svc:
         engine = svc.server.orchestrator.tenant_engines["acme"]
+        # Its custom metrics and script logs are acme's (the main scheduler's are "").
+        assert (engine.tenant, svc.server.orchestrator.engine.tenant) == ("acme", "")
         # Record every context acme's sandbox is sent, with the decision log's writer.
         engine.decision_log = DecisionLog(tmp_path / "acme-log", max_file_bytes=2**30, keep_files=1)
         jobs = [

@@ -81,6 +81,21 @@ CASES: list[Case] = [
     case("string.dump", "bytecode", body("local b = string.dump(schedule)"), "violation"),
     case("load binary chunk", "bytecode", body('load("\\27LuaT\\0", "x", "b")'), "violation"),
     case("loadstring", "bytecode", body('loadstring("return 1")'), "violation"),
+    # A string's methods come from the string metatable's __index.
+    case("('').dump", "bytecode", body('local b = ("").dump(schedule)'), "violation"),
+    case("('x'):dump()", "bytecode", body('local b = ("x"):dump()'), "violation"),
+    case(
+        "pcall swallows ('').dump",
+        "bytecode",
+        body('pcall(function() return ("").dump(schedule) end)'),
+        "violation",
+    ),
+    case(
+        "string.dump through a string value",
+        "bytecode",
+        body('local s = "" local d = s["dump"] local b = d(schedule)'),
+        "violation",
+    ),
     case(
         "precompiled script",
         "bytecode",
@@ -118,6 +133,15 @@ CASES: list[Case] = [
             'local mt = getmetatable("")\n'
             '    if type(mt) == "table" then mt.__index = { upper = function() return "PWNED" end } end',
             '("x"):upper() == "X" and getmetatable("") == false',
+        ),
+        "contained",
+    ),
+    case(
+        "string metatable not exposed",
+        "metatables",
+        contained(
+            'mt = getmetatable("")',
+            'mt == false and ("x"):upper() == "X" and ("%d"):format(5) == "5"',
         ),
         "contained",
     ),

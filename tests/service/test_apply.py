@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from orchestrator.domain.context import HostReading, ProcessInfo
 from orchestrator.domain.decision import Batch, Decision, Dispatch, EvictWorker, StartWorker
 from orchestrator.domain.jobs import JobRecord, JobState
 from orchestrator.pools.completion import Outcome
@@ -19,9 +20,12 @@ from orchestrator.service.apply import DecisionApplier
 from orchestrator.service.events import JobEvents
 from orchestrator.service.jobs import Jobs
 from orchestrator.service.metrics import ServiceMetrics
+from orchestrator.service.pools import PoolRegistry
 from orchestrator.service.running import JobRunner
 from orchestrator.state.cluster import ClusterState
+from orchestrator.state.remote_pools import Heartbeat
 from orchestrator.state.store import AsyncJobStore, JobStore
+from orchestrator.support.clock import now_ms
 from tests.fakes import CATALOG, CONFIG, MODEL, FakeCompletions, FakeLocalPool, GiB, record
 
 
@@ -194,3 +198,43 @@ async def test_eviction_spares_busy_workers(rig: Rig) -> None:
     await asyncio.sleep(0)
     assert rig.pool.evicted == ["w2"]
     assert (rig.applied("evict_worker", "stale"), rig.applied("evict_worker", "applied")) == (2, 1)
+
+
+async def test_a_job_on_an_expired_remote_pool_is_retried_not_dropped(rig: Rig) -> None:
+    """Issue 14: a silent remote pool is removed; the job its worker ran goes back to the
+    queue under `retry`, as when any worker is lost."""
+    rig.cluster.remote.register("gpu-host", "http://gpu-host:9200", 1_000)
+    pool = rig.cluster.remote.get("gpu-host")
+    assert pool is not None
+    far = ProcessInfo("far", MODEL, (0,), 6 * GiB, "http://gpu-host:18100", "ready", 1_000)
+    rig.cluster.remote.heartbeat(pool, Heartbeat("gpu-host", "", (), (far,), (), HostReading()),
+                                 now_ms())  # fmt: skip
+    await rig.queue("j1")
+    await rig.apply(Dispatch("j1", "far"))
+    assert rig.completions.calls == [("j1", "http://gpu-host:18100")]
+    expire_after = CONFIG.pools.expire_after_ms
+    registry = PoolRegistry(rig.cluster, rig.runner, rig.pool, CONFIG.pools, rig.metrics,
+                            wake=asyncio.Event(), clock=lambda: now_ms() + expire_after + 1)  # fmt: skip
+    await registry.expire()
+    stored = await rig.store.get("j1")
+    assert stored is not None and stored.state == JobState.QUEUED and stored.attempts == 1
+    assert stored.error.startswith("pool 'gpu-host' expired: no heartbeat for")
+    assert "j1" not in rig.cluster.in_flight and rig.cluster.running_job("far") is None
+    assert len(rig.runner) == 0
+
+
+async def test_a_new_worker_id_is_never_one_a_pool_already_reported(rig: Rig) -> None:
+    """A remote pool that reports the id the core would give a new worker next gets
+    neither that worker's jobs nor its owner's heartbeats refused: the id is skipped."""
+    rig.cluster.remote.register("gpu-host", "http://gpu-host:9200", 1_000)
+    pool = rig.cluster.remote.get("gpu-host")
+    assert pool is not None
+    guesses = tuple(
+        ProcessInfo(f"local-w1-{n:04x}", MODEL, (0,), GiB, "http://gpu-host:1", "ready", 1_000)
+        for n in range(2**16)
+    )
+    rig.cluster.remote.heartbeat(pool, Heartbeat("gpu-host", "", (), guesses, (), HostReading()),
+                                 1_000)  # fmt: skip
+    await rig.apply(StartWorker("local", 0, MODEL))
+    ((worker_id, *_),) = rig.pool.started
+    assert worker_id.startswith("local-w2-")

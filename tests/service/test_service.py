@@ -398,7 +398,8 @@ async def test_pool_manager_on_another_host_runs_jobs(tmp_path: Path) -> None:
     )
     pool_config = write_config(
         pool_dir,
-        local_pool={"id": "gpu-host-2", "endpoint": "http://gpu-host-2:9200"},
+        # The core takes a pool's workers only on its registered host: here, this one.
+        local_pool={"id": "gpu-host-2", "endpoint": "http://127.0.0.1:9200"},
         pools={"heartbeat_ms": 100},
     )
     async with running_service(config) as svc:
@@ -426,7 +427,7 @@ async def test_pool_manager_on_another_host_runs_jobs(tmp_path: Path) -> None:
             assert (pool.id, pool.status, pool.endpoint) == (
                 "gpu-host-2",
                 "healthy",
-                "http://gpu-host-2:9200",
+                "http://127.0.0.1:9200",
             )
             assert [w.status for w in pool.workers] == ["ready"]
             assert pool.gpus[0].vram_allocated_bytes == 6442450944  # the model's VRAM, declared GPU
@@ -475,7 +476,7 @@ async def test_job_cli_and_custom_metrics(tmp_path: Path) -> None:
         assert "queued" in err.decode() and "completed" in err.decode()
         async with aiohttp.ClientSession() as http, http.get(svc.http + "/metrics") as response:
             text = await response.text()
-        assert 'scheduler_custom_metric{name="custom_queue_seen"}' in text
+        assert 'scheduler_custom_metric{name="custom_queue_seen",tenant=""}' in text
         assert 'scheduler_decisions_total{action="dispatch",source="user"}' in text
         status = await svc.admin.GetStatus(pb.GetStatusRequest())
         assert status.scheduler.name == "policy.lua"

@@ -153,7 +153,7 @@ async def test_simulate_through_grpc_and_http(tmp_path: Path) -> None:
             await anext(aiter(svc.admin.Simulate(pb.SimulateRequest(
                 workload=pb.SimulationWorkload(pools=0)))))  # fmt: skip
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "pools must be positive" in (bad.value.details() or "")
+        assert "workload.pools: must be at least 1" in (bad.value.details() or "")
 
         base = svc.http + "/v2/admin/scheduler/simulate"
         body = {"source": ALWAYS_WAIT, "name": "hold.lua",
@@ -169,6 +169,10 @@ async def test_simulate_through_grpc_and_http(tmp_path: Path) -> None:
             async with http.post(base, json={"workload": {"colour": 1}}) as r:
                 assert r.status == 400 and "workload.colour" in (await r.json())["error"]
             async with http.post(base, json={"workload": {"queue_depth": 10**6}}) as r:
+                assert r.status == 400 and "at most 20000" in (await r.json())["error"]
+            # Streamed too, a refusal answers with its status, not as a line under 200.
+            over = {"workload": {"queue_depth": 10**6}}
+            async with http.post(base + "?stream=1", json=over) as r:
                 assert r.status == 400 and "at most 20000" in (await r.json())["error"]
             async with http.post(base, json={"workload": {"trace": "/etc/passwd"}}) as r:
                 assert r.status == 400 and "CLI only" in (await r.json())["error"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.errors import ConfigError, InvalidRequestError
 from orchestrator.sim.compare import Policy, compare
 from orchestrator.sim.report import headline, table, write_html
 from orchestrator.sim.run import default_catalog, simulate
@@ -80,7 +80,7 @@ def test_bad_workload_options_name_the_option() -> None:
         token_range("50-10", "prompt_tokens")
     with pytest.raises(ConfigError, match="'gpt-9' is not in the catalog"):
         SimSettings(models="gpt-9").arrivals(default_catalog())
-    with pytest.raises(ConfigError, match="workload: rate must not be negative"):
+    with pytest.raises(InvalidRequestError, match=r"workload\.rate: must not be negative"):
         SimSettings.from_mapping({"rate": -1})
     with pytest.raises(ConfigError, match=r"workload\.colour: unknown field"):
         SimSettings.from_mapping({"colour": "red"})
@@ -249,4 +249,4 @@ def test_cli_trace_compare_and_errors(tmp_path: Path) -> None:
     bad = cli("scheduler", "simulate", "--file", "platform", "--models", "gpt-9")
     assert bad.returncode == 2 and "'gpt-9' is not in the catalog" in bad.stderr
     bad = cli("scheduler", "simulate", "--file", "platform", "--pools", "0")
-    assert bad.returncode == 2 and "pools must be positive" in bad.stderr
+    assert bad.returncode == 2 and "--pools: must be at least 1, got 0" in bad.stderr

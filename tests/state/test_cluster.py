@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 from orchestrator.config.settings import ServiceConfig
-from orchestrator.domain.context import Gpu, HostReading, ProcessInfo, Tenant
+from orchestrator.domain.context import INT64_MAX, Gpu, HostReading, ProcessInfo, Tenant
 from orchestrator.domain.decision import EvictWorker, StartWorker
 from orchestrator.domain.jobs import JobState
 from orchestrator.state.cluster import ClusterState, next_midnight_utc_ms
 from orchestrator.state.remote_pools import Heartbeat, RemoteCommand
+from orchestrator.wire.context import to_proto
 from tests.fakes import CATALOG, CONFIG, MODEL, FakeLocalPool, GiB, record
 
 NOW = 1_700_000_000_000
@@ -168,3 +169,51 @@ def test_every_process_is_listed_with_its_pool() -> None:
     assert [(p, w.id) for p, w in state.processes()] == [("local", "w1"), ("gpu-host", "far")]
     state.forget_worker("w1")  # an evicted worker's overlay goes
     assert state.running_job("w1") is None
+
+
+def test_huge_gpus_do_not_overflow_the_context_metrics() -> None:
+    """Finding 3: two GPUs of 2**62 bytes made every cycle raise while encoding ctx.metrics
+    (int64). The sums are clamped: the context encodes and the cycle goes on."""
+    state = cluster()
+    state.remote.register("gpu-host", "http://gpu-host", NOW)
+    pool = state.remote.get("gpu-host")
+    assert pool is not None
+    huge = (Gpu(0, "x", 2**62), Gpu(1, "x", 2**62))
+    state.remote.heartbeat(pool, Heartbeat("gpu-host", "", huge, (), (), HostReading()), NOW)
+    ctx = state.context(NOW)
+    assert ctx.metrics.total_vram_bytes == ctx.metrics.free_vram_bytes == INT64_MAX
+    assert to_proto(ctx).metrics.total_vram_bytes == INT64_MAX
+
+
+def test_a_worker_id_belongs_to_the_pool_that_holds_it_first() -> None:
+    state = cluster()
+    for pool_id in ("gpu-a", "gpu-b"):
+        state.remote.register(pool_id, f"http://{pool_id}", NOW)
+    a, b = state.remote.get("gpu-a"), state.remote.get("gpu-b")
+    assert a is not None and b is not None
+    w1 = ProcessInfo("w1", MODEL, (0,), GiB, "http://gpu-a:1", "ready", NOW)
+    state.remote.heartbeat(a, Heartbeat("gpu-a", "", (), (w1,), (), HostReading()), NOW)
+    start = StartWorker("gpu-b", 0, MODEL)
+    state.remote.start("gpu-b", RemoteCommand("c1", start, "asked", GiB), NOW)
+    assert (state.remote.owner("w1"), state.remote.owner("asked")) == ("gpu-a", "gpu-b")
+    empty = Heartbeat("gpu-a", "", (), (), (), HostReading())
+    state.remote.heartbeat(a, empty, NOW + 1)  # gpu-a no longer runs w1: the id is free
+    assert state.remote.owner("w1") is None and state.remote.owner("asked") == "gpu-b"
+
+
+def test_a_silent_remote_pool_expires_and_frees_its_worker_ids() -> None:
+    """Finding 3 and 9: remote pools were never removed."""
+    state = cluster()
+    state.remote.register("gpu-host", "http://gpu-host", NOW)
+    state.remote.register("fresh", "http://fresh", NOW + 10_000)
+    pool = state.remote.get("gpu-host")
+    assert pool is not None
+    w1 = ProcessInfo("w1", MODEL, (0,), GiB, "http://gpu-host:1", "ready", NOW)
+    state.remote.heartbeat(pool, Heartbeat("gpu-host", "", (), (w1,), (), HostReading()), NOW)
+    expire_after = CONFIG.pools.expire_after_ms
+    assert state.expire_pools(NOW + expire_after) == []
+    version = state.version
+    (gone,) = state.expire_pools(NOW + expire_after + 1)
+    assert gone is pool and state.version > version
+    assert [p.id for p in state.context(NOW + expire_after + 1).pools] == ["fresh"]
+    assert state.remote.owner("w1") is None and len(state.remote) == 1

@@ -1,9 +1,15 @@
 """The soak: concurrent clients submit jobs to a real orchestratord (a subprocess) for a
 bounded time while faults are injected, then every accepted job is accounted for.
 
+Two configurations. `platform` (the default) runs deploy/config/platform.yaml as
+shipped, with what a deployment adds: TLS on a gRPC listener off loopback, API keys for
+the tenants (each client submits as one), the operator and the pool manager, and a
+tenant scheduler. `lab` runs the embedded default config with a user scheduler.
+
 Faults, at random: sandbox workers and inference workers SIGKILLed or SIGSTOPped (and
 continued a little later); a user scheduler that runs past its deadline on 10% of
-its cycles (always on); a pool manager that stops sending heartbeats for a while;
+its cycles (always on: the user scheduler in lab, tenant acme's in platform); a pool
+manager that stops sending heartbeats for a while;
 and the orchestrator itself SIGKILLed and restarted.
 
 Checks: every accepted job ends exactly once (one terminal row in the audit table),
@@ -12,6 +18,7 @@ Figures: jobs, faults, fallbacks, the longest gap between scheduling cycles, and
 core's memory over the run.
 
     python -m tests.system.soak --duration 600 --output RELIABILITY.md   (make soak)
+    python -m tests.system.soak --config lab ...
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -37,7 +45,10 @@ from grpc import aio
 
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.cli.certs import make_pki
+from orchestrator.config.credentials import new_token, token_hash
 from orchestrator.state.decision_log import log_files, read_log
+from orchestrator.wire.channel import ClientAuth, open_channel
 from tests.service_helpers import free_port, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,12 +63,15 @@ function schedule(ctx)
 end
 """
 TERMINAL = ("completed", "failed", "cancelled")
+CONFIGS = ("platform", "lab")
+PLATFORM_TENANTS = ("acme", "globex")  # deploy/config/tenants.yaml
 
 
 @dataclass
 class SoakResult:
     duration_s: float
     clients: int
+    config: str = "platform"
     submitted: int = 0
     refused: int = 0  # submits that failed while the core was down: never accepted
     completed: int = 0
@@ -69,6 +83,9 @@ class SoakResult:
     failed_cycles: int = 0
     uncovered_cycles: int = 0  # failed cycles not answered by a fallback
     fallbacks: Counter[str] = field(default_factory=Counter)
+    # Fallbacks of the flaky scheduler, from the core's log: in platform mode it is a
+    # tenant's, whose cycles the decision log (the platform's cycles) does not hold.
+    logged_fallbacks: Counter[str] = field(default_factory=Counter)
     max_gap_s: float = 0.0  # longest time without a cycle while jobs waited (core up)
     max_outage_s: float = 0.0  # longest time without a cycle, restarts included
     rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (t, MB) of the core
@@ -87,12 +104,15 @@ class SoakResult:
 
 
 class Soak:
-    def __init__(self, workdir: Path, duration_s: float, *, clients: int, seed: int) -> None:
+    def __init__(
+        self, workdir: Path, duration_s: float, *, clients: int, seed: int,
+        config: str = "platform",
+    ) -> None:  # fmt: skip
         self.workdir = workdir
         self.duration_s = duration_s
         self.clients = clients
         self.rng = random.Random(seed)
-        self.result = SoakResult(duration_s, clients)
+        self.result = SoakResult(duration_s, clients, config)
         self.accepted: set[str] = set()
         self.core: subprocess.Popen[bytes] | None = None
         self.manager: subprocess.Popen[bytes] | None = None
@@ -103,6 +123,18 @@ class Soak:
         core_dir.mkdir(parents=True, exist_ok=True)
         pool_dir.mkdir(parents=True, exist_ok=True)
         (core_dir / "flaky.lua").write_text(FLAKY)
+        pool_overrides = {
+            "id": "remote",
+            "worker": {"tokens_per_sec": 800, "port_range": [p := free_port(), p + 200]},
+        }
+        self.pool_config = write_config(pool_dir, local_pool=pool_overrides,
+                                        pools={"heartbeat_ms": 200})  # fmt: skip
+        self.state = core_dir / "state"
+        self.tokens: dict[str, str] = {}  # role or tenant -> API key (platform)
+        self.ca: Path | None = None
+        if config == "platform":
+            self._platform_config(core_dir, pool_dir)
+            return
         self.config = write_config(
             core_dir,
             scheduler={"file": "flaky.lua", "tick_ms": 100, "hot_reload": False,
@@ -115,13 +147,52 @@ class Soak:
             durability="normal",
         )  # fmt: skip
         self.address = yaml.safe_load(self.config.read_text())["listen"]["grpc"]
-        self.pool_config = write_config(
-            pool_dir,
-            local_pool={"id": "remote", "worker": {"tokens_per_sec": 800,
-                                                   "port_range": [p := free_port(), p + 200]}},
-            pools={"heartbeat_ms": 200},
+
+    def _platform_config(self, core_dir: Path, pool_dir: Path) -> None:
+        """deploy/config/platform.yaml with certificates, keys and this run's paths."""
+        pki = make_pki(self.workdir / "pki")
+        self.ca = pki.ca
+        self.tokens = {name: new_token() for name in ("operator", "pool", *PLATFORM_TENANTS)}
+        keys = [
+            {"name": "soak-operator", "role": "operator"},
+            {"name": "remote-pool", "role": "pool", "pools": ["remote"]},
+            *({"name": f"{t}-app", "role": "tenant", "tenant": t} for t in PLATFORM_TENANTS),
+        ]
+        for key, holder in zip(keys, ("operator", "pool", *PLATFORM_TENANTS), strict=True):
+            key["sha256"] = token_hash(self.tokens[holder])
+        (core_dir / "keys.yaml").write_text(yaml.safe_dump({"keys": keys}))
+        (pool_dir / "pool.key").write_text(self.tokens["pool"] + "\n")
+        deploy = REPO / "deploy" / "config"
+        data = yaml.safe_load((deploy / "platform.yaml").read_text())
+        grpc_port = free_port()
+        data.update(
+            state_dir=str(self.state),
+            listen={"grpc": f"0.0.0.0:{grpc_port}", "http": f"127.0.0.1:{free_port()}"},
+            tls={"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
+            auth={"keys_file": str(core_dir / "keys.yaml")},
+            catalog_file=str(deploy / "catalog.yaml"),
+            tenants_file=str(deploy / "tenants.yaml"),
+            tenant_schedulers={"acme": str(core_dir / "flaky.lua")},
+            scheduler={**data["scheduler"], "tick_ms": 100, "breaker": {"threshold": 1000}},
+            timeout={"default_ms": 8000, "max_ms": 8000},
+            retry={"enabled": True, "max_attempts": 20, "initial_delay_ms": 50,
+                   "multiplier": 1.5, "max_delay_ms": 1000},
+            pools={"heartbeat_ms": 200, "degraded_after_ms": 600, "offline_after_ms": 1500},
+            durability="normal",
         )  # fmt: skip
-        self.state = core_dir / "state"
+        self.config = core_dir / "orchestratord.yaml"
+        self.config.write_text(yaml.safe_dump(data))
+        self.address = f"127.0.0.1:{grpc_port}"
+
+    def _auth(self, who: str) -> ClientAuth:
+        """Credentials as `who` (operator, pool or a tenant); none in lab mode."""
+        if not self.tokens:
+            return ClientAuth()
+        assert self.ca is not None
+        return ClientAuth(token=self.tokens[who], tls_ca=self.ca.read_bytes())
+
+    def _tenant_of(self, client: int) -> str:
+        return PLATFORM_TENANTS[client % len(PLATFORM_TENANTS)] if self.tokens else ""
 
     # ------------------------------------------------------------------ processes
     def _start_core(self) -> None:
@@ -134,9 +205,14 @@ class Soak:
 
     def _start_manager(self) -> None:
         log = open(self.workdir / "pool.log", "ab")  # noqa: SIM115
+        credentials = []
+        if self.ca is not None:  # platform: the pool's own key, TLS to the core's CA
+            pool_key = self.pool_config.parent / "pool.key"
+            credentials = ["--token-file", str(pool_key), "--tls-ca", str(self.ca)]
         self.manager = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "pool-manager", "--orchestrator",
-             self.address, "--config", str(self.pool_config), "--log-format", "json"],
+             self.address, "--config", str(self.pool_config), "--log-format", "json",
+             *credentials],
             stdout=subprocess.DEVNULL, stderr=log, cwd=REPO, start_new_session=True,
         )  # fmt: skip
 
@@ -144,7 +220,7 @@ class Soak:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                async with aio.insecure_channel(self.address) as channel:
+                async with open_channel(self.address, self._auth("operator")) as channel:
                     stub = pb_grpc.AdminServiceStub(channel)
                     await stub.GetStatus(pb.GetStatusRequest(), timeout=5)
                     self.up.set()
@@ -169,13 +245,15 @@ class Soak:
         n = 0
         while not self.stopping:
             await self.up.wait()
+            tenant = self._tenant_of(index)
             try:
-                async with aio.insecure_channel(self.address) as channel:
+                async with open_channel(self.address, self._auth(tenant)) as channel:
                     jobs = pb_grpc.JobServiceStub(channel)
                     while not self.stopping:
                         n += 1
+                        models = ["llama-8b", "qwen-14b" if tenant else "mistral-7b"]
                         request = pb.SubmitRequest(
-                            model=self.rng.choice(["llama-8b", "mistral-7b"]),
+                            model=self.rng.choice(models),
                             prompt=f"client {index} job {n}",
                             max_tokens=self.rng.randint(4, 24),
                             priority=self.rng.choice(["interactive", "batch"]),
@@ -318,7 +396,7 @@ class Soak:
     async def _drain(self, timeout_s: float = 180) -> None:
         """Wait until every accepted job has ended."""
         deadline = time.monotonic() + timeout_s
-        async with aio.insecure_channel(self.address) as channel:
+        async with open_channel(self.address, self._auth("operator")) as channel:
             jobs = pb_grpc.JobServiceStub(channel)
             pending = set(self.accepted)
             while pending and time.monotonic() < deadline:
@@ -370,6 +448,11 @@ class Soak:
         if last_wall is not None:  # a loop that wedged shows as the silence at the end
             tail_s = (self.drained_wall_ms - last_wall) / 1000
             r.max_gap_s, r.max_outage_s = max(r.max_gap_s, tail_s), max(r.max_outage_s, tail_s)
+        with contextlib.suppress(OSError), open(self.workdir / "core.log") as lines:
+            for line in lines:
+                if '"scheduler.fallback"' in line:
+                    with contextlib.suppress(ValueError):
+                        r.logged_fallbacks[json.loads(line).get("kind", "?")] += 1
 
 
 def _resume(proc: psutil.Process) -> None:
@@ -378,10 +461,25 @@ def _resume(proc: psutil.Process) -> None:
 
 
 async def soak(duration_s: float, *, clients: int = 4, seed: int = 1,
-               workdir: Path | None = None, progress: bool = False) -> SoakResult:  # fmt: skip
+               workdir: Path | None = None, progress: bool = False,
+               config: str = "platform") -> SoakResult:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        runner = Soak(workdir or Path(tmp), duration_s, clients=clients, seed=seed)
+        runner = Soak(workdir or Path(tmp), duration_s, clients=clients, seed=seed,
+                      config=config)  # fmt: skip
         return await runner.run(progress)
+
+
+DESCRIPTIONS = {
+    "platform": "The configuration is `deploy/config/platform.yaml` as shipped, with what a "
+    "deployment adds: TLS on a gRPC listener on 0.0.0.0, API keys (each client submits as "
+    "tenant acme or globex with its own key; the pool manager uses a pool key; the harness "
+    "an operator's), no local pool (a remote pool manager runs development workers), and "
+    "tenant acme's own scheduler, which runs past its 50 ms deadline on about 10% of its "
+    "cycles.",
+    "lab": "The configuration is the embedded default (lab mode, loopback, no keys) with a "
+    "local pool and a remote pool manager running development workers. The user scheduler "
+    "runs past its 50 ms deadline on about 10% of its cycles.",
+}
 
 
 def render(result: SoakResult, corpus: str) -> str:
@@ -389,6 +487,7 @@ def render(result: SoakResult, corpus: str) -> str:
     span = result.rss_mb[-1][0] - result.rss_mb[0][0] if len(result.rss_mb) > 1 else 0.0
     faults = "\n".join(f"| {k} | {v} |" for k, v in sorted(result.faults.items()))
     fallbacks = ", ".join(f"{k} {v}" for k, v in sorted(result.fallbacks.items())) or "-"
+    logged = ", ".join(f"{k} {v}" for k, v in sorted(result.logged_fallbacks.items())) or "-"
     return f"""# Reliability
 
 Written by `make soak` (`python -m tests.system.soak`) on {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.
@@ -396,9 +495,8 @@ A quick version of the same soak runs in `make test` (`tests/system/test_soak.py
 
 ## Soak: {result.duration_s:.0f} s of load with faults
 
-{result.clients} clients submitted jobs to a real `orchestratord` (a subprocess, with a local pool
-and a remote pool manager running development workers) while faults were injected.
-The user scheduler runs past its 50 ms deadline on about 10% of its cycles.
+{result.clients} clients submitted jobs to a real `orchestratord` (a subprocess) while faults were
+injected. {DESCRIPTIONS[result.config]}
 
 | figure | value |
 | --- | --- |
@@ -412,7 +510,8 @@ The user scheduler runs past its 50 ms deadline on about 10% of its cycles.
 | scheduling cycles (decision log) | {result.cycles} |
 | failed cycles | {result.failed_cycles} |
 | failed cycles not answered by the fallback | {result.uncovered_cycles} |
-| fallbacks by reason | {fallbacks} |
+| fallbacks by reason (decision log) | {fallbacks} |
+| fallbacks logged by the core, every scheduler | {logged} |
 | longest gap between cycles, core up | {result.max_gap_s:.2f} s |
 | longest gap between cycles, restart included | {result.max_outage_s:.2f} s |
 | core RSS, first and last sample of the longest-lived process | {first:.1f} MB, {last:.1f} MB over {span:.0f} s (growth {growth:+.1f} MB) |
@@ -464,10 +563,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--config", choices=CONFIGS, default="platform",
+                        help="platform: deploy/config/platform.yaml with TLS and keys")  # fmt: skip
     parser.add_argument("--output", type=Path, default=REPO / "RELIABILITY.md")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(REPO))
-    result = asyncio.run(soak(args.duration, clients=args.clients, seed=args.seed, progress=True))
+    result = asyncio.run(soak(args.duration, clients=args.clients, seed=args.seed, progress=True,
+                              config=args.config))  # fmt: skip
     print("running the escape corpus on both runtimes...", file=sys.stderr)
     args.output.write_text(render(result, corpus_table()))
     print(f"wrote {args.output}; soak {'passed' if result.ok else 'FAILED'}", file=sys.stderr)

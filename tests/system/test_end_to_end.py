@@ -20,7 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.pools.devworker import generate
-from tests.service_helpers import running_service, write_config
+from orchestrator.wire.channel import ClientAuth, open_channel
+from tests.service_helpers import OPERATOR_TOKEN, running_service, write_config
+
+OPERATOR = ClientAuth(token=OPERATOR_TOKEN)  # platform mode: the test operator's key
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +84,7 @@ async def test_kill_9_halfway_loses_nothing_and_completes_each_job_once(tmp_path
     specs = {}
     try:
         await wait_serving(address, proc)
-        async with aio.insecure_channel(address) as channel:
+        async with open_channel(address, OPERATOR) as channel:
             jobs = pb_grpc.JobServiceStub(channel)
             for i in range(200):
                 spec = pb.SubmitRequest(
@@ -110,7 +113,7 @@ async def test_kill_9_halfway_loses_nothing_and_completes_each_job_once(tmp_path
 
         proc = start_server(config, log)
         await wait_serving(address, proc)
-        async with aio.insecure_channel(address) as channel:
+        async with open_channel(address, OPERATOR) as channel:
             jobs = pb_grpc.JobServiceStub(channel)
             # A client that did not hear back resubmits: request_id makes that safe.
             for spec in list(specs.values())[-10:]:
@@ -196,7 +199,7 @@ def test_sigterm_with_running_jobs_drains(tmp_path: Path) -> None:
 
     async def run() -> str:
         await wait_serving(address, proc)
-        async with aio.insecure_channel(address) as channel:
+        async with open_channel(address, OPERATOR) as channel:
             jobs = pb_grpc.JobServiceStub(channel)
             job = await jobs.Submit(pb.SubmitRequest(model="llama-8b", prompt="x", max_tokens=50))
             async for event in jobs.Watch(pb.WatchRequest(job_id=job.id)):

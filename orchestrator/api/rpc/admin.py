@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from grpc import aio
 
 from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
+from orchestrator.api.rpc.auth import current_caller
 from orchestrator.api.rpc.errors import abort
 from orchestrator.domain.errors import OrchestratorError
+from orchestrator.domain.identity import Identity
 from orchestrator.policy.validate import Report, policy_version
 from orchestrator.scheduling.engine import platform_source
 from orchestrator.scheduling.shadow import Shadow
@@ -44,8 +46,11 @@ class AdminFront(Protocol):
 
 
 class AdminServicer(orchestrator_pb2_grpc.AdminServiceServicer):
-    def __init__(self, orchestrator: AdminFront) -> None:
+    def __init__(
+        self, orchestrator: AdminFront, caller: Callable[[], Identity] = current_caller
+    ) -> None:
         self.o = orchestrator
+        self.caller = caller  # who is calling: the interceptor's answer (api/rpc/auth.py)
 
     async def GetStatus(
         self, request: orchestrator_pb2.GetStatusRequest, context: aio.ServicerContext
@@ -83,7 +88,8 @@ class AdminServicer(orchestrator_pb2_grpc.AdminServiceServicer):
     ) -> orchestrator_pb2.DeployReply:
         s = request.scheduler
         try:
-            version, report = await self.o.deploy(s.source, s.language, s.name, request.deployer)
+            deployer = self.caller().as_deployer(request.deployer)
+            version, report = await self.o.deploy(s.source, s.language, s.name, deployer)
         except OrchestratorError as exc:
             await abort(context, exc)
         return pb.DeployReply(

@@ -17,12 +17,14 @@ from orchestrator.domain.errors import ErrorCode, OrchestratorError
 S = grpc.StatusCode
 STATUS: Mapping[ErrorCode, grpc.StatusCode] = MappingProxyType({
     ErrorCode.INVALID_ARGUMENT: S.INVALID_ARGUMENT,
+    ErrorCode.UNAUTHENTICATED: S.UNAUTHENTICATED,
     ErrorCode.NOT_FOUND: S.NOT_FOUND,
     ErrorCode.PERMISSION_DENIED: S.PERMISSION_DENIED,
     ErrorCode.POLICY_REJECTED: S.FAILED_PRECONDITION,
     ErrorCode.SCHEDULER_UNLOADABLE: S.FAILED_PRECONDITION,
     ErrorCode.UNAVAILABLE: S.UNAVAILABLE,
     ErrorCode.QUEUE_FULL: S.RESOURCE_EXHAUSTED,
+    ErrorCode.RATE_LIMITED: S.RESOURCE_EXHAUSTED,
     ErrorCode.USAGE: S.INVALID_ARGUMENT,
     ErrorCode.INTERNAL: S.INTERNAL,
 })  # fmt: skip

@@ -1,35 +1,51 @@
-"""JobService: submit, get, cancel, list and watch jobs."""
+"""JobService: submit, get, cancel, list and watch jobs, each within the caller's scope.
+
+A tenant submits as the tenant its credential names and sees only that tenant's
+jobs: another tenant's job is "not found", exactly like a job that does not exist.
+An operator sees every job and may submit on a tenant's behalf (`tenant_id`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from grpc import aio
 
 from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
+from orchestrator.api.rpc.auth import current_caller
 from orchestrator.api.rpc.errors import abort
-from orchestrator.domain.errors import InvalidRequestError, OrchestratorError
+from orchestrator.domain.errors import (
+    InvalidRequestError,
+    OrchestratorError,
+    PermissionDeniedError,
+    RateLimitedError,
+)
+from orchestrator.domain.identity import Identity
 from orchestrator.domain.jobs import TERMINAL, JobRecord, JobState, SubmitSpec
 from orchestrator.service.events import JobEvent
 from orchestrator.wire.jobs import STATE_NAMES, STATES
 
 pb = orchestrator_pb2
+# Each open Watch holds a bounded buffer (service/events.py); this bounds how many one
+# caller may hold. One stream without a job_id follows all of a caller's jobs.
+WATCHES_PER_CALLER = 64
 
 
 class JobsFront(Protocol):
     """What JobService needs of the service (orchestrator/service/orchestrator.py)."""
 
     async def submit(self, spec: SubmitSpec) -> JobRecord: ...
-    async def get(self, job_id: str) -> JobRecord: ...
-    async def cancel(self, job_id: str) -> JobRecord: ...
+    async def get(self, job_id: str, *, tenant: str | None = None) -> JobRecord: ...
+    async def cancel(self, job_id: str, *, tenant: str | None = None) -> JobRecord: ...
     async def list_jobs(
         self, states: Sequence[JobState], tenant_id: str | None, limit: int, after_seq: int
     ) -> list[JobRecord]: ...
     def subscribe(
-        self, job_id: str | None
+        self, job_id: str | None, *, tenant: str | None = None
     ) -> contextlib.AbstractAsyncContextManager[asyncio.Queue[JobEvent]]: ...
 
 
@@ -61,12 +77,21 @@ def job_info(record: JobRecord) -> orchestrator_pb2.JobInfo:
 
 
 class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
-    def __init__(self, orchestrator: JobsFront) -> None:
+    def __init__(
+        self, orchestrator: JobsFront, caller: Callable[[], Identity] = current_caller
+    ) -> None:
         self.o = orchestrator
+        self.caller = caller  # who is calling: the interceptor's answer (api/rpc/auth.py)
+        self.watching: Counter[str] = Counter()  # open Watch streams by caller name
 
     async def Submit(
         self, request: orchestrator_pb2.SubmitRequest, context: aio.ServicerContext
     ) -> orchestrator_pb2.JobInfo:
+        caller = self.caller()
+        try:
+            tenant_id = _tenant_of(caller, request.tenant_id)
+        except OrchestratorError as exc:
+            await abort(context, exc)
         spec = SubmitSpec(
             model=request.model,
             prompt=request.prompt,
@@ -74,7 +99,7 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
             priority=request.priority,
             seed=request.seed if request.HasField("seed") else None,
             temperature=request.temperature,
-            tenant_id=request.tenant_id,
+            tenant_id=tenant_id,
             session_id=request.session_id,
             request_id=request.request_id,
         )
@@ -87,7 +112,7 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
         self, request: orchestrator_pb2.GetJobRequest, context: aio.ServicerContext
     ) -> orchestrator_pb2.JobInfo:
         try:
-            return job_info(await self.o.get(request.job_id))
+            return job_info(await self.o.get(request.job_id, tenant=self.caller().job_scope()))
         except OrchestratorError as exc:
             await abort(context, exc)
 
@@ -95,7 +120,8 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
         self, request: orchestrator_pb2.CancelJobRequest, context: aio.ServicerContext
     ) -> orchestrator_pb2.JobInfo:
         try:
-            return job_info(await self.o.cancel(request.job_id))
+            scope = self.caller().job_scope()
+            return job_info(await self.o.cancel(request.job_id, tenant=scope))
         except OrchestratorError as exc:
             await abort(context, exc)
 
@@ -112,8 +138,12 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
         unknown = [s for s in request.states if s not in STATE_NAMES]
         if unknown:
             await abort(context, InvalidRequestError("states", f"unknown {unknown}"))
+        try:
+            tenant_id = _tenant_of(self.caller(), request.tenant_id) or None
+        except OrchestratorError as exc:
+            await abort(context, exc)
         records = await self.o.list_jobs(
-            [STATE_NAMES[s] for s in request.states], request.tenant_id or None, limit, after
+            [STATE_NAMES[s] for s in request.states], tenant_id, limit, after
         )
         reply = pb.ListJobsReply(jobs=[job_info(r) for r in records])
         if len(records) == limit:
@@ -123,13 +153,28 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
     async def Watch(
         self, request: orchestrator_pb2.WatchRequest, context: aio.ServicerContext
     ) -> AsyncIterator[orchestrator_pb2.JobEvent]:
-        job_id = request.job_id or None
-        async with self.o.subscribe(job_id) as queue:
+        name = self.caller().name
+        if self.watching[name] >= WATCHES_PER_CALLER:
+            await abort(context, RateLimitedError(
+                f"{name} has {WATCHES_PER_CALLER} Watch streams open already; close one, or "
+                "watch every job with one stream (no job_id)"
+            ))  # fmt: skip
+        self.watching[name] += 1
+        try:
+            async for event in self._events(request.job_id or None):
+                yield event
+        except OrchestratorError as exc:  # not the caller's job; fell behind (ends the watch)
+            await abort(context, exc)
+        finally:
+            self.watching[name] -= 1
+            if not self.watching[name]:
+                del self.watching[name]
+
+    async def _events(self, job_id: str | None) -> AsyncIterator[orchestrator_pb2.JobEvent]:
+        scope = self.caller().job_scope()
+        async with self.o.subscribe(job_id, tenant=scope) as queue:
             if job_id is not None:
-                try:
-                    record = await self.o.get(job_id)
-                except OrchestratorError as exc:
-                    await abort(context, exc)
+                record = await self.o.get(job_id, tenant=scope)
                 yield _event(record, record.created_at, "current state")
                 if record.state in TERMINAL:
                     return
@@ -138,6 +183,18 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
                 yield _event(event.record, event.at_ms, event.detail)
                 if job_id is not None and event.record.state in TERMINAL:
                     return
+
+
+def _tenant_of(caller: Identity, requested: str) -> str:
+    """The tenant a call acts for: a tenant's own, whatever it asks; an operator's choice."""
+    scope = caller.job_scope()
+    if scope is None:
+        return requested
+    if requested and requested != scope:
+        raise PermissionDeniedError(
+            f"tenant_id: {caller.describe()} acts only for its own tenant, not {requested!r}"
+        )
+    return scope
 
 
 def _event(record: JobRecord, at_ms: int, detail: str) -> orchestrator_pb2.JobEvent:

@@ -1,7 +1,8 @@
 """Prometheus /metrics, /healthz, and the JSON mirror of AdminService at
 /v2/admin/scheduler/* for the browser and scripts.
 
-Bound to localhost by default (listen.http). State-changing endpoints take JSON
+Every route is behind the guard (guard.py): an operator credential, unless the
+service runs without keys on loopback. State-changing endpoints take JSON
 bodies only (common.body), so that a cross-site form cannot post to them.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from orchestrator.api.web.common import ORCHESTRATOR, PREFIX, body
+from orchestrator.api.web.common import ORCHESTRATOR, PREFIX, body, caller
 from orchestrator.config.context_file import context_from_dict
 from orchestrator.domain.errors import ConfigError, OrchestratorError
 from orchestrator.domain.samples import sample_context
@@ -71,8 +72,20 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    if request.app[ORCHESTRATOR].draining:
+    o = request.app[ORCHESTRATOR]
+    if o.draining:
         return web.json_response({"status": "draining"}, status=503)
+    cycles = o.cycle_health
+    if cycles.failing:  # it answers, but schedules nothing: not healthy
+        return web.json_response(
+            {
+                "status": "degraded",
+                "failed_cycles": cycles.consecutive_failures,
+                "failing_since_ms": cycles.failing_since_ms,
+                "error": cycles.last_error,
+            },
+            status=503,
+        )
     return web.json_response({"status": "ok"})
 
 
@@ -103,7 +116,8 @@ async def deploy(request: web.Request) -> web.Response:
     data = await body(request)
     source, language, name = source_fields(data)
     o = request.app[ORCHESTRATOR]
-    version, report = await o.deploy(source, language, name, str(data.get("deployer") or "web"))
+    deployer = caller(request).as_deployer(str(data.get("deployer") or "web"))
+    version, report = await o.deploy(source, language, name, deployer)
     return web.json_response({"version": version_json(version), "report": report.to_dict()})
 
 
@@ -153,8 +167,6 @@ async def simulation(request: web.Request, data: dict[str, Any]) -> web.StreamRe
     if request.query.get("stream") not in ("1", "true"):
         reports = await o.simulate(source, language, name, settings, compare_active=compare_active)
         return web.json_response({"reports": [r.to_dict() for r in reports]})
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
     updates: asyncio.Queue[bytes] = asyncio.Queue()
 
     def progress(fraction: float, message: str) -> None:
@@ -165,6 +177,18 @@ async def simulation(request: web.Request, data: dict[str, Any]) -> web.StreamRe
         source, language, name, settings, compare_active=compare_active, progress=progress
     ))  # fmt: skip
     try:
+        # A refusal (another simulation running, over the cap) comes before any progress:
+        # it answers with its own status, not as a line of a stream already under 200.
+        first = asyncio.ensure_future(updates.get())
+        await asyncio.wait([run, first], return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            first.cancel()
+            if run.exception() is not None:
+                run.result()  # raises it, for the error table
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        if first.done() and not first.cancelled():
+            await response.write(first.result())
         while not run.done() or not updates.empty():
             line = None
             with contextlib.suppress(TimeoutError):

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from orchestrator.api.authn import Gatekeeper
 from orchestrator.api.web import admin, ui
-from orchestrator.api.web.common import ORCHESTRATOR
+from orchestrator.api.web.common import GATE, ORCHESTRATOR
 from orchestrator.api.web.errors import errors_as_json
 from orchestrator.api.web.guard import guard
 from orchestrator.service.orchestrator import Orchestrator
 
+# The largest request body (a scheduler source, a simulation request): aiohttp's
+# default, stated here because it is a bound of ours (SECURITY.md).
+MAX_BODY = 1024 * 1024
 
-def make_app(orchestrator: Orchestrator) -> web.Application:
-    app = web.Application(middlewares=[guard, errors_as_json])
+
+def make_app(orchestrator: Orchestrator, gate: Gatekeeper) -> web.Application:
+    # The error table outermost, so that the guard's refusals answer in its terms too.
+    app = web.Application(middlewares=[errors_as_json, guard], client_max_size=MAX_BODY)
     app[ORCHESTRATOR] = orchestrator
+    app[GATE] = gate
     ui.add_routes(app)
     admin.add_routes(app)
     return app

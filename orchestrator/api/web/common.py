@@ -1,4 +1,5 @@
-"""What every HTTP handler module shares: the app key, the admin prefix, JSON bodies."""
+"""What every HTTP handler module shares: the app keys, the caller, the admin prefix,
+JSON bodies."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from typing import Any
 
 from aiohttp import web
 
+from orchestrator.api.authn import Gatekeeper
+from orchestrator.domain.identity import Identity
 from orchestrator.service.orchestrator import Orchestrator
 
 ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
+GATE = web.AppKey("gate", Gatekeeper)
+CALLER = web.RequestKey("caller", Identity)  # set by the guard on non-public routes
 PREFIX = "/v2/admin/scheduler"
 
 
@@ -32,3 +37,8 @@ async def body(request: web.Request) -> dict[str, Any]:
             text=json.dumps({"error": "expected a JSON object"}), content_type="application/json"
         )
     return data
+
+
+def caller(request: web.Request) -> Identity:
+    """Who made this request; the guard has admitted it to a non-public route."""
+    return request[CALLER]

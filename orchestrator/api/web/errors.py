@@ -17,12 +17,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATUS: Mapping[ErrorCode, int] = MappingProxyType({
     ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.PERMISSION_DENIED: 403,
     ErrorCode.POLICY_REJECTED: 422,
     ErrorCode.SCHEDULER_UNLOADABLE: 400,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.QUEUE_FULL: 429,
+    ErrorCode.RATE_LIMITED: 429,
     ErrorCode.USAGE: 400,
     ErrorCode.INTERNAL: 500,
 })  # fmt: skip

@@ -1,37 +1,94 @@
-"""The guard in front of the whole admin surface (UI and API alike).
+"""The guard in front of every HTTP route (UI, admin API, metrics).
 
-With `admin_token` set (required when listen.http is not loopback), every admin
-request carries `Authorization: Bearer <token>` (or `?token=` for the event stream,
-which browsers cannot give headers). State-changing requests are POSTs with a JSON
-body (a cross-site form cannot send one), and one that names a foreign `Origin` is
-refused: together, no cross-site request can deploy or roll back.
+In order, for each request:
+1. the `Host` header must name this service (the loopback names, the listen address,
+   or `listen.allowed_hosts`): a page whose DNS name was rebound to this address
+   names its own host and is refused;
+2. the caller is authenticated (`Authorization: Bearer <key>`, or a client certificate
+   under mutual TLS) and must hold a role the route's row in orchestrator/api/access.py
+   allows; `?token=` is taken only on the event stream, which a browser's EventSource
+   opens without headers; `/metrics` is public only on a loopback listener;
+3. a state-changing request (a POST with a JSON body, which a cross-site form cannot
+   send) that names an `Origin` must come from an allowed host as well.
+Changes (POSTs to the admin API) are written to the `audit` log with the caller.
 """
 
 from __future__ import annotations
 
-import hmac
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from orchestrator.api.web.common import ORCHESTRATOR
+from orchestrator.api.access import HTTP_METRICS, HTTP_TOKEN_IN_QUERY, PUBLIC, http_roles
+from orchestrator.api.authn import bearer_token
+from orchestrator.api.tls import http_common_name
+from orchestrator.api.web.common import CALLER, GATE, ORCHESTRATOR
 from orchestrator.api.web.errors import Handler
+from orchestrator.config.settings import LOOPBACK_HOSTS, ServiceConfig, listen_host
+from orchestrator.domain.errors import OrchestratorError, PermissionDeniedError
+from orchestrator.support.log import get_logger
 
-PUBLIC = ("/", "/healthz", "/metrics")  # the page itself holds no data
+log = get_logger("audit")
+
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+
+def allowed_hosts(config: ServiceConfig) -> frozenset[str]:
+    own = listen_host(config.listen.http)
+    extra = {own} if own not in WILDCARDS else set()
+    return LOOPBACK_HOSTS | extra | {h.lower() for h in config.listen.allowed_hosts}
+
+
+def _hostname(value: str) -> str:
+    try:
+        return (urlsplit("//" + value).hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer token (when configured), and no cross-origin state changes."""
-    token = request.app[ORCHESTRATOR].config.admin_token
-    if token and request.path not in PUBLIC and not request.path.startswith("/ui/"):
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        given = given or request.query.get("token", "")
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+    config = request.app[ORCHESTRATOR].config
+    allowed = allowed_hosts(config)
+    if _hostname(request.host) not in allowed:
+        raise PermissionDeniedError(
+            f"Host {request.host!r} is not a name of this service "
+            "(add it to listen.allowed_hosts if it is)"
+        )
+    resource = request.match_info.route.resource
+    if resource is None:
+        return await handler(request)  # no such route: 404, nothing to guard
+    route = resource.canonical
+    roles = http_roles(route)
+    if route == HTTP_METRICS and listen_host(config.listen.http) in LOOPBACK_HOSTS:
+        roles = PUBLIC
+    gate = request.app[GATE]
+    if roles is None:
+        raise gate.deny_unlisted("http", route)
+    token = bearer_token(request.headers.get("Authorization", ""))
+    if not token and route in HTTP_TOKEN_IN_QUERY:
+        token = request.query.get("token", "")
+    peercert = request.transport.get_extra_info("peercert") if request.transport else None
+    door = f"{request.method} {route}"
+    caller = gate.admit("http", door, roles, token, http_common_name(peercert))
+    if caller is not None:
+        request[CALLER] = caller
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         origin = request.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc != request.host:
-            return web.json_response({"error": f"cross-origin request from {origin}"}, status=403)
-    response: web.StreamResponse = await handler(request)
-    return response
+        if origin is not None and _hostname(urlsplit(origin).netloc) not in allowed:
+            raise PermissionDeniedError(f"cross-origin request from {origin}")
+    if caller is None or request.method != "POST":
+        return await handler(request)
+    outcome: object = "failed"
+    try:
+        response = await handler(request)
+        outcome = response.status
+        return response
+    except web.HTTPException as exc:
+        outcome = exc.status
+        raise
+    except OrchestratorError as exc:
+        outcome = str(exc.code)
+        raise
+    finally:
+        log.info("audit", edge="http", action=door, outcome=outcome, caller=caller.describe())

@@ -42,7 +42,7 @@ async function api(path, body) {
   const response = await fetch(path, init);
   if (response.status === 401) {
     $("#token-form").hidden = false;
-    throw new Error("the admin API wants a bearer token: enter it above");
+    throw new Error("the admin API wants an operator API key: enter it above");
   }
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
