@@ -17,6 +17,7 @@ PUBLIC: frozenset[Role] = frozenset()  # no credential needed
 CLIENTS = frozenset({Role.TENANT, Role.OPERATOR})
 POOLS = frozenset({Role.POOL, Role.OPERATOR})
 OPERATORS = frozenset({Role.OPERATOR})
+ANYONE = frozenset(Role)  # any valid credential
 
 JOBS = "/orchestrator.v1.JobService/"
 POOL = "/orchestrator.v1.PoolService/"
@@ -30,8 +31,9 @@ RPC: Mapping[str, frozenset[Role]] = MappingProxyType({
         "ListVersions", "Rollback", "Simulate", "StartShadow", "StopShadow",
     )},
     # Health answers SERVING or not, nothing more: load balancers probe it unauthenticated.
+    # Its Watch holds a stream open, which only a caller with a key may do.
     "/grpc.health.v1.Health/Check": PUBLIC,
-    "/grpc.health.v1.Health/Watch": PUBLIC,
+    "/grpc.health.v1.Health/Watch": ANYONE,
     # Reflection describes the schema, no data; it is served only when enabled.
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": PUBLIC,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": PUBLIC,
@@ -43,8 +45,8 @@ AUDITED_RPCS = frozenset({
     *(ADMIN + m for m in ("DeployScheduler", "Rollback", "Simulate", "StartShadow", "StopShadow")),
 })  # fmt: skip
 
-# HTTP: by route (the aiohttp resource's canonical path). `/metrics` is public only
-# while the HTTP listener is on loopback; elsewhere it wants an operator (see guard.py).
+# HTTP: by route (the aiohttp resource's canonical path). `/metrics` carries every
+# tenant's labels and the values their schedulers emit: an operator's, like the admin API.
 ADMIN_HTTP = "/v2/admin/"
 HTTP_PUBLIC = frozenset({"/", "/ui/{name}", "/healthz"})
 HTTP_METRICS = "/metrics"

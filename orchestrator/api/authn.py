@@ -73,6 +73,11 @@ class Gatekeeper:
             )
         return identity
 
+    def still_admitted(self, identity: Identity) -> bool:
+        """Whether `identity`'s credential is still configured: a stream opened with a
+        key that was since removed ends at its next event (revocation is immediate)."""
+        return self.store is None or self.store.get().holds(identity)
+
     def deny_unlisted(self, edge: str, door: str) -> PermissionDeniedError:
         self.refused.labels(edge, "unlisted").inc()
         return PermissionDeniedError(f"{door} is not in the access table")

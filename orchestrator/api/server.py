@@ -37,6 +37,8 @@ log = get_logger("server")
 # The largest request message: gRPC's default, stated because it is a bound of ours
 # (SECURITY.md); a prompt is bounded well below it by limits.max_prompt_bytes.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Calls open at once on one connection; a Watch per job of a caller fits well within.
+MAX_STREAMS_PER_CONNECTION = 256
 HEALTH_CHECK_S = 1.0  # how often gRPC health follows the cycles' health
 SERVICE_NAMES = (
     orchestrator_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
@@ -74,9 +76,14 @@ class Server:
         await o.start()
         self.grpc = aio.server(
             interceptors=[AuthInterceptor(self.gate)],
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            ],
         )
-        orchestrator_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(o), self.grpc)
+        orchestrator_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(o, admitted=self.gate.still_admitted), self.grpc
+        )
         orchestrator_pb2_grpc.add_PoolServiceServicer_to_server(
             PoolServicer(o.pools, heartbeat_ms=o.config.pools.heartbeat_ms), self.grpc
         )

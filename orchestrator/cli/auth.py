@@ -66,11 +66,14 @@ def auth_command(args: argparse.Namespace) -> int:
         print(f"# the key is in {args.key_file}", file=sys.stderr)
     else:
         print(f"# the API key, shown once: give it to {args.name}\n{token}", file=sys.stderr)
-    row: dict[str, object] = {"name": entry.name, "role": entry.role, "sha256": entry.sha256}
+    # Who the key stands for first, the hash last: a line cut short while the file is
+    # written then breaks the entry instead of naming another tenant or pool.
+    row: dict[str, object] = {"name": entry.name, "role": entry.role}
     if entry.tenant:
         row["tenant"] = entry.tenant
     if entry.pools:
         row["pools"] = list(entry.pools)
+    row["sha256"] = entry.sha256
     print("# add to auth.keys, or to the `keys:` list of auth.keys_file:")
     print(yaml.safe_dump([row], sort_keys=False), end="")
     return 0

@@ -7,11 +7,15 @@ unsalted hash is enough: there is nothing to guess that a salt would slow down.
 
 `Credentials` is an immutable snapshot; `CredentialStore` holds the current one and
 replaces it when `auth.keys_file` changes (checked at most once a second) or on
-`reload()` (SIGHUP). A file that no longer parses keeps the previous keys and says why.
+`reload()` (SIGHUP). A file that no longer parses keeps the previous keys and says why;
+so does one that changed while it was read (a writer not done yet could leave a line
+cut short that still parses, `tenant: acme` of `tenant: acme-prod`): it is read again
+at the next check. Replacing the file by a rename is the safe way to edit it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -25,7 +29,7 @@ from typing import Any
 from orchestrator.config.records import build, convert, parse_yaml
 from orchestrator.config.settings import ApiKey, ServiceConfig
 from orchestrator.domain.errors import ConfigError
-from orchestrator.domain.identity import Identity, Role
+from orchestrator.domain.identity import LOCAL_OPERATOR, Identity, Role
 from orchestrator.support.log import get_logger
 
 log = get_logger("auth")
@@ -34,6 +38,7 @@ TOKEN_PREFIX = "orch_"
 MAX_TOKEN_CHARS = 256  # a longer Authorization value is refused before it is hashed
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 RECHECK_S = 1.0
+CERT = "cert:"  # an Identity.credential naming a client certificate's common name
 
 
 def new_token() -> str:
@@ -52,9 +57,13 @@ class Credentials:
     by_hash: Mapping[str, Identity]
     by_cert_cn: Mapping[str, Identity]
 
-    @property
-    def empty(self) -> bool:
-        return not self.by_hash and not self.by_cert_cn
+    def holds(self, identity: Identity) -> bool:
+        """Whether the credential `identity` was admitted by still stands for it
+        (a removed key ends the streams it opened)."""
+        credential = identity.credential
+        if credential.startswith(CERT):
+            return self.by_cert_cn.get(credential.removeprefix(CERT)) == identity
+        return self.by_hash.get(credential) == identity
 
     def for_token(self, token: str) -> Identity | None:
         if not token or len(token) > MAX_TOKEN_CHARS:
@@ -74,6 +83,8 @@ def credentials_from(keys: tuple[ApiKey, ...], where: str) -> Credentials:
         at = f"{where}[{i}] ({key.name!r})"
         if key.name in names:
             raise ConfigError(f"{at}: the name is used twice")
+        if key.name == LOCAL_OPERATOR.name:
+            raise ConfigError(f"{at}: {key.name!r} is reserved for the caller when no keys are set")
         names.add(key.name)
         try:
             role = Role(key.role)
@@ -98,11 +109,11 @@ def credentials_from(keys: tuple[ApiKey, ...], where: str) -> Credentials:
                 )
             if digest in by_hash:
                 raise ConfigError(f"{at}: the same key is listed twice")
-            by_hash[digest] = identity
+            by_hash[digest] = dataclasses.replace(identity, credential=digest)
         if key.cert_cn:
             if key.cert_cn in by_cn:
                 raise ConfigError(f"{at}: cert_cn {key.cert_cn!r} is listed twice")
-            by_cn[key.cert_cn] = identity
+            by_cn[key.cert_cn] = dataclasses.replace(identity, credential=CERT + key.cert_cn)
     return Credentials(by_hash, by_cn)
 
 
@@ -122,6 +133,8 @@ def _read_keys_file(path: Path) -> tuple[ApiKey, ...]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     data: Any = parse_yaml(text, str(path)) or {}
     if not isinstance(data, Mapping) or set(data) - {"keys"}:
         raise ConfigError(f"{path}: expected a mapping with one key, `keys:` (a list)")
@@ -149,12 +162,17 @@ class CredentialStore:
 
     def reload(self) -> bool:
         """Re-read the keys; on a bad file keep the current ones (and say so)."""
-        self._stamp = self._file_stamp()
+        stamp = self._file_stamp()
         try:
             fresh = load_credentials(self.config)
         except ConfigError as exc:
+            self._stamp = stamp
             log.error("auth.keys_rejected", error=str(exc), kept=len(self.current.by_hash))
             return False
+        if self._file_stamp() != stamp:  # written to while read: maybe half of it
+            log.info("auth.keys_changing", file=str(self._file))
+            return False  # the stamp stays old: the next check reads it again
+        self._stamp = stamp
         if fresh != self.current:
             log.info("auth.keys_loaded", keys=len(fresh.by_hash), certs=len(fresh.by_cert_cn))
         self.current = fresh

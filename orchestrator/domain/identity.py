@@ -14,8 +14,10 @@ machines, `make run`): whoever can reach a loopback port already runs on the hos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+
+from orchestrator.domain.errors import PermissionDeniedError
 
 
 class Role(StrEnum):
@@ -32,6 +34,9 @@ class Identity:
     role: Role
     tenant_id: str | None = None  # the tenant role's tenant
     pool_ids: frozenset[str] = frozenset()  # the pool role's pools
+    # What it was admitted by: a key's SHA-256, or "cert:<common name>"; a stream ends
+    # when that credential is removed, even if the name lives on under a new key.
+    credential: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if (self.role == Role.TENANT) != bool(self.tenant_id):
@@ -44,8 +49,14 @@ class Identity:
         return self.role == Role.OPERATOR
 
     def job_scope(self) -> str | None:
-        """The tenant whose jobs this caller may see; None means every tenant's."""
-        return None if self.is_operator else (self.tenant_id or "")
+        """The tenant whose jobs this caller may see; None means every tenant's. A pool
+        has no jobs of its own (the access table keeps it out of JobService; this keeps
+        a slip there from reading as "every job")."""
+        if self.is_operator:
+            return None
+        if self.tenant_id:
+            return self.tenant_id
+        raise PermissionDeniedError(f"{self.describe()} has no jobs to see")
 
     def may_speak_for(self, pool_id: str) -> bool:
         """Whether this caller may register, heartbeat and take commands as `pool_id`."""

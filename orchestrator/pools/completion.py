@@ -22,8 +22,9 @@ import aiohttp
 
 from orchestrator.domain.jobs import JobRecord
 
-# What a job's output may hold: llama-server sends one event per token (plus a final
-# one), and no token of any tokenizer we know is longer than a few dozen bytes.
+# What a job's output may hold: llama-server sends one event per token, plus a final
+# one, and a few servers split a token's bytes over two events (EVENT_SLACK covers
+# those); no token of any tokenizer we know is longer than a few dozen bytes.
 EVENT_SLACK = 8
 MAX_BYTES_PER_TOKEN = 128
 
@@ -90,16 +91,17 @@ class CompletionClient:
                             started = True
                             await on_first_token()
                         parts.append(chunk.content)
-                        size += len(chunk.content)
+                        size += len(chunk.content.encode())
                         if tokens > record.max_tokens + EVENT_SLACK or size > most_bytes:
                             # A worker that streams past what was asked for, or a peer
                             # posing as one: the core holds no more of it.
                             return Outcome(False, error="the worker sent more than max_tokens")
                         if chunk.stop:
-                            tokens = (
-                                chunk.tokens_predicted if chunk.tokens_predicted >= 0 else tokens
-                            )
-                            return Outcome(True, "".join(parts), tokens)
+                            if chunk.tokens_predicted >= 0:
+                                tokens = chunk.tokens_predicted
+                            # The count is the worker's word, and it is charged to the
+                            # tenant's daily quota: never more than the job asked for.
+                            return Outcome(True, "".join(parts), min(tokens, record.max_tokens))
                         tokens += 1
             return Outcome(False, error="the worker closed the stream before finishing")
         except TimeoutError:

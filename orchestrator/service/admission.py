@@ -9,7 +9,8 @@
    a minute's worth at once, as gateways allow (RateLimitedError, saying when to retry).
 
 A tenant's limits are its `limits` in the tenants file over the config's
-`limits.per_tenant`; jobs without a tenant count as the tenant "". A job that could
+`limits.per_tenant`; jobs without a tenant (home and lab) have the queue's bounds only,
+so that `queue.capacity` alone sizes a service without tenants. A job that could
 never fit (a prompt larger than a byte limit, more tokens than a minute's worth) is
 INVALID_ARGUMENT rather than a refusal to retry. Every refusal is counted by limit
 (`orchestrator_jobs_limited_total`). State is in memory: a restart refills the buckets.
@@ -108,6 +109,8 @@ class Admission:
                 f"limits.max_queued_prompt_bytes ({maximum}); retry when the queue has drained"
             )
             raise self._refused("queued_prompt_bytes", full)
+        if not tenant:
+            return  # jobs without a tenant share the queue's own bounds, not a tenant's
         who = _who(tenant)
         queued, held = self.live.tenant_queued(tenant)
         pending_jobs, pending_bytes = self._pending.get(tenant, (0, 0))
@@ -134,6 +137,8 @@ class Admission:
 
     def _spend(self, tenant: str, limits: TenantLimits, tokens: int) -> None:
         """Take one request and `tokens` from the tenant's buckets: from both or neither."""
+        if not tenant:
+            return  # rates are per tenant; a service without tenants has the queue's bounds
         taken: list[tuple[tuple[str, str], TokenBucket, int]] = []
         for name, cost in (("requests_per_minute", 1), ("tokens_per_minute", tokens)):
             per_minute = _bound(getattr(limits, name))
@@ -191,4 +196,4 @@ def _bound(limit: int | None) -> int | None:
 
 
 def _who(tenant: str) -> str:
-    return f"tenant {tenant!r}" if tenant else "tenant '' (jobs without a tenant)"
+    return f"tenant {tenant!r}"

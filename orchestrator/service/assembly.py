@@ -79,8 +79,10 @@ def assemble(
         metrics=engine_metrics,
     )
     tenant_engines = {
-        tenant_id: _tenant_engine(config, cluster, sandbox_dir, tenant_id, file, engine_metrics)
-        for tenant_id, file in sorted(config.tenant_schedulers.items())
+        tenant_id: _tenant_engine(
+            config, cluster, sandbox_dir, index, tenant_id, file, engine_metrics
+        )
+        for index, (tenant_id, file) in enumerate(sorted(config.tenant_schedulers.items()))
     }
     decision_log = None
     if config.decision_log.enabled:
@@ -171,6 +173,7 @@ def _tenant_engine(
     config: ServiceConfig,
     cluster: ClusterState,
     sandbox_dir: Path | None,
+    index: int,
     tenant_id: str,
     file: str,
     metrics: EngineMetrics,
@@ -187,7 +190,8 @@ def _tenant_engine(
     lua = to_lua(source, detect_language(source, path.name), path.name)
     runtime_dir = None  # the engine's own, from mkdtemp
     if sandbox_dir is not None:
-        runtime_dir = _private(sandbox_dir / f"t{len(config.tenant_schedulers)}-{tenant_id[:16]}")
+        # The index keeps two tenants apart whose ids share their first 16 characters.
+        runtime_dir = _private(sandbox_dir / f"t{index}-{tenant_id[:16]}")
     return SchedulingEngine(
         user_source=lua,
         user_name=f"{tenant_id}:{path.name}",

@@ -43,6 +43,7 @@ class JobStorage(Protocol):
     """The durable job store (orchestrator/state/store.py, AsyncJobStore)."""
 
     async def insert(self, record: JobRecord) -> tuple[JobRecord, bool]: ...
+    async def by_request(self, tenant_id: str | None, request_id: str) -> JobRecord | None: ...
     async def apply(self, transitions: Sequence[Transition]) -> list[JobRecord | None]: ...
     async def get(self, job_id: str) -> JobRecord | None: ...
     async def list_jobs(
@@ -116,6 +117,10 @@ class Jobs:
         except InvalidRequestError as exc:
             self.metrics.rejected.labels(exc.field).inc()
             raise
+        if spec.request_id:  # a client's retry of an accepted job: not admitted (charged) again
+            known = await self.store.by_request(spec.tenant_id, spec.request_id)
+            if known is not None:
+                return known
         with self.admission.admit(spec.tenant_id, len(spec.prompt.encode()), spec.max_tokens):
             at = now_ms()
             job_id = "job-" + secrets.token_hex(8)

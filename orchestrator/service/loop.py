@@ -39,7 +39,7 @@ CYCLE_STALL_S = 30.0  # a cycle takes milliseconds; one this old waits on someth
 LOOP_STALL_S = 2 * CYCLE_STALL_S  # no cycle for this long: the watchdog stops pinging
 FAILING_CYCLES = 3  # failed cycles in a row that make the service unhealthy; one is noise
 TRACEBACK_EVERY = 100  # a failing cycle fails every tick: its traceback once in so many
-ERROR_CHARS = 200  # of the last error, as /healthz shows it
+ERROR_CHARS = 200  # of the last error, as the repeated cycle_failed line carries it
 
 
 @dataclass(frozen=True)

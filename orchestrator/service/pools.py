@@ -159,10 +159,13 @@ class PoolRegistry:
             lost = [job_id for job_id, r in self.cluster.in_flight.items() if r.worker_id in held]
             retried = [job_id for job_id in lost if await self.runner.abandon(job_id, error)]
             for worker_id in held:
-                self.cluster.forget_worker(worker_id)
+                # While the jobs were retried (awaits), the pool may have registered again
+                # and been given a job on this worker: its state is then live, not stale.
+                if self.cluster.remote.owner(worker_id) is None:
+                    self.cluster.forget_worker(worker_id)
             self.metrics.pools_expired.inc()
             log.warning("pool.expired", pool=pool.id, silent_ms=silent_ms, workers=len(held),
-                        jobs_retried=retried)  # fmt: skip
+                        jobs_lost=lost, jobs_retried_or_failed=retried)  # fmt: skip
             self.wake.set()
 
     async def _expire_silent(self) -> None:

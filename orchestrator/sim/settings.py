@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.records import build
-from orchestrator.domain.context import Catalog
+from orchestrator.domain.context import INT64_MAX, Catalog
 from orchestrator.domain.errors import ConfigError, InvalidRequestError
 from orchestrator.sim.cluster import ClusterSpec
 from orchestrator.sim.workload import (
@@ -28,7 +28,6 @@ MAX_JOBS = 1_000_000  # jobs of a generated workload, even locally (the service 
 MAX_SPAN_S = 86_400.0  # simulated seconds of arrivals
 MAX_TEXT = 4096  # characters of a text setting (mixes, token ranges)
 MAX_MIX = 100  # entries of a tenant or model mix
-INT64 = 1 << 63
 # (lowest, highest) of every numeric setting. The cluster's size, the arrivals and the
 # simulated span are what a simulation's CPU time grows with, so each is capped; a
 # request beyond a bound is refused with the field's name, before anything is built.
@@ -46,7 +45,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "burst_every_s": (0, MAX_SPAN_S),
     "burst_size": (0, MAX_JOBS),
     "interactive": (0, 1),
-    "seed": (-INT64, INT64 - 1),
+    "seed": (-INT64_MAX - 1, INT64_MAX),
     "speedup": (0, 1_000_000),
     "trace_limit": (0, MAX_JOBS),
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import socket
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
@@ -119,6 +120,11 @@ def check_heartbeat(
     ):
         if len(items) > most:
             checks.add(name, Reason.TOO_MANY, f"{len(items)} reported, at most {most} allowed")
+    for i, worker in enumerate(beat.workers):
+        if len(worker.gpu_ids) > limits.gpus:
+            checks.add(f"workers[{i}].gpu_ids", Reason.TOO_MANY, f"more than {limits.gpus}")
+    if len(beat.endpoint) > limits.url_chars:
+        checks.add("info.endpoint", Reason.TOO_LONG, f"longer than {limits.url_chars} characters")
     if checks.problems:
         return tuple(checks.problems)
 
@@ -163,8 +169,6 @@ def check_heartbeat(
         if worker.status not in WORKER_STATUSES:
             allowed = ", ".join(WORKER_STATUSES)
             checks.add(f"{at}.status", Reason.UNKNOWN, f"{worker.status[:40]!r} is not {allowed}")
-        if len(worker.gpu_ids) > limits.gpus:
-            checks.add(f"{at}.gpu_ids", Reason.TOO_MANY, f"more than {limits.gpus}")
         for gpu_id in worker.gpu_ids:
             checks.integer(f"{at}.gpu_ids", gpu_id, 0, limits.gpu_id)
         checks.integer(f"{at}.vram_bytes", worker.vram_bytes, 0, limits.vram_bytes)
@@ -195,10 +199,22 @@ def _split(url: str) -> SplitResult | None:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return parts if ":" not in host else None  # a DNS name; IPv6 must parse
+        if ":" in host or _ipv4_shorthand(host):
+            return None  # IPv6 must parse; "2852039166" resolves to 169.254.169.254
+        return parts  # a DNS name
     if address.is_unspecified or address.is_link_local or address.is_multicast:
         return None
     return parts
+
+
+def _ipv4_shorthand(host: str) -> bool:
+    """A name that the resolver reads as an IPv4 address although it is not written as
+    one (`2852039166`, `0xa9fea9fe`, `127.1`): it would dodge the address checks."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
 
 
 @dataclass

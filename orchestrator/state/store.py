@@ -128,16 +128,21 @@ class JobStore:
         row = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
         return int(row[0]) + 1
 
+    def by_request(self, tenant_id: str | None, request_id: str) -> JobRecord | None:
+        """The job `tenant_id` (None or "": none) submitted with `request_id`, if any."""
+        row = self.db.execute(
+            "SELECT * FROM jobs WHERE COALESCE(tenant_id, '') = ? AND request_id = ?",
+            (tenant_id or "", request_id),
+        ).fetchone()
+        return None if row is None else _record(row)
+
     def insert(self, record: JobRecord) -> tuple[JobRecord, bool]:
         """Store a new job; with a request_id its tenant used before, return the first
         job instead (False)."""
         if record.request_id is not None:
-            existing = self.db.execute(
-                "SELECT * FROM jobs WHERE COALESCE(tenant_id, '') = ? AND request_id = ?",
-                (record.tenant_id or "", record.request_id),
-            ).fetchone()
+            existing = self.by_request(record.tenant_id, record.request_id)
             if existing is not None:
-                return _record(existing), False
+                return existing, False
         with self._transaction():
             record = dataclasses.replace(record, seq=self.next_seq())
             values = [getattr(record, c) for c in COLUMNS]
@@ -250,6 +255,9 @@ class AsyncJobStore:
 
     async def insert(self, record: JobRecord) -> tuple[JobRecord, bool]:
         return await self.run(self.store.insert, record)
+
+    async def by_request(self, tenant_id: str | None, request_id: str) -> JobRecord | None:
+        return await self.run(self.store.by_request, tenant_id, request_id)
 
     async def apply(self, transitions: Sequence[Transition]) -> list[JobRecord | None]:
         return await self.run(self.store.apply, transitions)

@@ -19,12 +19,12 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from orchestrator.config.settings import LOOPBACK_HOSTS, listen_host
 from orchestrator.domain.errors import UsageError
 
 TOKEN_ENV = "ORCHESTRATOR_TOKEN"
 TOKEN_FILE_ENV = "ORCHESTRATOR_TOKEN_FILE"
 TLS_CA_ENV = "ORCHESTRATOR_TLS_CA"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,7 @@ def open_channel(address: str, auth: ClientAuth) -> aio.Channel:
         )  # fmt: skip
         options = [("grpc.ssl_target_name_override", auth.server_name)] if auth.server_name else []
         return aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
-    host = address.rpartition(":")[0].strip("[]")
-    if auth.token and host not in LOOPBACK:
+    if auth.token and listen_host(address) not in LOOPBACK_HOSTS:
         raise UsageError(
             f"{address}: an API key is sent only over TLS to a host that is not loopback "
             "(give --tls-ca)"

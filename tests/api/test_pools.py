@@ -150,7 +150,7 @@ async def test_healthz_says_degraded_while_cycles_fail_and_ok_after(
                     await asyncio.sleep(0.05)
             status, body = reply
             assert status == 503 and body["status"] == "degraded"
-            assert body["error"] == "ValueError: Value out of range: 9223372036854775808"
+            assert "error" not in body  # public: the message stays in the log
             assert body["failed_cycles"] >= 3
             async with asyncio.timeout(10):  # gRPC health follows, within a second
                 while await _grpc_health(svc) == health_pb2.HealthCheckResponse.SERVING:

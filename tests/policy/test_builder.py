@@ -91,6 +91,8 @@ async def test_builder_endpoints_and_the_guard(tmp_path: Path) -> None:
             line = await r.content.readline()
             assert line == b"event: state\n"
         async with http.get(svc.http + "/metrics") as r:
+            assert r.status == 401  # every tenant's labels: an operator's, on loopback too
+        async with http.get(svc.http + "/metrics", headers=auth) as r:
             assert r.status == 200
 
 

@@ -125,3 +125,14 @@ async def test_a_worker_streaming_past_max_tokens_is_cut_off(serve: Serve, event
 
     outcome = await run(await serve(endless))
     assert outcome == Outcome(False, error="the worker sent more than max_tokens")
+
+
+async def test_a_worker_cannot_charge_more_tokens_than_the_job_asked_for(serve: Serve) -> None:
+    """tokens_predicted is the worker's word and is charged to the tenant's daily quota:
+    2**63 once overflowed the store and the context (every cycle failed)."""
+
+    async def boastful(request: web.Request) -> web.Response:
+        body = f'data: {{"content": "x", "stop": true, "tokens_predicted": {2**63}}}\n\n'
+        return web.Response(body=body.encode(), content_type="text/event-stream")
+
+    assert await run(await serve(boastful)) == Outcome(True, "x", record("j1").max_tokens)

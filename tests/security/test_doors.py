@@ -21,6 +21,7 @@ import aiohttp
 import grpc
 import pytest
 from grpc import aio
+from grpc_health.v1 import health_pb2
 from structlog.testing import capture_logs
 
 from orchestrator._proto import context_pb2
@@ -129,7 +130,9 @@ GRPC_DOORS: list[tuple[str, Call, dict[str, grpc.StatusCode]]] = [
     ("AdminService/StopShadow", lambda s, _: s.admin.StopShadow(pb.StopShadowRequest()),
      OPERATOR_ONLY),
     ("grpc.health.v1.Health/Check", lambda s, _: s.health.Check(
-        __import__("grpc_health.v1.health_pb2", fromlist=["x"]).HealthCheckRequest()), PUBLIC),
+        health_pb2.HealthCheckRequest()), PUBLIC),
+    ("grpc.health.v1.Health/Watch", lambda s, _: _first(s.health.Watch(
+        health_pb2.HealthCheckRequest())), {**PUBLIC, "none": S.UNAUTHENTICATED}),
 ]  # fmt: skip
 
 H = {"none": 401, "other": 403, "tenant": 403, "pool": 403, "operator": 200}
@@ -139,7 +142,7 @@ HTTP_DOORS: list[tuple[str, str, dict[str, Any] | None, dict[str, int]]] = [
     ("GET", "/", None, HTTP_PUBLIC),
     ("GET", "/ui/app.js", None, HTTP_PUBLIC),
     ("GET", "/healthz", None, HTTP_PUBLIC),
-    ("GET", "/metrics", None, H),  # not on loopback: an operator's
+    ("GET", "/metrics", None, H),  # every tenant's labels: an operator's
     ("GET", "/v2/admin/scheduler/status", None, H),
     ("GET", "/v2/admin/scheduler/platform-source", None, H),
     ("GET", "/v2/admin/scheduler/versions", None, H),
@@ -229,7 +232,7 @@ async def test_every_door_as_every_role(tmp_path: Path) -> None:
         # Every authenticated RPC of the service has a row here and in the access table.
         tested = {name.split(" (")[0] for name, _, _ in GRPC_DOORS}
         assert {m.removeprefix("/orchestrator.v1.").lstrip("/") for m in RPC
-                if "reflection" not in m and "Health/Watch" not in m} == tested  # fmt: skip
+                if "reflection" not in m} == tested  # fmt: skip
         async with as_roles(svc, pki) as stubs:
             job = await stubs["tenant"].jobs.Submit(
                 pb.SubmitRequest(model="llama-8b", prompt="hello", max_tokens=4)
@@ -360,9 +363,18 @@ async def test_keys_rotate_without_a_restart(tmp_path: Path) -> None:
         write(old, new)
         await asyncio.sleep(1.2)
         assert await status_as(new) == OK
-        write(new)
-        svc.server.reload()  # SIGHUP reloads at once
-        assert await status_as(old) == S.UNAUTHENTICATED
+        async with open_channel(address, ClientAuth(token=old)) as channel:
+            watch = pb_grpc.JobServiceStub(channel).Watch(pb.WatchRequest())
+            watched = asyncio.create_task(status_of(_drain(watch)))
+            await asyncio.sleep(0.3)
+            write(new)
+            svc.server.reload()  # SIGHUP reloads at once
+            assert await status_as(old) == S.UNAUTHENTICATED
+            async with open_channel(address, ClientAuth(token=new)) as fresh:
+                await pb_grpc.JobServiceStub(fresh).Submit(
+                    pb.SubmitRequest(model="llama-8b", prompt="x", max_tokens=2)
+                )  # the next event ends the revoked key's open stream
+            assert await asyncio.wait_for(watched, 10) == S.UNAUTHENTICATED
         keys_file.write_text("keys: [ {name: broken")  # a bad edit keeps the last good keys
         svc.server.reload()
         assert await status_as(new) == OK

@@ -138,14 +138,18 @@ async def test_a_tenants_queued_jobs_are_bounded(service: Factory) -> None:
     await o.submit(spec("acme"))  # a queued job left: room again
 
 
-async def test_the_default_share_applies_to_every_tenant_and_to_none(service: Factory) -> None:
+async def test_the_default_share_applies_to_every_tenant_not_to_jobs_without_one(
+    service: Factory,
+) -> None:
+    """Jobs without a tenant (home, lab) have the queue's bounds only: a share would
+    cap a service without tenants below its queue.capacity (found in review)."""
     o = service(limits=SubmitLimits(per_tenant=TenantLimits(max_queued_jobs=1)))
-    await o.submit(spec(""))
-    with pytest.raises(
-        RateLimitedError, match=r"tenant '' \(jobs without a tenant\) has 1 jobs queued"
-    ):
-        await o.submit(spec(""))
     await o.submit(spec("acme"))
+    with pytest.raises(RateLimitedError, match=r"tenant 'acme' has 1 jobs queued"):
+        await o.submit(spec("acme"))
+    await o.submit(spec("globex"))
+    for _ in range(3):
+        await o.submit(spec(""))
 
 
 async def test_a_tenants_queued_prompt_bytes_are_bounded(service: Factory) -> None:
@@ -269,3 +273,14 @@ async def test_todays_tokens_survive_a_restart(service: Factory, tmp_path: Path)
     (acme,) = o.cluster.tenants(now_ms())
     assert (acme.tokens_used_today, acme.quota_exceeded) == (500, True)
     assert o.cluster.tokens_today == {"acme": 500, "globex": 7}
+
+
+async def test_a_retried_submit_is_not_charged_again(service: Factory) -> None:
+    """Resubmitting an accepted job (same request_id) returns it, without spending the
+    tenant's rate again (found in review: it was refused with 429)."""
+    o = service(tenants={"acme": {"limits": {"requests_per_minute": 1}}})
+    first = await o.submit(dataclasses.replace(spec("acme"), request_id="r-1"))
+    again = await o.submit(dataclasses.replace(spec("acme"), request_id="r-1"))
+    assert again.id == first.id
+    with pytest.raises(RateLimitedError, match="requests_per_minute"):
+        await o.submit(dataclasses.replace(spec("acme"), request_id="r-2"))

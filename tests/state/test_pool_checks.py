@@ -197,3 +197,20 @@ def test_a_heartbeat_may_not_move_the_endpoint_to_another_host() -> None:
     assert reasons(dataclasses.replace(BEAT, endpoint="http://10.0.0.9:9200")) == [
         ("info.endpoint", Reason.WRONG_HOST)
     ]
+
+
+@pytest.mark.parametrize("host", ["2852039166", "0xa9fea9fe", "127.1", "0"])
+def test_ipv4_shorthands_are_refused_like_the_addresses_they_resolve_to(host: str) -> None:
+    """The resolver reads 2852039166 as 169.254.169.254 (a cloud's metadata service)."""
+    assert [p.reason for p in check_registration("p", f"http://{host}:80")] == [Reason.BAD_URL]
+
+
+def test_a_worker_with_too_many_gpu_ids_is_refused_before_they_are_walked() -> None:
+    many = dataclasses.replace(WORKER, gpu_ids=tuple(range(100_000)))
+    beat = dataclasses.replace(BEAT, workers=(many,))
+    assert reasons(beat) == [("workers[0].gpu_ids", Reason.TOO_MANY)]
+
+
+def test_a_heartbeat_endpoint_is_bounded_like_a_registered_one() -> None:
+    long = dataclasses.replace(BEAT, endpoint="http://127.0.0.1/" + "a" * 3_000_000)
+    assert reasons(long) == [("info.endpoint", Reason.TOO_LONG)]

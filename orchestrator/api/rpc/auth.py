@@ -10,6 +10,7 @@ the call may see by it. Changes to the service are written to the `audit` log.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -116,36 +117,41 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary(request: Any, context: aio.ServicerContext) -> Any:
-                await self._admit(method, roles, context)
-                try:
-                    reply = await inner(request, context)
-                except BaseException as exc:
-                    self._audit(method, _outcome(exc, context))
-                    raise
-                self._audit(method, "ok")
-                return reply
-
-            return grpc.unary_unary_rpc_method_handler(unary, **codec)
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+        behavior = handler.unary_unary or handler.unary_stream
+        if behavior is None:  # no client-streaming method needs a credential (see RPC)
+            raise AssertionError(f"{method}: a streaming-request method cannot be authenticated")
+        make = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary is not None
+            else grpc.unary_stream_rpc_method_handler
+        )
+        # A server-streaming method yields (ours) or writes to its context (grpc's own
+        # Health.Watch): the guard takes the same shape as what it guards.
+        if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 await self._admit(method, roles, context)
                 try:
-                    async for reply in inner_stream(request, context):
+                    async for reply in behavior(request, context):
                         yield reply
                 except BaseException as exc:
                     self._audit(method, _outcome(exc, context))
                     raise
                 self._audit(method, "ok")
 
-            return grpc.unary_stream_rpc_method_handler(stream, **codec)
-        # No client-streaming method needs a credential (reflection's is public).
-        raise AssertionError(f"{method}: a streaming-request method cannot be authenticated")
+            return make(stream, **codec)
+
+        async def call(request: Any, context: aio.ServicerContext) -> Any:
+            await self._admit(method, roles, context)
+            try:
+                reply = await behavior(request, context)
+            except BaseException as exc:
+                self._audit(method, _outcome(exc, context))
+                raise
+            self._audit(method, "ok")
+            return reply
+
+        return make(call, **codec)
 
 
 def _outcome(exc: BaseException, context: aio.ServicerContext) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from grpc import aio
@@ -23,6 +23,7 @@ from orchestrator.domain.errors import (
     OrchestratorError,
     PermissionDeniedError,
     RateLimitedError,
+    UnauthenticatedError,
 )
 from orchestrator.domain.identity import Identity
 from orchestrator.domain.jobs import TERMINAL, JobRecord, JobState, SubmitSpec
@@ -78,10 +79,14 @@ def job_info(record: JobRecord) -> orchestrator_pb2.JobInfo:
 
 class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
     def __init__(
-        self, orchestrator: JobsFront, caller: Callable[[], Identity] = current_caller
+        self,
+        orchestrator: JobsFront,
+        caller: Callable[[], Identity] = current_caller,
+        admitted: Callable[[Identity], bool] = lambda _: True,
     ) -> None:
         self.o = orchestrator
         self.caller = caller  # who is calling: the interceptor's answer (api/rpc/auth.py)
+        self.admitted = admitted  # whether a caller's key still stands (Gatekeeper)
         self.watching: Counter[str] = Counter()  # open Watch streams by caller name
 
     async def Submit(
@@ -161,8 +166,9 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
             ))  # fmt: skip
         self.watching[name] += 1
         try:
-            async for event in self._events(request.job_id or None):
-                yield event
+            async with contextlib.aclosing(self._events(request.job_id or None)) as events:
+                async for event in events:
+                    yield event
         except OrchestratorError as exc:  # not the caller's job; fell behind (ends the watch)
             await abort(context, exc)
         finally:
@@ -170,8 +176,9 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
             if not self.watching[name]:
                 del self.watching[name]
 
-    async def _events(self, job_id: str | None) -> AsyncIterator[orchestrator_pb2.JobEvent]:
-        scope = self.caller().job_scope()
+    async def _events(self, job_id: str | None) -> AsyncGenerator[orchestrator_pb2.JobEvent]:
+        caller = self.caller()
+        scope = caller.job_scope()
         async with self.o.subscribe(job_id, tenant=scope) as queue:
             if job_id is not None:
                 record = await self.o.get(job_id, tenant=scope)
@@ -180,6 +187,8 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
                     return
             while True:
                 event = await queue.get()
+                if not self.admitted(caller):
+                    raise UnauthenticatedError("the key this watch was opened with was revoked")
                 yield _event(event.record, event.at_ms, event.detail)
                 if job_id is not None and event.record.state in TERMINAL:
                     return

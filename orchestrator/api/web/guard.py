@@ -7,7 +7,7 @@ In order, for each request:
 2. the caller is authenticated (`Authorization: Bearer <key>`, or a client certificate
    under mutual TLS) and must hold a role the route's row in orchestrator/api/access.py
    allows; `?token=` is taken only on the event stream, which a browser's EventSource
-   opens without headers; `/metrics` is public only on a loopback listener;
+   opens without headers;
 3. a state-changing request (a POST with a JSON body, which a cross-site form cannot
    send) that names an `Origin` must come from an allowed host as well.
 Changes (POSTs to the admin API) are written to the `audit` log with the caller.
@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from orchestrator.api.access import HTTP_METRICS, HTTP_TOKEN_IN_QUERY, PUBLIC, http_roles
+from orchestrator.api.access import HTTP_TOKEN_IN_QUERY, http_roles
 from orchestrator.api.authn import bearer_token
 from orchestrator.api.tls import http_common_name
 from orchestrator.api.web.common import CALLER, GATE, ORCHESTRATOR
@@ -60,8 +60,6 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)  # no such route: 404, nothing to guard
     route = resource.canonical
     roles = http_roles(route)
-    if route == HTTP_METRICS and listen_host(config.listen.http) in LOOPBACK_HOSTS:
-        roles = PUBLIC
     gate = request.app[GATE]
     if roles is None:
         raise gate.deny_unlisted("http", route)

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from orchestrator.api.web.common import ORCHESTRATOR, PREFIX, body
+from orchestrator.api.web.common import GATE, ORCHESTRATOR, PREFIX, body, caller
 from orchestrator.policy import builder
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import PolicyError
@@ -33,7 +33,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/active", active)
     app.router.add_post(f"{PREFIX}/compile", compile_policy)
     app.router.add_post(f"{PREFIX}/parse", parse)
-    app.router.add_get("/v2/admin/events", events)
+    app.router.add_get("/v2/admin/events", events, allow_head=False)  # a stream: no HEAD
 
 
 def _orchestrator(request: web.Request) -> Orchestrator:
@@ -167,8 +167,9 @@ async def events(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
+    gate, who = request.app[GATE], caller(request)
     with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-        while not o.draining:
+        while not o.draining and gate.still_admitted(who):  # a revoked key ends the stream
             payload = json.dumps(live_state(o), default=str)
             await response.write(f"event: state\ndata: {payload}\n\n".encode())
             await asyncio.sleep(EVENT_INTERVAL_S)
