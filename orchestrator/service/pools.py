@@ -38,9 +38,11 @@ from orchestrator.state.pool_checks import (
 from orchestrator.state.remote_pools import Heartbeat, RemoteCommand, RemotePool
 from orchestrator.support.clock import now_ms
 from orchestrator.support.log import get_logger
+from orchestrator.support.rate import TokenBucket
 from orchestrator.support.tasks import cancel_and_wait
 
 log = get_logger("service")
+REFUSAL_LOG_RATE = (10, 0.1)  # burst, then per second: the log lines of one caller's refusals
 
 
 class Remotes(Protocol):
@@ -103,6 +105,8 @@ class PoolRegistry:
         self.wake = wake
         self.limits = limits
         self.clock = clock
+        self._refusal_logs: dict[str, TokenBucket] = {}
+        self._refusals_unlogged: dict[str, int] = {}
         self._expiry: asyncio.Task[None] | None = None
 
     def register(self, caller: Identity, pool_id: str, endpoint: str) -> None:
@@ -209,6 +213,15 @@ class PoolRegistry:
         self, caller: Identity, pool_id: str, reason: str, error: OrchestratorError
     ) -> OrchestratorError:
         self.metrics.pool_refusals.labels(reason).inc()
-        log.warning("pool.refused", pool=pool_id[:80], caller=caller.describe(), reason=reason,
-                    error=str(error))  # fmt: skip
+        # A pool refused once is refused on every heartbeat: a few lines a minute per
+        # caller say so, the metric counts them all (callers are the configured keys).
+        bucket = self._refusal_logs.get(caller.name)
+        if bucket is None:
+            bucket = self._refusal_logs[caller.name] = TokenBucket(*REFUSAL_LOG_RATE)
+        if bucket.take():
+            suppressed = self._refusals_unlogged.pop(caller.name, 0)
+            log.warning("pool.refused", pool=pool_id[:80], caller=caller.describe(),
+                        reason=reason, error=str(error), not_logged_since=suppressed)  # fmt: skip
+        else:
+            self._refusals_unlogged[caller.name] = self._refusals_unlogged.get(caller.name, 0) + 1
         return error

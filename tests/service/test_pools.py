@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from orchestrator.config.settings import PoolsConfig
 from orchestrator.domain.context import Gpu, HostReading, ProcessInfo
@@ -228,3 +229,15 @@ async def test_expiry_runs_in_the_background_until_stopped() -> None:
                 await asyncio.sleep(0.01)
     finally:
         await rig.registry.stop()
+
+
+def test_a_pool_refused_on_every_heartbeat_does_not_flood_the_log(rig: Rig) -> None:
+    """Every refusal is counted; a caller's refusals reach the log a few at a time,
+    the next line saying how many were not logged."""
+    with capture_logs() as logs:
+        for _ in range(200):
+            refused(lambda: rig.registry.register(POOL_B, "gpu-a", "http://10.0.0.1:9"),
+                    PermissionDeniedError)  # fmt: skip
+    lines = [e for e in logs if e["event"] == "pool.refused"]
+    assert rig.refusals("not_its_pool") == 200
+    assert 1 <= len(lines) <= 12 and lines[0]["not_logged_since"] == 0
