@@ -8,7 +8,6 @@ for `auth.keys` or the keys file holds only its SHA-256 (SECURITY.md).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from orchestrator.config.credentials import credentials_from, new_token, token_h
 from orchestrator.config.settings import ApiKey
 from orchestrator.domain.errors import ConfigError, UsageError
 from orchestrator.domain.identity import Role
+from orchestrator.support.files import write_secret
 
 
 def add_commands(commands: Any) -> None:
@@ -58,11 +58,9 @@ def auth_command(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.key_file:
         try:
-            fd = os.open(args.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            write_secret(Path(args.key_file), (token + "\n").encode())
         except OSError as exc:
             raise UsageError(f"--key-file {args.key_file}: {exc.strerror}") from None
-        with os.fdopen(fd, "w") as out:
-            out.write(token + "\n")
         print(f"# the key is in {args.key_file}", file=sys.stderr)
     else:
         print(f"# the API key, shown once: give it to {args.name}\n{token}", file=sys.stderr)

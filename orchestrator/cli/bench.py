@@ -30,7 +30,12 @@ import yaml
 
 from orchestrator._proto import sandbox_pb2
 from orchestrator.config.credentials import new_token, token_hash
-from orchestrator.config.settings import SPAWN_METHODS, SchedulerConfig
+from orchestrator.config.settings import (
+    SPAWN_METHODS,
+    SchedulerConfig,
+    ServiceConfig,
+    load_config,
+)
 from orchestrator.domain.samples import churn, sample_context
 from orchestrator.domain.samples import synthetic_cluster as cluster
 from orchestrator.sandbox.limits import SandboxLimits
@@ -347,6 +352,23 @@ async def trace_replay(report: Report) -> None:
     )  # fmt: skip
 
 
+def service_config(directory: Path, name: str, **overrides: Any) -> ServiceConfig:
+    """The embedded default config for a service measured here: state in
+    directory/name, free loopback ports, errors only in the log, and `overrides`
+    (`local_pool` merged into the default's, the rest replacing whole keys)."""
+    data = yaml.safe_load(
+        resources.files("orchestrator.config").joinpath("default_config.yaml").read_text()
+    )
+    data["local_pool"].update(overrides.pop("local_pool", {}))
+    data.update(
+        state_dir=str(directory / name), log_level="error",
+        listen={"grpc": "127.0.0.1:0", "http": "127.0.0.1:0"}, **overrides,
+    )  # fmt: skip
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
 async def submit_to_dispatch(report: Report, probes: int, backlog: int = 1000) -> None:
     """Submit to dispatch through a real service while `backlog` jobs stay queued: a
     tenant capped at one concurrent job keeps them waiting, every cycle sees them all,
@@ -355,22 +377,15 @@ async def submit_to_dispatch(report: Report, probes: int, backlog: int = 1000) -
     from orchestrator._proto import orchestrator_pb2 as pb  # noqa: PLC0415
     from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc  # noqa: PLC0415
     from orchestrator.api.server import Server  # noqa: PLC0415
-    from orchestrator.config.settings import load_config  # noqa: PLC0415
 
     token = new_token()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data = yaml.safe_load(resources.files("orchestrator.config").joinpath("default_config.yaml")
-                              .read_text())  # fmt: skip
-        data.update(
-            deployment_mode="platform", state_dir=f"{tmp}/state", log_level="error",
-            listen={"grpc": "127.0.0.1:0", "http": "127.0.0.1:0"},
+        server = Server(service_config(
+            Path(tmp), "state", deployment_mode="platform",
             tenants={"backlog": {"quota_max_concurrent_jobs": 1}, "probe": {}},
             auth={"keys": [{"name": "bench", "role": "operator", "sha256": token_hash(token)}]},
-        )  # fmt: skip
-        data["local_pool"]["worker"]["tokens_per_sec"] = 1000
-        path = Path(tmp) / "orchestratord.yaml"
-        path.write_text(yaml.safe_dump(data))
-        server = Server(load_config(path))
+            local_pool={"worker": {"tokens_per_sec": 1000}},
+        ))  # fmt: skip
         await server.start()
         dispatched: dict[str, float] = {}
         arrived = asyncio.Event()
@@ -434,27 +449,19 @@ async def tls_and_auth_cost(report: Report, rounds: int, per_round: int) -> None
     from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc  # noqa: PLC0415
     from orchestrator.api.server import Server  # noqa: PLC0415
     from orchestrator.cli.certs import make_pki  # noqa: PLC0415
-    from orchestrator.config.settings import load_config  # noqa: PLC0415
 
     token = new_token()
     with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
         pki = make_pki(Path(tmp) / "pki")
         servers = []
+        secured = {
+            "tls": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
+            "auth": {"keys": [{"name": "bench", "role": "tenant", "tenant": "t",
+                               "sha256": token_hash(token)}]},
+        }  # fmt: skip
         for name, secure in (("plain", False), ("tls", True)):
-            data = yaml.safe_load(resources.files("orchestrator.config")
-                                  .joinpath("default_config.yaml").read_text())  # fmt: skip
-            data.update(
-                state_dir=f"{tmp}/{name}", log_level="error",
-                listen={"grpc": "127.0.0.1:0", "http": "127.0.0.1:0"},
-            )  # fmt: skip
-            data["local_pool"]["enabled"] = False
-            if secure:
-                data["tls"] = {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)}
-                data["auth"] = {"keys": [{"name": "bench", "role": "tenant", "tenant": "t",
-                                          "sha256": token_hash(token)}]}  # fmt: skip
-            path = Path(tmp) / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(data))
-            server = Server(load_config(path))
+            extra = secured if secure else {}
+            server = Server(service_config(Path(tmp), name, local_pool={"enabled": False}, **extra))
             await server.start()
             servers.append(server)
         auths = (ClientAuth(), ClientAuth(token=token, tls_ca=pki.ca.read_bytes()))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from orchestrator.support.files import write_secret
 
 VALID_DAYS = 30
 
@@ -48,7 +49,7 @@ def make_pki(directory: Path, hosts: tuple[str, ...] = ()) -> Pki:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    _write(directory / "ca.key", _key_pem(key))
+    write_secret(directory / "ca.key", _key_pem(key))
     (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     server_cert, server_key = _issue(directory, "localhost", key, cert, server=hosts)
     return Pki(directory, directory / "ca.pem", server_cert, server_key)
@@ -77,7 +78,7 @@ def _issue(
     cert = builder.sign(ca_key, hashes.SHA256())
     stem = directory / common_name.replace("/", "_")
     (stem.with_suffix(".pem")).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write(stem.with_suffix(".key"), _key_pem(key))
+    write_secret(stem.with_suffix(".key"), _key_pem(key))
     return stem.with_suffix(".pem"), stem.with_suffix(".key")
 
 
@@ -102,11 +103,3 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write(path: Path, data: bytes) -> None:
-    """A private key: created 0600 (never readable by others, not even for a moment),
-    never over an existing file or through a link."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)

@@ -160,7 +160,7 @@ class CredentialStore:
                 self.reload()
         return self.current
 
-    def reload(self) -> bool:
+    def reload(self) -> None:
         """Re-read the keys; on a bad file keep the current ones (and say so)."""
         stamp = self._file_stamp()
         try:
@@ -168,15 +168,14 @@ class CredentialStore:
         except ConfigError as exc:
             self._stamp = stamp
             log.error("auth.keys_rejected", error=str(exc), kept=len(self.current.by_hash))
-            return False
+            return
         if self._file_stamp() != stamp:  # written to while read: maybe half of it
             log.info("auth.keys_changing", file=str(self._file))
-            return False  # the stamp stays old: the next check reads it again
+            return  # the stamp stays old: the next check reads it again
         self._stamp = stamp
         if fresh != self.current:
             log.info("auth.keys_loaded", keys=len(fresh.by_hash), certs=len(fresh.by_cert_cn))
         self.current = fresh
-        return True
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         if self._file is None:

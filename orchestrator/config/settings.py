@@ -53,10 +53,6 @@ class ListenConfig:
     # gRPC server reflection (schema only, no data). None: on, except in platform mode.
     reflection: bool | None = None
 
-    @property
-    def loopback_only(self) -> bool:
-        return all(listen_host(a) in LOOPBACK_HOSTS for a in (self.grpc, self.http))
-
 
 @dataclass(frozen=True)
 class TlsConfig:
@@ -370,6 +366,17 @@ class TenantQuota:
             quota_max_concurrent_jobs=self.quota_max_concurrent_jobs,
             quota_tokens_daily=self.quota_tokens_daily,
         )
+
+
+def split_tenants(
+    tenants: Mapping[str, TenantQuota],
+) -> tuple[dict[str, Tenant], dict[str, TenantLimits]]:
+    """What ctx.tenants shows (the cluster state's) and the submit limits the service
+    keeps to itself (admission's), by tenant id."""
+    return (
+        {tenant_id: quota.tenant(tenant_id) for tenant_id, quota in tenants.items()},
+        {tenant_id: quota.limits for tenant_id, quota in tenants.items()},
+    )
 
 
 def load_tenants(config: ServiceConfig) -> dict[str, TenantQuota]:

@@ -11,7 +11,7 @@ import asyncio
 import re
 from pathlib import Path
 
-from orchestrator.config.settings import ServiceConfig, load_catalog, load_tenants
+from orchestrator.config.settings import ServiceConfig, load_catalog, load_tenants, split_tenants
 from orchestrator.domain.context import Context
 from orchestrator.domain.errors import ConfigError
 from orchestrator.policy.validate import detect_language, to_lua
@@ -55,11 +55,10 @@ def assemble(
     metrics = ServiceMetrics(engine_metrics.registry, cycle_stall_s=CYCLE_STALL_S)
     wake = asyncio.Event()  # the scheduling loop's: set on any change worth a cycle
 
-    catalog, tenants = load_catalog(config), load_tenants(config)
+    catalog = load_catalog(config)
+    tenants, tenant_limits = split_tenants(load_tenants(config))
     local_pool = _local_pool(config, state_dir, gpu_probe, host_probe)
-    cluster = ClusterState(
-        config, catalog, {tid: quota.tenant(tid) for tid, quota in tenants.items()}, local_pool
-    )
+    cluster = ClusterState(config, catalog, tenants, local_pool)
     if local_pool is not None:
         local_pool.on_change.append(wake)
     store = AsyncJobStore(JobStore(state_dir / "jobs.sqlite3", durability=config.durability))
@@ -101,7 +100,7 @@ def assemble(
     jobs = Jobs(
         store, cluster, events, metrics, limits=config.limits, queue=config.queue,
         retry=config.retry, platform_mode=config.platform_mode, wake=wake,
-        tenant_limits={tid: quota.limits for tid, quota in tenants.items()},
+        tenant_limits=tenant_limits,
     )  # fmt: skip
     runner = JobRunner(
         jobs, cluster, CompletionClient(), local_pool, timeout_s=config.timeout.default_ms / 1000

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
-from orchestrator.config.settings import ServiceConfig, TenantQuota
+from orchestrator.config.settings import ServiceConfig, TenantQuota, split_tenants
 from orchestrator.domain.context import Catalog, Tenant
 from orchestrator.domain.jobs import IN_FLIGHT, JobRecord, JobState, SubmitSpec
 from orchestrator.policy.validate import Report, policy_version
@@ -188,8 +188,7 @@ class Orchestrator:
     def reload_catalog(self, catalog: Catalog, tenants: Mapping[str, TenantQuota]) -> None:
         """SIGHUP: the next cycle, submit and simulation use the new catalog and tenants."""
         self.cluster.catalog = catalog
-        self.cluster.tenant_quotas = {tid: quota.tenant(tid) for tid, quota in tenants.items()}
-        self.jobs.admission.tenant_limits = {tid: quota.limits for tid, quota in tenants.items()}
+        self.cluster.tenant_quotas, self.jobs.admission.tenant_limits = split_tenants(tenants)
         self.cluster.changed()
 
     # ------------------------------------------------------------------ jobs

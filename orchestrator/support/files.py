@@ -1,5 +1,6 @@
-"""Directories and log files the service creates where a path alone is no proof of
-what is there: private directories, and logs never written through a planted link.
+"""Directories and files the service creates where a path alone is no proof of what
+is there: private directories, logs never written through a planted link, and new
+files holding secrets.
 
 Every log the service writes (sandbox and inference workers' output, the decision
 log) is opened here, and every directory of sandbox sockets is checked here. A log
@@ -70,6 +71,15 @@ def open_log(path: Path, *, append: bool = False, mode: int = 0o600) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """A new file holding a secret (an API key, a private key): created 0600, so never
+    readable by others even for a moment, never over an existing file or through a
+    link. Raises OSError (FileExistsError when the path is taken)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 def _only_ours(path: Path, info: os.stat_result) -> None:

@@ -31,7 +31,7 @@ from orchestrator.api.access import RPC
 from orchestrator.api.rpc.jobs import WATCHES_PER_CALLER
 from orchestrator.cli.certs import Pki, make_pki
 from orchestrator.config.credentials import token_hash
-from orchestrator.config.settings import ServiceConfig, load_config
+from orchestrator.config.settings import ServiceConfig, listen_host, load_config
 from orchestrator.domain.errors import ConfigError
 from orchestrator.wire.channel import ClientAuth, open_channel
 from tests.conftest import REPO
@@ -227,7 +227,8 @@ async def test_every_door_as_every_role(tmp_path: Path) -> None:
     """The role x door table holds on a real TLS server: gRPC statuses and HTTP statuses."""
     pki = make_pki(tmp_path / "pki")
     config = secured_config(tmp_path, pki)
-    assert not load_config(config).listen.loopback_only
+    listen = load_config(config).listen
+    assert {listen_host(listen.grpc), listen_host(listen.http)} == {"0.0.0.0"}
     async with running_service(config, auth=client_auth(pki, "operator")) as svc:
         # Every authenticated RPC of the service has a row here and in the access table.
         tested = {name.split(" (")[0] for name, _, _ in GRPC_DOORS}

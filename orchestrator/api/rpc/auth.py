@@ -77,10 +77,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         async def refuse(request: Any, context: aio.ServicerContext) -> Any:
             await abort(context, self.gate.deny_unlisted("grpc", method))
 
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        codec = _codec(handler)
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(refuse, **codec)
         if handler.request_streaming:
@@ -113,10 +110,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     def _guarded(
         self, handler: grpc.RpcMethodHandler, method: str, roles: frozenset[Role]
     ) -> grpc.RpcMethodHandler:
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        codec = _codec(handler)
         behavior = handler.unary_unary or handler.unary_stream
         if behavior is None:  # no client-streaming method needs a credential (see RPC)
             raise AssertionError(f"{method}: a streaming-request method cannot be authenticated")
@@ -152,6 +146,14 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             return reply
 
         return make(call, **codec)
+
+
+def _codec(handler: grpc.RpcMethodHandler) -> dict[str, Any]:
+    """How the method's messages are read and written, for the handler that replaces it."""
+    return {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
 
 
 def _outcome(exc: BaseException, context: aio.ServicerContext) -> str:

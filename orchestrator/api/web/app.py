@@ -6,9 +6,9 @@ from aiohttp import web
 
 from orchestrator.api.authn import Gatekeeper
 from orchestrator.api.web import admin, ui
-from orchestrator.api.web.common import GATE, ORCHESTRATOR
+from orchestrator.api.web.common import ALLOWED_HOSTS, GATE, ORCHESTRATOR
 from orchestrator.api.web.errors import errors_as_json
-from orchestrator.api.web.guard import guard
+from orchestrator.api.web.guard import allowed_hosts, guard
 from orchestrator.service.orchestrator import Orchestrator
 
 # The largest request body (a scheduler source, a simulation request): aiohttp's
@@ -21,6 +21,7 @@ def make_app(orchestrator: Orchestrator, gate: Gatekeeper) -> web.Application:
     app = web.Application(middlewares=[errors_as_json, guard], client_max_size=MAX_BODY)
     app[ORCHESTRATOR] = orchestrator
     app[GATE] = gate
+    app[ALLOWED_HOSTS] = allowed_hosts(orchestrator.config)
     ui.add_routes(app)
     admin.add_routes(app)
     return app

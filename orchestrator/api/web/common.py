@@ -15,6 +15,7 @@ from orchestrator.service.orchestrator import Orchestrator
 ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
 GATE = web.AppKey("gate", Gatekeeper)
 CALLER = web.RequestKey("caller", Identity)  # set by the guard on non-public routes
+ALLOWED_HOSTS = web.AppKey("allowed_hosts", frozenset[str])  # guard.allowed_hosts, once
 PREFIX = "/v2/admin/scheduler"
 
 

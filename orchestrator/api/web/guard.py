@@ -22,7 +22,7 @@ from aiohttp import web
 from orchestrator.api.access import HTTP_TOKEN_IN_QUERY, http_roles
 from orchestrator.api.authn import bearer_token
 from orchestrator.api.tls import http_common_name
-from orchestrator.api.web.common import CALLER, GATE, ORCHESTRATOR
+from orchestrator.api.web.common import ALLOWED_HOSTS, CALLER, GATE
 from orchestrator.api.web.errors import Handler
 from orchestrator.config.settings import LOOPBACK_HOSTS, ServiceConfig, listen_host
 from orchestrator.domain.errors import OrchestratorError, PermissionDeniedError
@@ -48,8 +48,7 @@ def _hostname(value: str) -> str:
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    config = request.app[ORCHESTRATOR].config
-    allowed = allowed_hosts(config)
+    allowed = request.app[ALLOWED_HOSTS]
     if _hostname(request.host) not in allowed:
         raise PermissionDeniedError(
             f"Host {request.host!r} is not a name of this service "
