@@ -28,6 +28,7 @@ from orchestrator.sandbox.limits import MiB, SandboxLimits
 STATE_BYTES_PER_JOB = 2048
 STATE_BYTES_PER_WORKER = 4096
 STATE_BYTES_PER_MODEL = 2048
+STATE_BYTES_PER_RUNNING_JOB = 256  # an id in a worker's active_job_ids, master and copy
 STATE_BYTES_BASE = 4 * 1024 * 1024
 # Above this share of the cap after a call, the worker retires before it fails.
 MEMORY_PRESSURE = 0.85
@@ -256,6 +257,13 @@ class LuaSchedulerRuntime:
             t([w.avg_tokens_per_sec for w in ws]),
             t([w.started_at_ms for w in ws]),
             t([w.last_used_at_ms for w in ws]),
+            # Slots (docs/ARCHITECTURE.md D27); a snapshot from before them has zeros
+            # and empty strings, which read as the spec's one-slot llama.cpp worker.
+            t([w.slots_total or 1 for w in ws]),
+            t([w.slots_busy for w in ws]),
+            t([len(w.active_job_ids) for w in ws]),
+            t([job_id for w in ws for job_id in w.active_job_ids]),
+            t([w.api or "llamacpp" for w in ws]),
         )
 
     def _catalog(self, c: context_pb2.Catalog) -> None:
@@ -311,12 +319,13 @@ class LuaSchedulerRuntime:
 
     def _memory_cap(self) -> int:
         """The script's heap on top of what the context the worker holds now takes."""
-        jobs, workers, _gpus, models, tenants = self.host.counts()
+        jobs, workers, _gpus, models, tenants, running = self.host.counts()
         state = (
             STATE_BYTES_BASE
             + jobs * STATE_BYTES_PER_JOB
             + (workers + tenants) * STATE_BYTES_PER_WORKER
             + models * STATE_BYTES_PER_MODEL
+            + running * STATE_BYTES_PER_RUNNING_JOB
         )
         return int(state) + self.limits.lua_heap_bytes
 

@@ -5,14 +5,13 @@ real thing it stands for; the real ones are exercised by the service tests."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from orchestrator.config.settings import ServiceConfig
 from orchestrator.domain.context import Catalog, CatalogModel, Gpu, HostReading, ProcessInfo
 from orchestrator.domain.errors import PoolError
 from orchestrator.domain.jobs import JobRecord, SubmitSpec, new_record
-from orchestrator.pools.completion import Outcome
+from orchestrator.pools.completion import Outcome, Progress, WorkerEndpoint
 
 GiB = 2**30
 MODEL = "llama-8b"
@@ -97,14 +96,12 @@ class FakeCompletions:
         self.closed = False
 
     async def run(
-        self,
-        record: JobRecord,
-        uri: str,
-        timeout_s: float,
-        on_first_token: Callable[[], Awaitable[None]],
+        self, record: JobRecord, worker: WorkerEndpoint, timeout_s: float, progress: Progress
     ) -> Outcome:
-        self.calls.append((record.id, uri))
-        await on_first_token()
+        self.calls.append((record.id, worker.uri))
+        await progress.first_token()
+        if self.outcome.output:
+            progress.text(self.outcome.output, self.outcome.tokens)
         await self.release.wait()
         return self.outcome
 

@@ -194,6 +194,10 @@ class Worker(_message.Message):
     AVG_TOKENS_PER_SEC_FIELD_NUMBER: _builtins.int
     STARTED_AT_MS_FIELD_NUMBER: _builtins.int
     LAST_USED_AT_MS_FIELD_NUMBER: _builtins.int
+    SLOTS_TOTAL_FIELD_NUMBER: _builtins.int
+    SLOTS_BUSY_FIELD_NUMBER: _builtins.int
+    ACTIVE_JOB_IDS_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     id: _builtins.str
     status: _builtins.str
@@ -209,8 +213,18 @@ class Worker(_message.Message):
     """uptime_ms = now_ms - started_at_ms"""
     last_used_at_ms: _builtins.int
     """last dispatch or completion; drives LRU eviction"""
+    slots_total: _builtins.int
+    """Slots (an extension of runtime-spec 3.2): a batched server runs up to slots_total
+    jobs at once; status is "busy" only when none is free. current_job_id is the
+    oldest of active_job_ids.
+    """
+    slots_busy: _builtins.int
+    api: _builtins.str
+    """"llamacpp" or "openai": how the core talks to it"""
     @_builtins.property
     def gpu_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def active_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -227,10 +241,14 @@ class Worker(_message.Message):
         avg_tokens_per_sec: _builtins.float = ...,
         started_at_ms: _builtins.int = ...,
         last_used_at_ms: _builtins.int = ...,
+        slots_total: _builtins.int = ...,
+        slots_busy: _builtins.int = ...,
+        active_job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        api: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_current_job_id", b"_current_job_id", "_job_started_at", b"_job_started_at", "current_job_id", b"current_job_id", "job_started_at", b"job_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_current_job_id", b"_current_job_id", "_job_started_at", b"_job_started_at", "avg_tokens_per_sec", b"avg_tokens_per_sec", "current_job_id", b"current_job_id", "gpu_ids", b"gpu_ids", "id", b"id", "job_started_at", b"job_started_at", "jobs_completed", b"jobs_completed", "last_used_at_ms", b"last_used_at_ms", "model_ref", b"model_ref", "pool_id", b"pool_id", "started_at_ms", b"started_at_ms", "status", b"status", "uri", b"uri", "vram_bytes", b"vram_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_current_job_id", b"_current_job_id", "_job_started_at", b"_job_started_at", "active_job_ids", b"active_job_ids", "api", b"api", "avg_tokens_per_sec", b"avg_tokens_per_sec", "current_job_id", b"current_job_id", "gpu_ids", b"gpu_ids", "id", b"id", "job_started_at", b"job_started_at", "jobs_completed", b"jobs_completed", "last_used_at_ms", b"last_used_at_ms", "model_ref", b"model_ref", "pool_id", b"pool_id", "slots_busy", b"slots_busy", "slots_total", b"slots_total", "started_at_ms", b"started_at_ms", "status", b"status", "uri", b"uri", "vram_bytes", b"vram_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__current_job_id: _TypeAlias = _typing.Literal["current_job_id"]  # noqa: Y015
     _WhichOneofArgType__current_job_id: _TypeAlias = _typing.Literal["_current_job_id", b"_current_job_id"]  # noqa: Y015

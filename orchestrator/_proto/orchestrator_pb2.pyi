@@ -64,6 +64,8 @@ class SubmitRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """a catalog model_ref or alias"""
     prompt: _builtins.str
@@ -79,6 +81,12 @@ class SubmitRequest(_message.Message):
     session_id: _builtins.str
     request_id: _builtins.str
     """Idempotency key: resubmitting the same request_id returns the first job."""
+    top_p: _builtins.float
+    """(0, 1]; default 1"""
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """at most 4, each at most 256 bytes"""
+
     def __init__(
         self,
         *,
@@ -91,14 +99,21 @@ class SubmitRequest(_message.Message):
         tenant_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        top_p: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_top_p", b"_top_p", "seed", b"seed", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "max_tokens", b"max_tokens", "model", b"model", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "temperature", b"temperature", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "model", b"model", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "stop", b"stop", "temperature", b"temperature", "tenant_id", b"tenant_id", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
 Global___SubmitRequest: _TypeAlias = SubmitRequest  # noqa: Y015
 
@@ -126,6 +141,11 @@ class JobInfo(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PROMPT_HASH_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    TTFT_MS_FIELD_NUMBER: _builtins.int
+    TPOT_MS_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     model_ref: _builtins.str
@@ -147,6 +167,15 @@ class JobInfo(_message.Message):
     error: _builtins.str
     request_id: _builtins.str
     prompt_hash: _builtins.str
+    prompt_tokens: _builtins.int
+    """as the worker counted them; 0 until it said"""
+    ttft_ms: _builtins.int
+    """submit to first token; 0 until a token came"""
+    tpot_ms: _builtins.float
+    """time per output token after the first; 0 until done"""
+    top_p: _builtins.float
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -170,16 +199,55 @@ class JobInfo(_message.Message):
         error: _builtins.str = ...,
         request_id: _builtins.str = ...,
         prompt_hash: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        ttft_ms: _builtins.int = ...,
+        tpot_ms: _builtins.float = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        top_p: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "attempts", b"attempts", "created_at_ms", b"created_at_ms", "dispatched_at_ms", b"dispatched_at_ms", "error", b"error", "finished_at_ms", b"finished_at_ms", "id", b"id", "max_tokens", b"max_tokens", "model_ref", b"model_ref", "output", b"output", "priority", b"priority", "prompt_hash", b"prompt_hash", "queued_at_ms", b"queued_at_ms", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "state", b"state", "temperature", b"temperature", "tenant_id", b"tenant_id", "tokens_generated", b"tokens_generated", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "attempts", b"attempts", "created_at_ms", b"created_at_ms", "dispatched_at_ms", b"dispatched_at_ms", "error", b"error", "finished_at_ms", b"finished_at_ms", "id", b"id", "max_tokens", b"max_tokens", "model_ref", b"model_ref", "output", b"output", "priority", b"priority", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "queued_at_ms", b"queued_at_ms", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "state", b"state", "stop", b"stop", "temperature", b"temperature", "tenant_id", b"tenant_id", "tokens_generated", b"tokens_generated", "top_p", b"top_p", "tpot_ms", b"tpot_ms", "ttft_ms", b"ttft_ms", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___JobInfo: _TypeAlias = JobInfo  # noqa: Y015
+
+@_typing.final
+class OutputChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """new text since the previous chunk of the same attempt"""
+    tokens: _builtins.int
+    """tokens of this attempt so far"""
+    attempt: _builtins.int
+    """1, then 2 after a retry: the text starts again"""
+    @_builtins.property
+    def job(self) -> Global___JobInfo:
+        """set on the last chunk: the job as it ended"""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        tokens: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        job: Global___JobInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job", b"job", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputChunk: _TypeAlias = OutputChunk  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):

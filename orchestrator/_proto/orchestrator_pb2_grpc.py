@@ -60,6 +60,11 @@ class JobServiceStub:
                 request_serializer=orchestrator__pb2.WatchRequest.SerializeToString,
                 response_deserializer=orchestrator__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.StreamOutput = channel.unary_stream(
+                '/orchestrator.v1.JobService/StreamOutput',
+                request_serializer=orchestrator__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=orchestrator__pb2.OutputChunk.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -99,6 +104,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamOutput(self, request, context):
+        """The job's output as the worker produces it: the text so far, then each piece as it
+        arrives, then the job as it ended. A job retried after a failed attempt starts its
+        text again (OutputChunk.attempt grows). Ends when the job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +140,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=orchestrator__pb2.WatchRequest.FromString,
                     response_serializer=orchestrator__pb2.JobEvent.SerializeToString,
+            ),
+            'StreamOutput': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamOutput,
+                    request_deserializer=orchestrator__pb2.GetJobRequest.FromString,
+                    response_serializer=orchestrator__pb2.OutputChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class JobService:
             '/orchestrator.v1.JobService/Watch',
             orchestrator__pb2.WatchRequest.SerializeToString,
             orchestrator__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/orchestrator.v1.JobService/StreamOutput',
+            orchestrator__pb2.GetJobRequest.SerializeToString,
+            orchestrator__pb2.OutputChunk.FromString,
             options,
             channel_credentials,
             insecure,

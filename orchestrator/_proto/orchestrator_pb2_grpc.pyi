@@ -43,6 +43,11 @@ class JobServiceStub:
     List: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListJobsRequest, _orchestrator_pb2.ListJobsReply]
     Watch: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchRequest, _orchestrator_pb2.JobEvent]
     """Streams state changes: of one job (ends when it finishes), or of every job."""
+    StreamOutput: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.GetJobRequest, _orchestrator_pb2.OutputChunk]
+    """The job's output as the worker produces it: the text so far, then each piece as it
+    arrives, then the job as it ended. A job retried after a failed attempt starts its
+    text again (OutputChunk.attempt grows). Ends when the job ends.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -57,6 +62,11 @@ class JobServiceAsyncStub(JobServiceStub):
     List: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListJobsRequest, _orchestrator_pb2.ListJobsReply]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchRequest, _orchestrator_pb2.JobEvent]  # type: ignore[assignment]
     """Streams state changes: of one job (ends when it finishes), or of every job."""
+    StreamOutput: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.GetJobRequest, _orchestrator_pb2.OutputChunk]  # type: ignore[assignment]
+    """The job's output as the worker produces it: the text so far, then each piece as it
+    arrives, then the job as it ended. A job retried after a failed attempt starts its
+    text again (OutputChunk.attempt grows). Ends when the job ends.
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- jobs"""
@@ -98,6 +108,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.JobEvent], _abc.AsyncIterator[_orchestrator_pb2.JobEvent]]:
         """Streams state changes: of one job (ends when it finishes), or of every job."""
+
+    @_abc_1.abstractmethod
+    def StreamOutput(
+        self,
+        request: _orchestrator_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.OutputChunk], _abc.AsyncIterator[_orchestrator_pb2.OutputChunk]]:
+        """The job's output as the worker produces it: the text so far, then each piece as it
+        arrives, then the job as it ended. A job retried after a failed attempt starts its
+        text again (OutputChunk.attempt grows). Ends when the job ends.
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

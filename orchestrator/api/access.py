@@ -24,7 +24,9 @@ POOL = "/orchestrator.v1.PoolService/"
 ADMIN = "/orchestrator.v1.AdminService/"
 
 RPC: Mapping[str, frozenset[Role]] = MappingProxyType({
-    **{JOBS + m: CLIENTS for m in ("Submit", "Get", "Cancel", "List", "Watch")},
+    **{JOBS + m: CLIENTS for m in (
+        "Submit", "Get", "Cancel", "List", "Watch", "StreamOutput",
+    )},
     **{POOL + m: POOLS for m in ("Register", "Heartbeat")},
     **{ADMIN + m: OPERATORS for m in (
         "GetStatus", "GetPlatformSource", "ValidateScheduler", "DeployScheduler",
@@ -47,8 +49,11 @@ AUDITED_RPCS = frozenset({
 
 # HTTP: by route (the aiohttp resource's canonical path). `/metrics` carries every
 # tenant's labels and the values their schedulers emit: an operator's, like the admin API.
+# The OpenAI-compatible routes (api/web/openai.py) are JobService's Submit and its output
+# stream in another shape: the clients'.
 ADMIN_HTTP = "/v2/admin/"
 HTTP_PUBLIC = frozenset({"/", "/ui/{name}", "/healthz"})
+HTTP_CLIENTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 HTTP_METRICS = "/metrics"
 # The browser's EventSource cannot send headers: only this route takes `?token=`.
 HTTP_TOKEN_IN_QUERY = frozenset({"/v2/admin/events"})
@@ -58,6 +63,14 @@ def http_roles(route: str) -> frozenset[Role] | None:
     """The roles that may call `route`; None: no such row (denied)."""
     if route in HTTP_PUBLIC:
         return PUBLIC
+    if route in HTTP_CLIENTS:
+        return CLIENTS
     if route == HTTP_METRICS or route.startswith(ADMIN_HTTP):
         return OPERATORS
     return None
+
+
+def http_audited(method: str, route: str) -> bool:
+    """Whether a call is written to the `audit` log: every admin POST. A submit through
+    the OpenAI routes is not, as a gRPC Submit is not."""
+    return method == "POST" and route.startswith(ADMIN_HTTP)

@@ -512,6 +512,166 @@ async def tls_and_auth_cost(report: Report, rounds: int, per_round: int) -> None
         ]  # fmt: skip
 
 
+async def _wait_for_workers(server: Any, count: int, timeout_s: float = 60.0) -> list[Any]:
+    """The local pool's workers once `count` of them are ready."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready = [p for _, p in server.orchestrator.cluster.processes() if p.status == "ready"]
+        if len(ready) >= count:
+            return ready
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{count} inference workers were not ready within {timeout_s:.0f} s")
+
+
+def _slot_service(directory: Path, name: str, slots: int, api: str = "llamacpp") -> ServiceConfig:
+    """Two development workers, each alone on a declared GPU that holds one of them,
+    so the worker count is the same whatever the slots: only batching differs."""
+    gpu = {"device_name": "Bench GPU", "vram_total_bytes": 8 * 1024**3, "compute_capability": "8.9"}
+    return service_config(
+        directory, name,
+        local_pool={"gpus": [{"id": 0, **gpu}, {"id": 1, **gpu}],
+                    "worker": {"tokens_per_sec": 200, "slots": slots, "api": api}},
+    )  # fmt: skip
+
+
+async def slots_throughput(report: Report, rounds: int, burst: int, max_tokens: int) -> None:
+    """Jobs per second through the real service, development workers with 8 slots
+    against 1 slot, same hardware: each round submits `burst` jobs at once to each
+    service in turn (alternating which goes first) and times Submit of the first to
+    the completion of the last, seen on a Watch."""
+    from orchestrator._proto import orchestrator_pb2 as pb  # noqa: PLC0415
+    from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc  # noqa: PLC0415
+    from orchestrator.api.server import Server  # noqa: PLC0415
+
+    rates: dict[int, list[float]] = {8: [], 1: []}
+    with tempfile.TemporaryDirectory(prefix="bench-slots-") as tmp:
+        servers = {s: Server(_slot_service(Path(tmp), f"slots{s}", s)) for s in rates}
+        for server in servers.values():
+            await server.start()
+        try:
+            for server in servers.values():  # a backlog makes the scheduler start both
+                async with open_channel(f"127.0.0.1:{server.grpc_port}", ClientAuth()) as ch:
+                    stub = pb_grpc.JobServiceStub(ch)
+                    for i in range(32):
+                        await stub.Submit(pb.SubmitRequest(
+                            model="llama-8b", prompt=f"warm {i}", max_tokens=1))  # fmt: skip
+                await _wait_for_workers(server, 2)
+
+            async def one_burst(server: Any) -> float:
+                address = f"127.0.0.1:{server.grpc_port}"
+                async with open_channel(address, ClientAuth()) as channel:
+                    jobs = pb_grpc.JobServiceStub(channel)
+                    watch = jobs.Watch(pb.WatchRequest())
+                    completed: set[str] = set()
+                    progressed = asyncio.Event()
+
+                    async def follow() -> None:  # read as events come: a Watch is bounded
+                        async for event in watch:
+                            if event.state == pb.JOB_STATE_COMPLETED:
+                                completed.add(event.job_id)
+                                progressed.set()
+
+                    follower = asyncio.create_task(follow())
+                    await asyncio.sleep(0.05)  # the Watch is open before the first submit
+                    started = time.perf_counter()
+                    submitted = await asyncio.gather(*(
+                        jobs.Submit(pb.SubmitRequest(
+                            model="llama-8b", prompt=f"burst {i}", max_tokens=max_tokens))
+                        for i in range(burst)
+                    ))  # fmt: skip
+                    ids = {job.id for job in submitted}
+                    while not ids <= completed:
+                        progressed.clear()
+                        await asyncio.wait_for(progressed.wait(), 60)
+                    elapsed = time.perf_counter() - started
+                    follower.cancel()
+                    return burst / elapsed
+
+            for r in range(rounds):
+                order = (8, 1) if r % 2 == 0 else (1, 8)
+                for slots in order:
+                    rates[slots].append(await one_burst(servers[slots]))
+        finally:
+            for server in servers.values():
+                await server.stop()
+    ratios = [a / b for a, b in zip(rates[8], rates[1], strict=True)]
+    for slots, measured in rates.items():
+        m, low = statistics.median(measured), min(measured)
+        report.figures.append(
+            Figure(f"{'' if slots == 8 else '  '}jobs per second, 2 development workers, "
+                   f"{slots} slot{'s' if slots > 1 else ''} each", m, low, unit="/s",
+                   ratio=(f"{statistics.median(ratios):.2f}x 1 slot (per round "
+                          f"{min(ratios):.2f}x to {max(ratios):.2f}x)") if slots == 8 else "",
+                   note=(f"{rounds} rounds of {burst} jobs of {max_tokens} tokens submitted at "
+                         "once, the two services in alternating order; the p99 column is the "
+                         "slowest round; workers at 200 tokens/s for one sequence")
+                   if slots == 8 else ""),
+        )  # fmt: skip
+
+
+async def _first_content_ms(
+    session: Any, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> float:
+    """Time from the request to the first chunk that carries text, streamed."""
+    import json  # noqa: PLC0415
+
+    started = time.perf_counter()
+    first = None
+    async with session.post(url, json=body, headers=headers) as response:
+        response.raise_for_status()
+        async for raw in response.content:
+            line = raw.strip()
+            if first is None and line.startswith(b"data:") and line != b"data: [DONE]":
+                choice = json.loads(line[5:])["choices"]
+                if choice and choice[0].get("delta", {}).get("content"):
+                    first = (time.perf_counter() - started) * 1000
+    if first is None:
+        raise RuntimeError(f"{url} streamed no text")
+    return first
+
+
+async def front_door_ttft(report: Report, count: int) -> None:
+    """Time to first token through the core's OpenAI front door against the same
+    request sent straight to the development worker, alternately: the difference is
+    what the core adds (parse, durable submit, a scheduling cycle in the sandbox,
+    dispatch, relaying the stream)."""
+    import aiohttp  # noqa: PLC0415
+
+    from orchestrator.api.server import Server  # noqa: PLC0415
+
+    body: dict[str, Any] = {
+        "model": "llama-8b", "max_tokens": 4, "stream": True,
+        "messages": [{"role": "user", "content": "Say something about schedulers. " * 8}],
+    }  # fmt: skip
+    times: dict[str, list[float]] = {"core": [], "direct": []}
+    with tempfile.TemporaryDirectory(prefix="bench-ttft-") as tmp:
+        server = Server(_slot_service(Path(tmp), "ttft", 8, api="openai"))
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                core = f"http://127.0.0.1:{server.http_port}/v1/chat/completions"
+                await _first_content_ms(session, core, body, {})  # starts a worker
+                (worker, *_) = await _wait_for_workers(server, 1)
+                direct = f"{worker.uri}/v1/chat/completions"
+                for i in range(count):
+                    order = ("core", "direct") if i % 2 == 0 else ("direct", "core")
+                    for which in order:
+                        url = core if which == "core" else direct
+                        times[which].append(await _first_content_ms(session, url, body, {}))
+        finally:
+            await server.stop()
+    (cm, cp), (dm, dp) = summary(times["core"]), summary(times["direct"])
+    report.figures += [
+        Figure("TTFT through the OpenAI front door (streamed chat)", cm, cp,
+               ratio=f"+{cm - dm:.2f} ms median, +{cp - dp:.2f} ms p99 over direct",
+               note=f"{count} requests each way, one at a time, alternating; a development "
+               "worker in the openai dialect with 8 slots; the core's part is a durable "
+               "submit, a scheduling cycle (platform scheduler in its sandbox), the dispatch "
+               "commit and relaying the stream"),
+        Figure("  TTFT straight to the worker", dm, dp),
+    ]  # fmt: skip
+
+
 def in_process_floor(n_jobs: int, count: int) -> tuple[float, float]:
     """9. The same script and deltas through lupa in-process: no isolation at all."""
     runtime = LuaSchedulerRuntime(sandbox_pb2.LANGUAGE_LUAJIT)
@@ -600,6 +760,10 @@ async def run(quick: bool = False) -> Report:
     await submit_to_dispatch(report, 300)
     settle("what TLS and an API key add to a call")
     await tls_and_auth_cost(report, rounds=6, per_round=200)
+    settle("jobs per second: development workers with 8 slots against 1")
+    await slots_throughput(report, rounds=5, burst=64, max_tokens=16)
+    settle("TTFT through the OpenAI front door against direct to the worker")
+    await front_door_ttft(report, 200)
     settle("9. the in-process floor")
     fm_, fp_ = in_process_floor(10_000, 300)
     report.figures.append(

@@ -33,6 +33,39 @@ async def _follow(jobs: pb_grpc.JobServiceStub, job_id: str) -> int:
     return 0 if last is not None and last.state == pb.JOB_STATE_COMPLETED else 1
 
 
+async def _stream(jobs: pb_grpc.JobServiceStub, job_id: str) -> int:
+    """Print the job's output to stdout as it comes, then how it ended to stderr."""
+    attempt = 0
+    printed = ""  # the tail of what stdout got, to end it with a newline
+    job: Any = None
+    async for chunk in jobs.StreamOutput(pb.GetJobRequest(job_id=job_id)):
+        if attempt and chunk.attempt != attempt:
+            # A failed attempt's text is not the job's: what follows starts it again.
+            print(f"\n[attempt {chunk.attempt}: the output starts again]", file=sys.stderr)
+        attempt = chunk.attempt or attempt
+        if chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            printed = chunk.text
+        if chunk.HasField("job"):
+            job = chunk.job
+    if printed and not printed.endswith("\n"):
+        print()
+    if job is None:
+        return 1
+    print(_status_line(job), file=sys.stderr)
+    return 0 if job.state == pb.JOB_STATE_COMPLETED else 1
+
+
+def _status_line(job: Any) -> str:
+    """`job-… completed tokens=16 ttft=42 ms tpot=3.1 ms` (`-`: what the job did not get to)."""
+    ttft = f"{job.ttft_ms} ms" if job.ttft_ms else "-"
+    tpot = f"{job.tpot_ms:.1f} ms" if job.tpot_ms else "-"
+    state = STATE_NAMES[job.state].value
+    line = f"{job.id} {state} tokens={job.tokens_generated} ttft={ttft} tpot={tpot}"
+    return f"{line} error={job.error}" if job.error else line
+
+
 async def job_command(args: argparse.Namespace) -> int:
     """Run one job action; exit 0 on success, 1 when the job did not complete, 2 on errors."""
     async with open_channel(args.address, auth_from_arguments(args)) as channel:
@@ -46,12 +79,15 @@ async def job_command(args: argparse.Namespace) -> int:
                     priority=args.priority,
                     temperature=args.temperature,
                     tenant_id=args.tenant,
+                    stop=args.stop,
                 )
                 if args.seed is not None:
                     request.seed = args.seed
+                if args.top_p is not None:
+                    request.top_p = args.top_p
                 job = await jobs.Submit(request)
                 if args.wait:
-                    return await _follow(jobs, job.id)
+                    return await _stream(jobs, job.id)
                 _print(job)
             elif args.job_command == "get":
                 _print(await jobs.Get(pb.GetJobRequest(job_id=args.job_id)))

@@ -96,15 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_client_arguments(job)
     job_commands = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
-    submit = job_commands.add_parser("submit", help="submit a job and print it (--wait: follow it)")
+    submit = job_commands.add_parser(
+        "submit", help="submit a job and print it (--wait: print its tokens as they come)"
+    )
     submit.add_argument("--model", required=True, help="a catalog model_ref or alias")
     submit.add_argument("--prompt", required=True)
     submit.add_argument("--max-tokens", type=int, default=64)
     submit.add_argument("--priority", choices=["interactive", "batch"], default="batch")
     submit.add_argument("--seed", type=int)
     submit.add_argument("--temperature", type=float, default=0.0)
+    submit.add_argument("--top-p", type=float, help="nucleus sampling, within (0, 1]; default 1")
+    submit.add_argument(
+        "--stop", action="append", default=[], help="a sequence that ends the output (repeatable)"
+    )
     submit.add_argument("--tenant", default="")
-    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="print the output to stdout as it is generated, then how the job ended to stderr",
+    )
     for name, text in (
         ("get", "print a job"),
         ("cancel", "cancel a job"),

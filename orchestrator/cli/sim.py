@@ -39,6 +39,12 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         help="80 GB A100s per pool (default: one per two workers)",
     )
     cluster.add_argument(
+        "--worker-slots",
+        type=int,
+        default=d.worker_slots,
+        help="jobs each worker runs at once, as a batched server (default %(default)s)",
+    )
+    cluster.add_argument(
         "--start-delay-ms",
         type=int,
         default=d.start_delay_ms,

@@ -6,6 +6,8 @@ The file mirrors `ctx` as a script sees it (runtime-spec section 3): `queue`,
 place of the ones they come from (`wait_time_ms` for `queued_at`, `uptime_ms` for
 `started_at_ms`, `heartbeat_age_ms` for `last_heartbeat_ms`). Omitted metrics are
 computed from the queue and pools. Unknown fields are errors that name their path.
+A worker's slots (docs/ARCHITECTURE.md D27) default to the spec's worker: one slot,
+none busy, no active jobs, the llama.cpp API.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.records import build, convert, parse_yaml, to_plain
+from orchestrator.config.settings import MAX_WORKER_SLOTS
 from orchestrator.domain.context import (
+    WORKER_APIS,
     Catalog,
     CatalogModel,
     Config,
@@ -27,6 +31,7 @@ from orchestrator.domain.context import (
     Metrics,
     Pool,
     Tenant,
+    Worker,
     derive_metrics,
     estimate_job,
 )
@@ -83,7 +88,10 @@ def context_from_dict(data: Any, *, source: str = "context") -> Context:
             pool_data = {**pool_data, "workers": [_strip(w) for w in workers]}
         if isinstance(pool_data, Mapping) and pool_data.get("gpus"):
             pool_data = {**pool_data, "gpus": [_strip(g) for g in pool_data["gpus"]]}
-        pools.append(build(Pool, pool_data, f"{source}.pools[{i}]", ignore=_DERIVED))
+        pool = build(Pool, pool_data, f"{source}.pools[{i}]", ignore=_DERIVED)
+        for j, worker in enumerate(pool.workers):
+            _check_slots(worker, f"{source}.pools[{i}].workers[{j}]")
+        pools.append(pool)
 
     raw_tenants = data.get("tenants") or {}
     if isinstance(raw_tenants, Mapping):  # keyed by id, as in ctx.tenants
@@ -105,6 +113,21 @@ def context_from_dict(data: Any, *, source: str = "context") -> Context:
         metrics=metrics,
         config=config,
     )
+
+
+def _check_slots(worker: Worker, path: str) -> None:
+    """Slots within what a worker can have, and an API the core speaks."""
+    if worker.api not in WORKER_APIS:
+        raise ConfigError(f"{path}.api: {worker.api!r} is not one of {', '.join(WORKER_APIS)}")
+    if not 1 <= worker.slots_total <= MAX_WORKER_SLOTS:
+        raise ConfigError(
+            f"{path}.slots_total: must be within 1..{MAX_WORKER_SLOTS}, got {worker.slots_total}"
+        )
+    if not 0 <= worker.slots_busy <= worker.slots_total:
+        raise ConfigError(
+            f"{path}.slots_busy: must be within 0..slots_total ({worker.slots_total}), "
+            f"got {worker.slots_busy}"
+        )
 
 
 def _strip(record: Any) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator.config.records import build, convert, parse_yaml
 from orchestrator.domain.context import (
+    WORKER_APIS,
     Catalog,
     CatalogModel,
     Config,
@@ -32,6 +33,8 @@ DEPLOYMENT_MODES = ("home", "lab", "platform")
 # How sandbox workers start: forked from the pre-imported fork server (milliseconds),
 # or exec'd as a fresh interpreter (~300 ms of CPU, but its own address-space layout).
 SPAWN_METHODS = ("fork-server", "exec")
+# Slots of one worker: vLLM's default max_num_seqs is 256; more is a typo.
+MAX_WORKER_SLOTS = 1024
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -171,21 +174,37 @@ class WorkerLaunchConfig:
     """How the local pool starts an inference worker process.
 
     `command` is a template; placeholders: {python}, {host}, {port}, {model_ref},
-    {model_file}, {gpu_id}, {worker_id}, {tokens_per_sec}. The default starts the
-    development worker; llama.cpp's llama-server plugs in as
-    ["llama-server", "-m", "{model_file}", "--host", "{host}", "--port", "{port}"].
+    {model_file}, {gpu_id}, {worker_id}, {tokens_per_sec}, {slots}. The default starts
+    the development worker; llama.cpp's llama-server plugs in as
+    ["llama-server", "-m", "{model_file}", "--host", "{host}", "--port", "{port}",
+    "--parallel", "{slots}"], vLLM as ["vllm", "serve", "{model_file}", "--port",
+    "{port}", "--max-num-seqs", "{slots}"] with `api: openai`.
+
+    `api` is the dialect the core speaks to the worker (WORKER_APIS): `llamacpp` is
+    `POST /completion`, `openai` is `/v1/completions` and `/v1/chat/completions`.
+    `slots` is how many jobs one worker runs at once; with `slots_from_server`, a
+    llama-server's own `total_slots` (from `GET /props`) replaces it once it is ready.
     """
 
     command: tuple[str, ...] = (
         "{python}", "-m", "orchestrator.pools.devworker", "--host", "{host}", "--port", "{port}",
-        "--model", "{model_ref}", "--tokens-per-sec", "{tokens_per_sec}",
+        "--model", "{model_ref}", "--tokens-per-sec", "{tokens_per_sec}", "--slots", "{slots}",
     )  # fmt: skip
+    api: str = "llamacpp"
+    slots: int = 1
+    slots_from_server: bool = False
     host: str = "127.0.0.1"
     port_range: tuple[int, ...] = (18100, 18999)
     startup_timeout_ms: int = 30_000
     tokens_per_sec: float = 200.0  # for the development worker
     model_files: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.api not in WORKER_APIS:
+            raise ValueError(f"api must be one of {list(WORKER_APIS)}, not {self.api!r}")
+        if not 1 <= self.slots <= MAX_WORKER_SLOTS:
+            raise ValueError(f"slots must be within 1..{MAX_WORKER_SLOTS}, not {self.slots}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ from types import MappingProxyType
 PRIORITY_RANK: Mapping[str, int] = MappingProxyType({"interactive": 0, "batch": 1})
 PRIORITIES = tuple(PRIORITY_RANK)
 WORKER_STATUSES = ("ready", "busy", "starting", "failed")
+# The HTTP dialects a worker speaks (issue 15): llama.cpp's `POST /completion`, or the
+# OpenAI-compatible `/v1/completions` and `/v1/chat/completions` of vLLM, SGLang, TGI
+# and llama-server.
+WORKER_APIS = ("llamacpp", "openai")
 POOL_STATUSES = ("healthy", "degraded", "offline")
 # ctx.metrics travels as int64: a sum past this is clamped, not an error in every cycle.
 INT64_MAX = 2**63 - 1
@@ -83,6 +87,18 @@ class Worker:
     avg_tokens_per_sec: float = 0.0
     started_at_ms: int = 0
     last_used_at_ms: int = 0
+    # Slots (an extension of runtime-spec 3.2, docs/ARCHITECTURE.md D27): a batched
+    # server runs up to `slots_total` jobs at once. `status` is "busy" only when every
+    # slot is taken; `current_job_id` is the oldest of `active_job_ids`. With one slot
+    # this is exactly the spec's worker.
+    slots_total: int = 1
+    slots_busy: int = 0
+    active_job_ids: tuple[str, ...] = ()
+    api: str = "llamacpp"
+
+    @property
+    def slots_free(self) -> int:
+        return max(0, self.slots_total - self.slots_busy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +122,8 @@ class ProcessInfo:
     uri: str
     status: str
     started_at_ms: int
+    slots: int = 1  # how many jobs it runs at once (configured, or read from the server)
+    api: str = "llamacpp"  # WORKER_APIS
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,18 @@ class Identity:
             return self.tenant_id
         raise PermissionDeniedError(f"{self.describe()} has no jobs to see")
 
+    def acting_for(self, requested: str) -> str:
+        """The tenant a submit of this caller's acts for: a tenant's own, whether or not it
+        names it (another's is PermissionDeniedError); an operator's choice, "" for none."""
+        scope = self.job_scope()
+        if scope is None:
+            return requested
+        if requested and requested != scope:
+            raise PermissionDeniedError(
+                f"{self.describe()} acts only for its own tenant, not {requested!r}"
+            )
+        return scope
+
     def may_speak_for(self, pool_id: str) -> bool:
         """Whether this caller may register, heartbeat and take commands as `pool_id`."""
         return self.is_operator or (self.role == Role.POOL and pool_id in self.pool_ids)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -108,6 +109,36 @@ class JobRecord:
     error: str = ""
     estimated_vram_bytes: int = 0
     estimated_duration_ms: int = 0
+    # A chat request's messages as JSON (a list of {"role", "content"}), sent as they are
+    # to an OpenAI-compatible worker; `prompt` then holds them rendered as one text
+    # (`render_chat`), which the llama.cpp dialect sends and the hash and bounds count.
+    messages: str = ""
+    stop: tuple[str, ...] = ()
+    top_p: float = 1.0
+    prompt_tokens: int = 0  # as the worker counted them (its usage); 0 until it said
+    first_token_at: int | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        """What the job holds in memory while queued: its prompt, and a chat's messages."""
+        return len(self.prompt.encode()) + len(self.messages.encode())
+
+    @property
+    def tokens_estimate(self) -> int:
+        """What the job counts as before it is tokenized: `max_tokens` and its prompt."""
+        return self.max_tokens + prompt_tokens(len(self.prompt.encode()))
+
+    @property
+    def ttft_ms(self) -> int | None:
+        """Submit to first token, what a client waits before the output starts."""
+        return None if self.first_token_at is None else self.first_token_at - self.created_at
+
+    @property
+    def tpot_ms(self) -> float | None:
+        """Time per output token after the first, for a completed job of two or more."""
+        if self.first_token_at is None or self.finished_at is None or self.tokens_generated < 2:
+            return None
+        return (self.finished_at - self.first_token_at) / (self.tokens_generated - 1)
 
     def to_job(self) -> Job:
         """The job as a scheduler sees it in ctx.queue (no prompt: only its hash)."""
@@ -142,6 +173,9 @@ class SubmitSpec:
     tenant_id: str = ""
     session_id: str = ""
     request_id: str = ""
+    messages: tuple[tuple[str, str], ...] = ()  # chat: (role, content); prompt unused then
+    stop: tuple[str, ...] = ()
+    top_p: float = 1.0
 
 
 def in_scope(tenant_id: str | None, scope: str | None) -> bool:
@@ -149,6 +183,24 @@ def in_scope(tenant_id: str | None, scope: str | None) -> bool:
     None sees every tenant's jobs, a tenant id only that tenant's, "" only jobs without
     a tenant (domain/identity.py, `Identity.job_scope`)."""
     return scope is None or (tenant_id or "") == scope
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+MAX_CHAT_MESSAGES = 1024
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+MAX_STOP_BYTES = 256
+
+
+def render_chat(messages: tuple[tuple[str, str], ...]) -> str:
+    """A chat as one prompt text: what the llama.cpp dialect (which has no chat
+    template of its own on `/completion`) is sent, and what the prompt hash and the
+    prompt bounds count. One "role: content" line per message, then "assistant:"."""
+    return "".join(f"{role}: {content}\n" for role, content in messages) + "assistant:"
+
+
+def submitted_prompt(spec: SubmitSpec) -> str:
+    """The prompt a submit stands for: its prompt, or its chat rendered."""
+    return render_chat(spec.messages) if spec.messages else spec.prompt
 
 
 def validate_submit(
@@ -172,7 +224,26 @@ def validate_submit(
         raise InvalidRequestError(
             "max_tokens", f"{spec.max_tokens} exceeds the limit of {limits.max_tokens}"
         )
-    size = len(spec.prompt.encode())
+    if spec.messages and spec.prompt:
+        raise InvalidRequestError("prompt", "give a prompt or chat messages, not both")
+    if len(spec.messages) > MAX_CHAT_MESSAGES:
+        raise InvalidRequestError(
+            "messages", f"{len(spec.messages)} messages exceeds the limit of {MAX_CHAT_MESSAGES}"
+        )
+    for index, (role, _) in enumerate(spec.messages):
+        if role not in CHAT_ROLES:
+            raise InvalidRequestError(
+                "messages", f"message {index}: role must be one of {', '.join(CHAT_ROLES)}"
+            )
+    if len(spec.stop) > MAX_STOP_SEQUENCES or any(
+        not s or len(s.encode()) > MAX_STOP_BYTES for s in spec.stop
+    ):
+        raise InvalidRequestError(
+            "stop", f"at most {MAX_STOP_SEQUENCES} non-empty sequences of {MAX_STOP_BYTES} bytes"
+        )
+    if not 0.0 < spec.top_p <= 1.0:
+        raise InvalidRequestError("top_p", f"must be within (0, 1], got {spec.top_p}")
+    size = len(submitted_prompt(spec).encode())
     if size > limits.max_prompt_bytes:
         raise InvalidRequestError(
             "prompt", f"{size} bytes exceeds the limit of {limits.max_prompt_bytes} bytes"
@@ -199,11 +270,16 @@ def new_record(
     job_id: str, spec: SubmitSpec, model_ref: str, priority: str, catalog: Catalog, now_ms: int
 ) -> JobRecord:
     vram, duration = estimate_job(catalog, model_ref, spec.max_tokens)
+    prompt = submitted_prompt(spec)
+    messages = [{"role": role, "content": content} for role, content in spec.messages]
     return JobRecord(
         id=job_id,
         model_ref=model_ref,
-        prompt=spec.prompt,
-        prompt_hash="sha256:" + hashlib.sha256(spec.prompt.encode()).hexdigest(),
+        prompt=prompt,
+        prompt_hash="sha256:" + hashlib.sha256(prompt.encode()).hexdigest(),
+        messages=json.dumps(messages, ensure_ascii=False) if messages else "",
+        stop=spec.stop,
+        top_p=spec.top_p,
         priority=priority,
         max_tokens=spec.max_tokens,
         temperature=spec.temperature,

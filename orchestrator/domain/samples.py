@@ -124,6 +124,8 @@ def sample_context(*, now_ms: int = NOW_MS, platform_mode: bool = False) -> Cont
                 "http://192.168.1.100:8002",
                 current_job_id="job-running",
                 job_started_at=now_ms - 1500,
+                slots_busy=1,
+                active_job_ids=("job-running",),
                 jobs_completed=17,
                 avg_tokens_per_sec=58.0,
                 started_at_ms=now_ms - 7_200_000,

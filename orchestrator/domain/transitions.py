@@ -39,6 +39,8 @@ class JobUpdate:
     output: str | None = None
     tokens_generated: int | None = None
     error: str | None = None
+    prompt_tokens: int | None = None
+    first_token_at: int | None = None
 
     def assignments(self) -> Iterator[tuple[str, object]]:
         """(JobRecord field, new value) for every field this update sets."""
@@ -75,12 +77,18 @@ def dispatch(record: JobRecord, worker_id: str, at: int) -> Transition:
 
 
 def first_token(job_id: str, at: int) -> Transition:
-    """The worker sent its first token."""
-    return Transition(job_id, _DISPATCHED, JobState.RUNNING, at)
+    """The worker sent its first token (its time is the job's TTFT, docs/ARCHITECTURE.md D27)."""
+    return Transition(
+        job_id, _DISPATCHED, JobState.RUNNING, at, update=JobUpdate(first_token_at=at)
+    )
 
 
-def complete(job_id: str, worker_id: str, output: str, tokens: int, at: int) -> Transition:
-    update = JobUpdate(finished_at=at, output=output, tokens_generated=tokens)
+def complete(
+    job_id: str, worker_id: str, output: str, tokens: int, at: int, *, prompt_tokens: int = 0
+) -> Transition:
+    update = JobUpdate(
+        finished_at=at, output=output, tokens_generated=tokens, prompt_tokens=prompt_tokens
+    )
     return Transition(job_id, IN_FLIGHT, JobState.COMPLETED, at, f"on {worker_id}", update)
 
 

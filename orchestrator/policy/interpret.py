@@ -136,13 +136,14 @@ def _choose(ctx: Context, found: list[tuple[Pool, Worker]], selection: str) -> W
     if selection == "round-robin":  # a fresh cursor: the lowest id
         return min((w for _, w in found), key=lambda w: w.id)
 
-    def key(item: tuple[Pool, Worker]) -> tuple[float, str]:
+    def key(item: tuple[Pool, Worker]) -> tuple[float, float, str]:
         pool, worker = item
         gpus = _gpus_of(pool, worker)
         if selection == "most-vram-free":
-            return (-sum(g.vram_free_bytes for g in gpus), worker.id)
+            return (0.0, -sum(g.vram_free_bytes for g in gpus), worker.id)
+        # Least loaded: the smallest share of slots busy, then GPU utilization (D27).
         load = sum(g.utilization_percent for g in gpus) / len(gpus) if gpus else 0.0
-        return (load, worker.id)
+        return (worker.slots_busy / worker.slots_total, load, worker.id)
 
     return min(found, key=key)[1]
 
@@ -190,7 +191,7 @@ def _job_action(rule: Rule, ctx: Context, job: Job, place: Condition) -> Decisio
         ref = ctx.catalog.resolve(job.model_ref)
         found = [
             (p, w) for p, w in _workers(ctx)
-            if w.status == "ready" and p.status != "offline"
+            if w.status == "ready" and w.slots_busy < w.slots_total and p.status != "offline"
             and ctx.catalog.resolve(w.model_ref) == ref
             and holds(place, Scope(ctx, job, w, p, _first_gpu(p, w)))
         ]  # fmt: skip
@@ -222,7 +223,7 @@ def _global_action(rule: Rule, ctx: Context, place: Condition) -> Decision | Non
     if action.kind == "evict":
         idle = [
             (p, w) for p, w in _workers(ctx)
-            if w.status in ("ready", "failed") and w.current_job_id is None
+            if w.status in ("ready", "failed") and w.slots_busy == 0 and w.current_job_id is None
             and (not action.worker_id or w.id == action.worker_id)
             and holds(place, Scope(ctx, None, w, p, _first_gpu(p, w)))
         ]  # fmt: skip

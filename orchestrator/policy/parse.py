@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from orchestrator.domain.context import WORKER_APIS
 from orchestrator.domain.errors import ErrorCode, OrchestratorError
 
 STRING, NUMBER, BOOL = "string", "number", "bool"
@@ -46,6 +47,7 @@ FIELDS: dict[str, dict[str, str]] = {
         "uri": STRING, "current_job_id": STRING, "job_started_at": NUMBER,
         "jobs_completed": NUMBER, "avg_tokens_per_sec": NUMBER, "uptime_ms": NUMBER,
         "started_at_ms": NUMBER, "last_used_at_ms": NUMBER, "pool_id": STRING,
+        "slots_total": NUMBER, "slots_busy": NUMBER, "api": STRING,
     },
     "pool": {
         "id": STRING, "endpoint": STRING, "status": STRING, "last_heartbeat_ms": NUMBER,
@@ -76,6 +78,7 @@ FIELDS: dict[str, dict[str, str]] = {
 ENUMS = {
     "job.priority": ("interactive", "batch"),
     "worker.status": ("ready", "busy", "starting", "failed"),
+    "worker.api": WORKER_APIS,
     "pool.status": ("healthy", "degraded", "offline"),
 }
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from orchestrator.config.settings import SchedulerConfig
 from orchestrator.domain import decision as decisions
-from orchestrator.domain.context import Context, Tenant
+from orchestrator.domain.context import Context, Tenant, Worker
 from orchestrator.domain.errors import ErrorCode, OrchestratorError, UsageError
 from orchestrator.domain.samples import sample_context, synthetic_cluster
 from orchestrator.policy.compile import compile_yaml
@@ -65,16 +65,26 @@ def policy_version(source: str, language: str, name: str) -> str:
     return match.group(1) if match else ""
 
 
+def _every_slot_busy(worker: Worker) -> Worker:
+    """`worker` running a job in each of its slots, as the live state shows it."""
+    first = f"running-{worker.id}"
+    running = (first, *(f"{first}-{n}" for n in range(1, worker.slots_total)))
+    return dataclasses.replace(
+        worker,
+        status="busy",
+        current_job_id=first,
+        slots_busy=len(running),
+        active_job_ids=running,
+    )
+
+
 def bank() -> list[tuple[str, Context]]:
     """The validation bank: the contexts every policy must handle."""
     sample = sample_context()
     busy_pools = tuple(
         dataclasses.replace(
             pool,
-            workers=tuple(
-                dataclasses.replace(w, status="busy", current_job_id=f"running-{w.id}")
-                for w in pool.workers
-            ),
+            workers=tuple(_every_slot_busy(w) for w in pool.workers),
         )
         for pool in sample.pools
     )

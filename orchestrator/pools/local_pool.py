@@ -3,7 +3,8 @@ worker processes it starts from the command template in the config.
 
 The core runs one for its own host; `orchestratord pool-manager` runs one on another
 host and reports it through PoolService. Workers are real processes; a worker is
-"starting" until its /health answers 200, then "ready", and "failed" if it exits or
+"starting" until its health check answers 200 (`GET /health` for llama.cpp, `GET
+/v1/models` for the OpenAI dialect), then "ready", and "failed" if it exits or
 never gets healthy.
 """
 
@@ -26,6 +27,7 @@ import psutil
 from orchestrator.config.settings import LocalPoolConfig
 from orchestrator.domain.context import Gpu, HostReading, ProcessInfo
 from orchestrator.domain.errors import PoolError
+from orchestrator.pools.completion import WorkerEndpoint, probe_health, probe_slots
 from orchestrator.pools.hardware import GpuProbe, HostProbe
 from orchestrator.support.clock import now_ms
 from orchestrator.support.files import open_log
@@ -48,6 +50,8 @@ class LocalWorker:
     port: int
     status: str = "starting"  # the process's state; the core overlays "busy"
     started_at_ms: int = 0
+    slots: int = 1  # jobs it runs at once: the config's, until the server says otherwise
+    api: str = "llamacpp"  # the dialect it speaks (WORKER_APIS)
     process: asyncio.subprocess.Process | None = None
     detail: str = ""
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -92,7 +96,15 @@ class LocalPool:
         """The worker processes as the cluster state sees them (the core overlays "busy")."""
         return [
             ProcessInfo(
-                w.id, w.model_ref, w.gpu_ids, w.vram_bytes, w.uri, w.status, w.started_at_ms
+                w.id,
+                w.model_ref,
+                w.gpu_ids,
+                w.vram_bytes,
+                w.uri,
+                w.status,
+                w.started_at_ms,
+                slots=w.slots,
+                api=w.api,
             )
             for w in self.workers.values()
         ]
@@ -167,6 +179,7 @@ class LocalPool:
             "gpu_id": str(gpu_id),
             "worker_id": worker_id,
             "tokens_per_sec": f"{launch.tokens_per_sec:g}",
+            "slots": str(launch.slots),
         }
         try:
             argv = [part.format(**values) for part in launch.command]
@@ -185,6 +198,8 @@ class LocalPool:
             uri=f"http://{launch.host}:{port}",
             port=port,
             started_at_ms=now_ms(),
+            slots=launch.slots,
+            api=launch.api,
         )
         try:
             log_fd = open_log(self.state_dir / f"worker-{worker_id}.log", append=True)
@@ -221,7 +236,8 @@ class LocalPool:
         return worker
 
     async def _watch(self, worker: LocalWorker) -> None:
-        """Starting -> ready once /health answers; -> failed if the process exits."""
+        """Starting -> ready once its dialect's health check answers (with the slots the
+        server reports, if asked); -> failed if the process exits."""
         assert worker.process is not None
         deadline = time.monotonic() + self.config.worker.startup_timeout_ms / 1000
         timeout = aiohttp.ClientTimeout(total=1.0)
@@ -235,18 +251,21 @@ class LocalPool:
                     with contextlib.suppress(ProcessLookupError):
                         worker.process.kill()
                     break
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with session.get(worker.uri + "/health") as response:
-                        if response.status == 200:
-                            worker.status = "ready"
-                            self._changed()
-                            log.info(
-                                "pool.worker_ready",
-                                pool=self.id,
-                                worker=worker.id,
-                                startup_ms=now_ms() - worker.started_at_ms,
-                            )
-                            break
+                endpoint = WorkerEndpoint(worker.uri, worker.api)
+                if await probe_health(session, endpoint):
+                    if self.config.worker.slots_from_server:
+                        worker.slots = await probe_slots(session, endpoint) or worker.slots
+                    worker.status = "ready"
+                    self._changed()
+                    log.info(
+                        "pool.worker_ready",
+                        pool=self.id,
+                        worker=worker.id,
+                        startup_ms=now_ms() - worker.started_at_ms,
+                        api=worker.api,
+                        slots=worker.slots,
+                    )
+                    break
                 await asyncio.sleep(HEALTH_POLL_S)
         code = await worker.process.wait()
         if self.workers.get(worker.id) is worker and worker.status != "failed":

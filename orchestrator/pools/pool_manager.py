@@ -75,6 +75,10 @@ class PoolManager:
                 vram_bytes=w.vram_bytes,
                 uri=w.uri,
                 started_at_ms=w.started_at_ms,
+                # The core counts the slots in use from its own dispatches; the pool
+                # says how many there are and how to talk to the worker.
+                slots_total=w.slots,
+                api=w.api,
             )
             for w in self.pool.workers.values()
         ]

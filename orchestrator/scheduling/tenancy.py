@@ -27,7 +27,7 @@ PLATFORM = ""  # the proposer key of the platform scheduler's decision
 
 def tenant_view(ctx: Context, tenant_id: str, owners: Mapping[str, str | None]) -> Context:
     """What tenant `tenant_id`'s scheduler sees. `owners` maps running job ids to
-    their tenants (a worker's current job is only shown to its owner)."""
+    their tenants (a worker's running jobs are only shown to their owners)."""
     tenant = ctx.tenants_by_id.get(tenant_id) or Tenant(id=tenant_id)
     queue = tuple(job for job in ctx.queue if job.tenant_id == tenant_id)
     headroom = None
@@ -55,14 +55,18 @@ def _pool_view(
 
 
 def _worker_view(worker: Worker, tenant_id: str, owners: Mapping[str, str | None]) -> Worker:
-    job = worker.current_job_id
-    mine = job is not None and owners.get(job) == tenant_id
-    # Busy stays busy (the tenant cannot use it either); whose job it is, and how
-    # much others used the worker, is not the tenant's to see.
+    mine = tuple(job for job in worker.active_job_ids if owners.get(job) == tenant_id)
+    oldest = mine[0] if mine else None
+    # Busy stays busy, and a taken slot stays taken (slots_busy is kept): the tenant
+    # cannot use them either. Whose jobs they are, and how much others used the
+    # worker, is not the tenant's to see. current_job_id is its own oldest job; when
+    # that is not the worker's oldest, when it started is not known here.
+    shows_start = oldest is not None and oldest == worker.current_job_id
     return dataclasses.replace(
         worker,
-        current_job_id=job if mine else None,
-        job_started_at=worker.job_started_at if mine else None,
+        current_job_id=oldest,
+        job_started_at=worker.job_started_at if shows_start else None,
+        active_job_ids=mine,
         jobs_completed=0,
         last_used_at_ms=worker.started_at_ms,
     )

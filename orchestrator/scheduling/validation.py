@@ -2,9 +2,10 @@
 
 Pure: takes a `Decision` and the `Context` it was made on, returns a verdict.
 A batch is validated in order against the state its earlier actions leave behind
-(a job dispatched once cannot be dispatched again, a worker given a job is busy,
-VRAM promised to a start_worker is gone). A decision is accepted whole or not at
-all; every rejection names the action's position and a machine-readable reason.
+(a job dispatched once cannot be dispatched again, each job given to a worker takes
+one of its free slots, VRAM promised to a start_worker is gone). A decision is
+accepted whole or not at all; every rejection names the action's position and a
+machine-readable reason.
 
 The predicates here (quota, GPU compatibility, fit) have twins among the Lua
 built-ins in sandbox_worker/lua/builtins/ (gpus, jobs, quotas); tests hold the two to the
@@ -107,12 +108,18 @@ def check_tenant_quota(
     return True, None, None
 
 
-def check_job_fit(ctx: Context, job: Job, worker: Worker) -> tuple[bool, str | None]:
-    """Can `job` run on `worker` right now? (ctx.can_job_fit)"""
+def check_job_fit(
+    ctx: Context, job: Job, worker: Worker, *, extra_jobs: int = 0
+) -> tuple[bool, str | None]:
+    """Can `job` run on `worker` right now? (ctx.can_job_fit)
+
+    The worker must be ready with a slot free (docs/ARCHITECTURE.md D27); `extra_jobs`
+    are the jobs earlier actions of the same batch already gave it.
+    """
     pool = ctx.workers_by_id[worker.id][0] if worker.id in ctx.workers_by_id else None
     if pool is not None and pool.status == "offline":
         return False, "pool_offline"
-    if worker.status != "ready":
+    if worker.status != "ready" or worker.slots_busy + extra_jobs >= worker.slots_total:
         return False, "worker_not_ready"
     resolve = ctx.catalog.resolve
     if resolve(worker.model_ref) != resolve(job.model_ref):
@@ -127,7 +134,7 @@ class _BatchState:
 
     def __init__(self) -> None:
         self.dispatched_jobs: set[str] = set()
-        self.assigned_workers: set[str] = set()
+        self.worker_jobs: Counter[str] = Counter()  # jobs given to each worker
         self.evicted_workers: set[str] = set()
         self.reserved_vram: Counter[tuple[str, int]] = Counter()
         self.tenant_jobs: Counter[str] = Counter()
@@ -202,12 +209,11 @@ def _check_dispatch(action: Dispatch, ctx: Context, state: _BatchState) -> tuple
     _, worker = found
     if worker.id in state.evicted_workers:
         return "worker_evicted", f"worker {worker.id!r} is evicted earlier in this batch"
-    if worker.id in state.assigned_workers:
-        return "worker_not_ready", f"worker {worker.id!r} got a job earlier in this batch"
-    fits, reason = check_job_fit(ctx, job, worker)
+    earlier = state.worker_jobs[worker.id]
+    fits, reason = check_job_fit(ctx, job, worker, extra_jobs=earlier)
     if not fits:
         assert reason is not None
-        return reason, _fit_detail(reason, ctx, job, worker)
+        return reason, _fit_detail(reason, ctx, job, worker, worker.slots_busy + earlier)
     tenant_id = job.tenant_id
     if tenant_id is not None and (tenant_id in ctx.tenants_by_id or ctx.config.platform_mode):
         allowed, why, detail = check_tenant_quota(
@@ -224,12 +230,15 @@ def _check_dispatch(action: Dispatch, ctx: Context, state: _BatchState) -> tuple
         state.tenant_vram[tenant_id] += job.estimated_vram_bytes
         state.tenant_tokens[tenant_id] += job.max_tokens
     state.dispatched_jobs.add(job.id)
-    state.assigned_workers.add(worker.id)
+    state.worker_jobs[worker.id] += 1
     return None
 
 
-def _fit_detail(reason: str, ctx: Context, job: Job, worker: Worker) -> str:
+def _fit_detail(reason: str, ctx: Context, job: Job, worker: Worker, busy: int) -> str:
+    """Why `job` does not fit; `busy` counts the worker's slots taken, this batch's too."""
     if reason == "worker_not_ready":
+        if worker.status == "ready":
+            return f"worker {worker.id!r} has no free slot ({busy} of {worker.slots_total} busy)"
         return f"worker {worker.id!r} is {worker.status}"
     if reason == "model_mismatch":
         return (
@@ -280,7 +289,9 @@ def _check_evict(action: EvictWorker, ctx: Context, state: _BatchState) -> tuple
     _, worker = found
     if worker.id in state.evicted_workers:
         return "worker_already_evicted", f"worker {worker.id!r} is evicted twice"
-    if worker.status == "busy" or worker.current_job_id or worker.id in state.assigned_workers:
+    # Evicting a worker kills whatever it runs: only one without a job may go.
+    running = worker.slots_busy or worker.current_job_id or state.worker_jobs[worker.id]
+    if worker.status == "busy" or running:
         return "worker_busy", f"worker {worker.id!r} is running a job"
     state.evicted_workers.add(worker.id)
     return None

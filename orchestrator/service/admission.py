@@ -30,7 +30,7 @@ from orchestrator.domain.errors import (
     QueueFullError,
     RateLimitedError,
 )
-from orchestrator.domain.jobs import SubmitLimits, TenantLimits, prompt_tokens
+from orchestrator.domain.jobs import SubmitLimits, TenantLimits
 from orchestrator.service.metrics import ServiceMetrics
 from orchestrator.support.rate import TokenBucket
 
@@ -78,12 +78,14 @@ class Admission:
         return mine.over(defaults) if mine is not None else defaults
 
     @contextlib.contextmanager
-    def admit(self, tenant: str, prompt_bytes: int, max_tokens: int) -> Iterator[None]:
-        """Admit one job of `tenant` ("": none) or raise; the job counts as queued while
-        the context is open, which is while it is being stored and queued."""
+    def admit(self, tenant: str, prompt_bytes: int, tokens: int) -> Iterator[None]:
+        """Admit one job of `tenant` ("": none) that holds `prompt_bytes` while queued
+        and counts as `tokens` (`JobRecord.held_bytes`, `.tokens_estimate`), or raise;
+        the job counts as queued while the context is open, which is while it is being
+        stored and queued."""
         limits = self.limits_of(tenant)
         self._check_queue(tenant, limits, prompt_bytes)
-        self._spend(tenant, limits, max_tokens + prompt_tokens(prompt_bytes))
+        self._spend(tenant, limits, tokens)
         jobs, held = self._pending.get(tenant, (0, 0))
         self._pending[tenant] = (jobs + 1, held + prompt_bytes)
         try:

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -22,6 +23,7 @@ from orchestrator.domain.context import Catalog, ProcessInfo
 from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker
 from orchestrator.domain.errors import PoolError
 from orchestrator.domain.jobs import JobRecord, JobState
+from orchestrator.pools.completion import WorkerEndpoint
 from orchestrator.service.jobs import Jobs
 from orchestrator.service.metrics import ServiceMetrics
 from orchestrator.service.running import JobRunner
@@ -52,7 +54,7 @@ class LiveCluster(Protocol):
     @property
     def remote(self) -> RemoteCommands: ...
     def processes(self) -> list[tuple[str, ProcessInfo]]: ...
-    def running_job(self, worker_id: str) -> str | None: ...
+    def running_jobs(self, worker_id: str) -> tuple[str, ...]: ...
     def forget_worker(self, worker_id: str) -> None: ...
     def changed(self) -> None: ...
 
@@ -95,8 +97,8 @@ class DecisionApplier:
     async def apply(self, decision: Decision) -> None:
         """Apply in order; an action the world has moved past since the snapshot is skipped."""
         at = now_ms()
-        dispatches: list[tuple[JobRecord, str, str]] = []  # (job, worker id, worker uri)
-        claimed: set[str] = set()
+        dispatches: list[tuple[JobRecord, str, WorkerEndpoint]] = []  # (job, worker id, where)
+        claimed: Counter[str] = Counter()  # dispatches per worker in this decision
         # The local pool's worker wins over a remote one reporting the same id (a remote
         # pool may have reported the id before the local worker it names was started).
         ready: dict[str, ProcessInfo] = {}
@@ -112,13 +114,15 @@ class DecisionApplier:
                     or action.job_id in self.cluster.in_flight
                     or process is None
                     or process.status != "ready"
-                    or self.cluster.running_job(action.worker_id) is not None
-                    or action.worker_id in claimed
+                    or len(self.cluster.running_jobs(action.worker_id)) + claimed[action.worker_id]
+                    >= process.slots
                 ):
                     self.metrics.applied.labels("dispatch", "stale").inc()
                     continue
-                claimed.add(action.worker_id)
-                dispatches.append((record, action.worker_id, process.uri))
+                claimed[action.worker_id] += 1
+                dispatches.append(
+                    (record, action.worker_id, WorkerEndpoint(process.uri, process.api))
+                )
             elif isinstance(action, StartWorker):
                 await self._start_worker(action)
             elif isinstance(action, EvictWorker):
@@ -126,13 +130,15 @@ class DecisionApplier:
         if dispatches:
             await self._dispatch(dispatches, at)
 
-    async def _dispatch(self, dispatches: list[tuple[JobRecord, str, str]], at: int) -> None:
+    async def _dispatch(
+        self, dispatches: list[tuple[JobRecord, str, WorkerEndpoint]], at: int
+    ) -> None:
         results = await self.jobs.dispatch(
             [(record, worker) for record, worker, _ in dispatches], at
         )
-        for (_, worker_id, uri), updated in zip(dispatches, results, strict=True):
+        for (_, worker_id, endpoint), updated in zip(dispatches, results, strict=True):
             if updated is not None:
-                self.runner.start(updated, worker_id, uri, at)
+                self.runner.start(updated, worker_id, endpoint, at)
 
     async def _start_worker(self, action: StartWorker) -> None:
         model = self.cluster.catalog.get(action.model_ref)
@@ -186,7 +192,7 @@ class DecisionApplier:
                 return worker_id
 
     def _evict_worker(self, action: EvictWorker) -> None:
-        if self.cluster.running_job(action.worker_id) is not None:
+        if self.cluster.running_jobs(action.worker_id):
             self.metrics.applied.labels("evict_worker", "stale").inc()
             return
         pool = self.local_pool

@@ -29,6 +29,7 @@ from orchestrator.service.jobs import Jobs
 from orchestrator.service.loop import CYCLE_STALL_S, SchedulingLoop
 from orchestrator.service.metrics import ServiceMetrics
 from orchestrator.service.orchestrator import Orchestrator
+from orchestrator.service.outputs import JobOutputs
 from orchestrator.service.pools import PoolRegistry
 from orchestrator.service.running import JobRunner
 from orchestrator.service.schedulers import SchedulerVersions, read_scheduler_file
@@ -97,14 +98,16 @@ def assemble(
         return cluster.context(fresh=True)
 
     events = JobEvents()
+    outputs = JobOutputs()
     jobs = Jobs(
-        store, cluster, events, metrics, limits=config.limits, queue=config.queue,
+        store, cluster, events, outputs, metrics, limits=config.limits, queue=config.queue,
         retry=config.retry, platform_mode=config.platform_mode, wake=wake,
         tenant_limits=tenant_limits,
     )  # fmt: skip
     runner = JobRunner(
-        jobs, cluster, CompletionClient(), local_pool, timeout_s=config.timeout.default_ms / 1000
-    )
+        jobs, cluster, CompletionClient(), local_pool, outputs,
+        timeout_s=config.timeout.default_ms / 1000,
+    )  # fmt: skip
     schedulers = SchedulerVersions(
         config, engine, versions, engine_metrics, initial=initial, startup_error=startup_error
     )
@@ -133,6 +136,7 @@ def assemble(
         engine=engine,
         tenant_engines=tenant_engines,
         events=events,
+        outputs=outputs,
         jobs=jobs,
         runner=runner,
         decider=decider,

@@ -73,12 +73,19 @@ class LiveJobs(Protocol):
     def restore_tokens_today(self, tokens: dict[str, int], at_ms: int) -> None: ...
 
 
+class OutputEnds(Protocol):
+    """Who follows a job's output hears when it ends (service/outputs.py, JobOutputs)."""
+
+    def end(self, record: JobRecord) -> None: ...
+
+
 class Jobs:
     def __init__(
         self,
         store: JobStorage,
         live: LiveJobs,
         events: JobEvents,
+        outputs: OutputEnds,
         metrics: ServiceMetrics,
         *,
         limits: SubmitLimits,
@@ -91,6 +98,7 @@ class Jobs:
         self.store = store
         self.live = live
         self.events = events
+        self.outputs = outputs
         self.metrics = metrics
         self.limits = limits
         self.admission = Admission(
@@ -121,10 +129,9 @@ class Jobs:
             known = await self.store.by_request(spec.tenant_id, spec.request_id)
             if known is not None:
                 return known
-        with self.admission.admit(spec.tenant_id, len(spec.prompt.encode()), spec.max_tokens):
-            at = now_ms()
-            job_id = "job-" + secrets.token_hex(8)
-            record = new_record(job_id, spec, model_ref, priority, catalog, at)
+        at = now_ms()
+        record = new_record("job-" + secrets.token_hex(8), spec, model_ref, priority, catalog, at)
+        with self.admission.admit(spec.tenant_id, record.held_bytes, record.tokens_estimate):
             stored, created = await self.store.insert(record)
             if created:
                 self.live.enqueue(stored, at)
@@ -205,19 +212,30 @@ class Jobs:
 
     async def first_token(self, job_id: str) -> None:
         at = now_ms()
+        before = self.live.records.get(job_id)
         (updated,) = await self.store.apply([transitions.first_token(job_id, at)])
         if updated is not None:
             self.live.update(updated)
+            if before is None or before.first_token_at is None:
+                # Once per job: a retried attempt's first token is not the one its
+                # client waited for first.
+                self.metrics.first_token(updated, known_tenants=self.platform_mode)
             self.events.publish(updated, at, "running")
 
     async def complete(
-        self, job_id: str, worker_id: str, output: str, tokens: int, at: int
-    ) -> None:
+        self, job_id: str, worker_id: str, output: str, tokens: int, at: int, *,
+        prompt_tokens: int = 0,
+    ) -> None:  # fmt: skip
         (done,) = await self.store.apply(
-            [transitions.complete(job_id, worker_id, output, tokens, at)]
+            [
+                transitions.complete(
+                    job_id, worker_id, output, tokens, at, prompt_tokens=prompt_tokens
+                )
+            ]
         )
         if done is not None:
             self.live.record_completion(done, worker_id, at)
+            self.metrics.completed(done, known_tenants=self.platform_mode)
             self._finished(done, at, "completed")
 
     async def retry_or_fail(self, record: JobRecord, error: str, at: int) -> None:
@@ -232,6 +250,7 @@ class Jobs:
         if queued is not None:
             self.metrics.retried.inc()
             self.live.enqueue(queued, at)
+            self.outputs.end(queued)
             self.events.publish(queued, at, f"retry in {delay} ms: {error}")
             self.wake.set()
 
@@ -243,5 +262,6 @@ class Jobs:
     def _finished(self, record: JobRecord, at: int, detail: str) -> None:
         self.live.finish(record.id)
         self.metrics.finished.labels(record.state).inc()
+        self.outputs.end(record)
         self.events.publish(record, at, detail)
         self.wake.set()

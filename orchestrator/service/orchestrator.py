@@ -22,12 +22,12 @@ import asyncio
 import contextlib
 import hashlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 from orchestrator.config.settings import ServiceConfig, TenantQuota, split_tenants
 from orchestrator.domain.context import Catalog, Tenant
-from orchestrator.domain.jobs import IN_FLIGHT, JobRecord, JobState, SubmitSpec
+from orchestrator.domain.jobs import IN_FLIGHT, TERMINAL, JobRecord, JobState, SubmitSpec
 from orchestrator.policy.validate import Report, policy_version
 from orchestrator.pools.local_pool import LocalPool
 from orchestrator.scheduling.cycle import CycleResult
@@ -39,6 +39,7 @@ from orchestrator.service.events import JobEvent, JobEvents
 from orchestrator.service.history import CycleHistory
 from orchestrator.service.jobs import Jobs
 from orchestrator.service.loop import CycleHealth, SchedulingLoop
+from orchestrator.service.outputs import JobOutputs, OutputChunk
 from orchestrator.service.pools import PoolRegistry
 from orchestrator.service.running import JobRunner
 from orchestrator.service.schedulers import ActiveScheduler, SchedulerVersions
@@ -73,6 +74,7 @@ class Orchestrator:
         engine: SchedulingEngine,
         tenant_engines: Mapping[str, SchedulingEngine],
         events: JobEvents,
+        outputs: JobOutputs,
         jobs: Jobs,
         runner: JobRunner,
         decider: Decider,
@@ -93,6 +95,7 @@ class Orchestrator:
         self.decision_log = decision_log
         self.engine = engine  # the platform scheduler's, with the user's when one runs
         self.tenant_engines = tenant_engines
+        self.outputs = outputs
         self.events = events
         self.jobs = jobs
         self.runner = runner
@@ -175,6 +178,7 @@ class Orchestrator:
         await self.schedulers.close()
         await self.loop.stop()
         await self.runner.stop()
+        self.outputs.close()  # after the runner: no text comes any more
         await self.shadow_trial.stop()
         await self.decider.close()
         if self.decision_log is not None:
@@ -225,6 +229,20 @@ class Orchestrator:
             if job_id is not None and tenant is not None:
                 await self.jobs.get(job_id, tenant=tenant)
             yield queue
+
+    async def stream_output(
+        self, job_id: str, *, tenant: str | None = None
+    ) -> AsyncGenerator[OutputChunk]:
+        """The job's output as it is produced, ending with a chunk that carries the job
+        as it ended; a job that already ended gives that one chunk. NotFoundError as
+        `get` (raised on the first iteration)."""
+        with self.outputs.subscribe(job_id) as chunks:
+            record = await self.jobs.get(job_id, tenant=tenant)
+            if record.state in TERMINAL:
+                yield OutputChunk(record.output, record.tokens_generated, record.attempts, record)
+                return
+            async for chunk in chunks:
+                yield chunk
 
     # ------------------------------------------------------------------ schedulers
     def list_versions(self) -> list[Version]:

@@ -11,11 +11,10 @@ next start retries it (`Jobs.recover`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from orchestrator.domain.jobs import JobRecord
-from orchestrator.pools.completion import Outcome
+from orchestrator.pools.completion import Outcome, Progress, WorkerEndpoint
 from orchestrator.service.jobs import Jobs
 from orchestrator.support.clock import now_ms
 from orchestrator.support.tasks import cancel_and_wait
@@ -25,19 +24,23 @@ class Completions(Protocol):
     """Runs a job on a worker (orchestrator/pools/completion.py, CompletionClient)."""
 
     async def run(
-        self,
-        record: JobRecord,
-        uri: str,
-        timeout_s: float,
-        on_first_token: Callable[[], Awaitable[None]],
+        self, record: JobRecord, worker: WorkerEndpoint, timeout_s: float, progress: Progress
     ) -> Outcome: ...
     async def close(self) -> None: ...
 
 
-class WorkerOccupancy(Protocol):
-    """Which job each worker runs (orchestrator/state/cluster.py, ClusterState)."""
+class OutputFeed(Protocol):
+    """Where a running job's text goes as it arrives (service/outputs.py, JobOutputs)."""
 
-    def assign(self, worker_id: str, job_id: str | None, at_ms: int) -> None: ...
+    def begin(self, job_id: str, attempt: int) -> None: ...
+    def append(self, job_id: str, text: str, tokens: int) -> None: ...
+
+
+class WorkerOccupancy(Protocol):
+    """Which jobs each worker runs (orchestrator/state/cluster.py, ClusterState)."""
+
+    def occupy(self, worker_id: str, job_id: str, at_ms: int) -> None: ...
+    def release(self, worker_id: str, job_id: str, at_ms: int) -> None: ...
 
 
 class FailedWorkers(Protocol):
@@ -53,10 +56,12 @@ class JobRunner:
         occupancy: WorkerOccupancy,
         completions: Completions,
         failed_workers: FailedWorkers | None,
+        outputs: OutputFeed,
         *,
         timeout_s: float,
     ) -> None:
         self.jobs = jobs
+        self.outputs = outputs
         self.occupancy = occupancy
         self.completions = completions
         self.failed_workers = failed_workers
@@ -68,11 +73,12 @@ class JobRunner:
     def __len__(self) -> int:
         return len(self._running)
 
-    def start(self, record: JobRecord, worker_id: str, uri: str, at: int) -> None:
-        """Run a job dispatched to `worker_id` (serving at `uri`) at `at`."""
-        self.occupancy.assign(worker_id, record.id, at)
+    def start(self, record: JobRecord, worker_id: str, endpoint: WorkerEndpoint, at: int) -> None:
+        """Run a job dispatched to `worker_id` (serving at `endpoint`) at `at`."""
+        self.occupancy.occupy(worker_id, record.id, at)
+        self.outputs.begin(record.id, record.attempts)
         self._running[record.id] = asyncio.get_running_loop().create_task(
-            self._run(record, worker_id, uri)
+            self._run(record, worker_id, endpoint)
         )
 
     async def cancel(self, job_id: str) -> None:
@@ -110,11 +116,11 @@ class JobRunner:
         await self.stop()
         await self.completions.close()
 
-    async def _run(self, record: JobRecord, worker_id: str, uri: str) -> None:
+    async def _run(self, record: JobRecord, worker_id: str, endpoint: WorkerEndpoint) -> None:
         job_id = record.id
         try:
             outcome = await self.completions.run(
-                record, uri, self.timeout_s, lambda: self.jobs.first_token(job_id)
+                record, endpoint, self.timeout_s, _JobProgress(job_id, self.jobs, self.outputs)
             )
         except asyncio.CancelledError:
             await self._stopped(record, worker_id)
@@ -122,9 +128,12 @@ class JobRunner:
         finally:
             self._running.pop(job_id, None)
         at = now_ms()
-        self.occupancy.assign(worker_id, None, at)
+        self.occupancy.release(worker_id, job_id, at)
         if outcome.ok:
-            await self.jobs.complete(job_id, worker_id, outcome.output, outcome.tokens, at)
+            await self.jobs.complete(
+                job_id, worker_id, outcome.output, outcome.tokens, at,
+                prompt_tokens=outcome.prompt_tokens,
+            )  # fmt: skip
             return
         if outcome.worker_failed and self.failed_workers is not None:
             self.failed_workers.mark_failed(worker_id, outcome.error)
@@ -133,7 +142,7 @@ class JobRunner:
     async def _stopped(self, record: JobRecord, worker_id: str) -> None:
         job_id = record.id
         at = now_ms()
-        self.occupancy.assign(worker_id, None, at)
+        self.occupancy.release(worker_id, job_id, at)
         lost = self._abandoned.pop(job_id, None)
         if job_id in self._cancel_requested:
             self._cancel_requested.discard(job_id)
@@ -141,3 +150,19 @@ class JobRunner:
         elif lost is not None:
             await self.jobs.retry_or_fail(record, lost, at)
         # Otherwise shutting down: the job stays in flight in the store, retried on restart.
+
+
+class _JobProgress:
+    """What the completion client reports of one running job (pools/completion.py,
+    `Progress`): the first token moves the job to running, text goes to its followers."""
+
+    def __init__(self, job_id: str, jobs: Jobs, outputs: OutputFeed) -> None:
+        self.job_id = job_id
+        self.jobs = jobs
+        self.outputs = outputs
+
+    async def first_token(self) -> None:
+        await self.jobs.first_token(self.job_id)
+
+    def text(self, text: str, tokens: int) -> None:
+        self.outputs.append(self.job_id, text, tokens)

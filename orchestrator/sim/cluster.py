@@ -26,6 +26,13 @@ from orchestrator.state.jobqueue import JobQueue
 
 EPOCH_MS = 1_700_000_000_000  # simulated time 0, as Unix ms
 PREFILL_SPEEDUP = 20.0  # prompt tokens are processed this many times faster than generated
+# A batched worker running n sequences generates r * n**BATCH_EXPONENT tokens/s in all,
+# r being its single-stream rate: each sequence gets r * n**(BATCH_EXPONENT - 1), slower
+# as the batch grows while the sum grows. A stand-in, until issue 16's performance
+# model, for what batching does to decode, which is memory-bound: one pass over the
+# weights serves the whole batch, so the sum grows, but less than linearly. With one
+# slot n is 1 and the rate is r.
+BATCH_EXPONENT = 0.7
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class ClusterSpec:
     compute_capability: str = "8.0"
     start_delay_ms: int = 5000  # a worker starting: model load
     evict_delay_ms: int = 500
+    worker_slots: int = 1  # jobs one worker runs at once (docs/ARCHITECTURE.md D27)
 
 
 @dataclass
@@ -56,10 +64,10 @@ class SimWorker:
     model_ref: str
     gpu: int
     vram: int
-    status: str  # starting, ready, busy, leaving
+    status: str  # starting, ready (a slot is free), busy (none is), leaving
     started_ms: int
-    job: str | None = None
-    job_started_ms: int | None = None
+    slots: int = 1
+    running: dict[str, int] = field(default_factory=dict)  # job id -> start, oldest first
     last_used_ms: int = 0
     completed: int = 0
     tokens: int = 0
@@ -71,7 +79,7 @@ class Event:
     """What the loop must do at a time: finish a job, ready a worker, drop a worker."""
 
     kind: str  # done, ready, gone
-    target: str
+    target: str  # the job (done) or the worker (ready, gone)
 
 
 @dataclass
@@ -157,6 +165,7 @@ class SimCluster:
             vram,
             status,
             now_ms,
+            slots=self.spec.worker_slots,
             last_used_ms=now_ms,
         )
         self.workers[worker.id] = worker
@@ -195,7 +204,7 @@ class SimCluster:
                 events.append((now_ms + self.spec.start_delay_ms, Event("ready", started.id)))
             elif isinstance(action, EvictWorker):
                 leaving = self.workers.get(action.worker_id)
-                if leaving is None or leaving.job is not None or leaving.status == "leaving":
+                if leaving is None or leaving.running or leaving.status == "leaving":
                     continue
                 leaving.status = "leaving"
                 self._dirty.add(leaving.pool)
@@ -210,26 +219,30 @@ class SimCluster:
             return []
         self._queue.remove(entry.job.id)
         entry.dispatched_ms, entry.worker = now_ms, worker.id
-        worker.status, worker.job, worker.job_started_ms = "busy", entry.job.id, now_ms
+        worker.running[entry.job.id] = now_ms
+        worker.status = "busy" if len(worker.running) >= worker.slots else "ready"
         worker.last_used_ms = now_ms
         self._dirty.add(worker.pool)
         model = self.catalog.get(worker.model_ref)
         rate = model.tokens_per_sec(self.gpus[(worker.pool, worker.gpu)][0]) if model else 0.0
-        # Jobs on one GPU share its compute: the rate is split between those running
-        # when this one starts (not re-timed as they come and go).
+        # Workers on one GPU share its compute: the rate is split between those running
+        # a job when this one starts, and a worker's rate between the sequences in its
+        # batch (BATCH_EXPONENT); neither is re-timed as jobs come and go.
         sharing = sum(
             1
             for w in self.workers.values()
-            if w.pool == worker.pool and w.gpu == worker.gpu and w.job is not None
+            if w.pool == worker.pool and w.gpu == worker.gpu and w.running
         )
-        rate = (rate or 10.0) / max(1, sharing)
+        rate = (rate or 10.0) / max(1, sharing) * len(worker.running) ** (BATCH_EXPONENT - 1)
         service = entry.arrival.prompt_tokens / (rate * PREFILL_SPEEDUP) + (
             entry.arrival.output_tokens / rate
         )
-        return [(now_ms + max(1, int(service * 1000)), Event("done", worker.id))]
+        return [(now_ms + max(1, int(service * 1000)), Event("done", entry.job.id))]
 
     def on(self, event: Event, now_ms: int) -> SimJob | None:
         """An event happens; returns the job it finished, if any."""
+        if event.kind == "done":
+            return self._finish(event.target, now_ms)
         worker = self.workers.get(event.target)
         if worker is None:
             return None
@@ -238,16 +251,21 @@ class SimCluster:
             worker.status = "ready"
         elif event.kind == "gone":
             del self.workers[worker.id]
-        elif event.kind == "done" and worker.job is not None:
-            entry = self.jobs[worker.job]
-            entry.done_ms = now_ms
-            worker.completed += 1
-            worker.tokens += entry.arrival.output_tokens
-            worker.busy_ms += now_ms - (worker.job_started_ms or now_ms)
-            worker.status, worker.job, worker.job_started_ms = "ready", None, None
-            worker.last_used_ms = now_ms
-            return entry
         return None
+
+    def _finish(self, job_id: str, now_ms: int) -> SimJob | None:
+        entry = self.jobs[job_id]
+        worker = self.workers.get(entry.worker)
+        if worker is None or job_id not in worker.running:
+            return None
+        self._dirty.add(worker.pool)
+        entry.done_ms = now_ms
+        worker.completed += 1
+        worker.tokens += entry.arrival.output_tokens
+        worker.busy_ms += now_ms - worker.running.pop(job_id)
+        worker.status = "ready"  # the slot it held is free
+        worker.last_used_ms = now_ms
+        return entry
 
     # ------------------------------------------------------------------ the context
     def _pool(self, pool_id: str, at: int) -> Pool:
@@ -263,7 +281,7 @@ class SimCluster:
             if pid != pool_id:
                 continue
             used = sum(w.vram for w in mine if w.gpu == gid)
-            busy = sum(1 for w in mine if w.gpu == gid and w.job is not None)
+            busy = sum(1 for w in mine if w.gpu == gid and w.running)
             utilization = min(100.0, 40.0 * busy)
             gpus.append(Gpu(gid, name, total, used, total - used, capability,
                             utilization_percent=utilization, measured=False))  # fmt: skip
@@ -294,6 +312,8 @@ def _by_id(worker: SimWorker) -> str:
 
 
 def _worker(w: SimWorker) -> Worker:
+    active = tuple(w.running)
+    oldest = active[0] if active else None
     return Worker(
         id=w.id,
         model_ref=w.model_ref,
@@ -301,10 +321,13 @@ def _worker(w: SimWorker) -> Worker:
         gpu_ids=(w.gpu,),
         vram_bytes=w.vram,
         uri=f"sim://{w.id}",
-        current_job_id=w.job,
-        job_started_at=None if w.job_started_ms is None else EPOCH_MS + w.job_started_ms,
+        current_job_id=oldest,
+        job_started_at=None if oldest is None else EPOCH_MS + w.running[oldest],
         jobs_completed=w.completed,
         avg_tokens_per_sec=w.tokens / (w.busy_ms / 1000) if w.busy_ms else 0.0,
         started_at_ms=EPOCH_MS + w.started_ms,
         last_used_at_ms=EPOCH_MS + w.last_used_ms,
+        slots_total=w.slots,
+        slots_busy=len(active),
+        active_job_ids=active,
     )

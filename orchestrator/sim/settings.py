@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.records import build
+from orchestrator.config.settings import MAX_WORKER_SLOTS
 from orchestrator.domain.context import INT64_MAX, Catalog
 from orchestrator.domain.errors import ConfigError, InvalidRequestError
 from orchestrator.sim.cluster import ClusterSpec
@@ -35,6 +36,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "pools": (1, 64),
     "workers_per_pool": (1, 256),
     "gpus_per_pool": (0, 64),
+    "worker_slots": (1, MAX_WORKER_SLOTS),
     "start_delay_ms": (0, 3_600_000),
     "evict_delay_ms": (0, 3_600_000),
     "deadline_ms": (1, 10_000),
@@ -59,6 +61,7 @@ class SimSettings:
     pools: int = 2
     workers_per_pool: int = 4
     gpus_per_pool: int = 0  # 0: one GPU for every two workers
+    worker_slots: int = ClusterSpec.worker_slots  # jobs one worker runs at once
     start_delay_ms: int = ClusterSpec.start_delay_ms
     evict_delay_ms: int = ClusterSpec.evict_delay_ms
     deadline_ms: int = 50
@@ -127,6 +130,7 @@ class SimSettings:
             pools=self.pools,
             workers_per_pool=self.workers_per_pool,
             gpus_per_pool=self.gpus_per_pool,
+            worker_slots=self.worker_slots,
             start_delay_ms=self.start_delay_ms,
             evict_delay_ms=self.evict_delay_ms,
         )
@@ -192,6 +196,7 @@ class SimSettings:
             "pools",
             "workers_per_pool",
             "gpus_per_pool",
+            "worker_slots",
             "start_delay_ms",
             "evict_delay_ms",
             "deadline_ms",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -63,8 +63,8 @@ class LocalPoolView(Protocol):
 class WorkerStats:
     """What the core knows of a worker from the jobs it sent it."""
 
-    current_job_id: str | None = None
-    job_started_at: int | None = None
+    # The jobs it runs now, each with when it was sent, oldest first (dicts keep order).
+    active: dict[str, int] = field(default_factory=dict)
     jobs_completed: int = 0
     tokens: int = 0
     busy_ms: int = 0
@@ -180,7 +180,7 @@ class ClusterState:
     def _count_queued(self, record: JobRecord) -> None:
         if record.id in self._queued_shares:
             return
-        tenant, size = record.tenant_id or "", len(record.prompt.encode())
+        tenant, size = record.tenant_id or "", record.held_bytes
         self._queued_shares[record.id] = (tenant, size)
         jobs, held = self.tenant_queued(tenant)
         self._tenant_queued[tenant] = (jobs + 1, held + size)
@@ -210,17 +210,24 @@ class ClusterState:
                 self.tokens_today.get(record.tenant_id, 0) + record.tokens_generated
             )
 
-    def assign(self, worker_id: str, job_id: str | None, at_ms: int) -> None:
+    def occupy(self, worker_id: str, job_id: str, at_ms: int) -> None:
+        """`job_id` was sent to `worker_id`: it takes one of the worker's slots."""
         stats = self.stats.setdefault(worker_id, WorkerStats())
-        stats.current_job_id = job_id
-        stats.job_started_at = at_ms if job_id else None
+        stats.active[job_id] = at_ms
         stats.last_used_at_ms = at_ms
         self._changes += 1
 
-    def running_job(self, worker_id: str) -> str | None:
-        """The job the core sent `worker_id` and has not heard the end of, if any."""
+    def release(self, worker_id: str, job_id: str, at_ms: int) -> None:
+        """The core heard the end of `job_id` on `worker_id`: its slot is free."""
+        stats = self.stats.setdefault(worker_id, WorkerStats())
+        stats.active.pop(job_id, None)
+        stats.last_used_at_ms = at_ms
+        self._changes += 1
+
+    def running_jobs(self, worker_id: str) -> tuple[str, ...]:
+        """The jobs the core sent `worker_id` and has not heard the end of, oldest first."""
         stats = self.stats.get(worker_id)
-        return stats.current_job_id if stats is not None else None
+        return tuple(stats.active) if stats is not None else ()
 
     def forget_worker(self, worker_id: str) -> None:
         """The worker was evicted: what the core knew of it goes too."""
@@ -245,20 +252,26 @@ class ClusterState:
 
     def _worker(self, p: ProcessInfo) -> Worker:
         stats = self.stats.get(p.id) or WorkerStats()
-        busy = stats.current_job_id is not None
+        active = tuple(stats.active)
+        oldest = active[0] if active else None
+        full = len(active) >= p.slots
         return Worker(
             id=p.id,
             model_ref=p.model_ref,
-            status="busy" if busy and p.status == "ready" else p.status,
+            status="busy" if full and p.status == "ready" else p.status,
             gpu_ids=p.gpu_ids,
             vram_bytes=p.vram_bytes,
             uri=p.uri,
-            current_job_id=stats.current_job_id,
-            job_started_at=stats.job_started_at,
+            current_job_id=oldest,
+            job_started_at=stats.active[oldest] if oldest is not None else None,
             jobs_completed=stats.jobs_completed,
             avg_tokens_per_sec=round(stats.tokens_per_sec, 3),
             started_at_ms=p.started_at_ms,
             last_used_at_ms=stats.last_used_at_ms or p.started_at_ms,
+            slots_total=p.slots,
+            slots_busy=len(active),
+            active_job_ids=active,
+            api=p.api,
         )
 
     def _pool(self, pool_id: str, key: tuple[object, ...], build: Callable[[], Pool]) -> Pool:
@@ -398,7 +411,7 @@ def _by_id(worker: Worker) -> str:
 def _overlay_key(stats: WorkerStats | None) -> tuple[object, ...]:
     if stats is None:
         return ()
-    return (stats.current_job_id, stats.jobs_completed, stats.last_used_at_ms, stats.busy_ms)
+    return (tuple(stats.active), stats.jobs_completed, stats.last_used_at_ms, stats.busy_ms)
 
 
 def _beat(pool: Pool, at_ms: int) -> Pool:

@@ -20,7 +20,8 @@ from enum import StrEnum
 from typing import TypeVar
 from urllib.parse import SplitResult, urlsplit
 
-from orchestrator.domain.context import WORKER_STATUSES
+from orchestrator.config.settings import MAX_WORKER_SLOTS
+from orchestrator.domain.context import WORKER_APIS, WORKER_STATUSES
 from orchestrator.state.remote_pools import Heartbeat
 
 _ID = re.compile(r"[A-Za-z0-9._:-]+")
@@ -70,6 +71,7 @@ class ReportLimits:
     time_ms: int = 2**53  # started_at_ms: still exact as a Lua number
     celsius: tuple[float, float] = (-273.0, 1000.0)
     watts: float = 100_000.0
+    worker_slots: int = MAX_WORKER_SLOTS
 
 
 LIMITS = ReportLimits()
@@ -173,6 +175,10 @@ def check_heartbeat(
             checks.integer(f"{at}.gpu_ids", gpu_id, 0, limits.gpu_id)
         checks.integer(f"{at}.vram_bytes", worker.vram_bytes, 0, limits.vram_bytes)
         checks.integer(f"{at}.started_at_ms", worker.started_at_ms, 0, limits.time_ms)
+        checks.integer(f"{at}.slots_total", worker.slots, 1, limits.worker_slots)
+        if worker.api not in WORKER_APIS:
+            allowed = ", ".join(WORKER_APIS)
+            checks.add(f"{at}.api", Reason.UNKNOWN, f"{worker.api[:40]!r} is not {allowed}")
         checks.worker_uri(f"{at}.uri", worker.uri, host)
     return tuple(checks.problems)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from orchestrator.domain.transitions import Transition
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 # The jobs table, named by {table} so that a migration can build it beside the old one.
 # request_id is unique per tenant (jobs_request below), not globally: a tenant that
 # knew or guessed another's request_id must not get that tenant's job back.
@@ -53,9 +54,19 @@ CREATE TABLE IF NOT EXISTS {table} (
     tokens_generated INTEGER NOT NULL,
     error TEXT NOT NULL,
     estimated_vram_bytes INTEGER NOT NULL,
-    estimated_duration_ms INTEGER NOT NULL
+    estimated_duration_ms INTEGER NOT NULL,
+    {added}
 )
 """
+# Schema 3 (issue 15): chat messages, sampling, and what the worker reported. Added
+# with ALTER TABLE to a schema-2 table, so each has a default.
+ADDED_IN_3 = (
+    ("messages", "TEXT NOT NULL DEFAULT ''"),
+    ("stop", "TEXT NOT NULL DEFAULT '[]'"),  # a JSON list
+    ("top_p", "REAL NOT NULL DEFAULT 1.0"),
+    ("prompt_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("first_token_at", "INTEGER"),
+)
 JOBS_INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state)",
     "CREATE INDEX IF NOT EXISTS jobs_tenant_finished ON jobs(tenant_id, finished_at)",
@@ -75,8 +86,15 @@ CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+
 # One column per JobRecord field, named alike: a JobUpdate's field names are columns.
 COLUMNS = tuple(f.name for f in dataclasses.fields(JobRecord))
+COLUMNS_2 = tuple(c for c in COLUMNS if c not in dict(ADDED_IN_3))
+
+
+def _jobs_table(table: str) -> str:
+    added = ",\n    ".join(f"{name} {kind}" for name, kind in ADDED_IN_3)
+    return JOBS_TABLE.format(table=table, added=added)
 
 
 class JobStore:
@@ -96,12 +114,14 @@ class JobStore:
             version = row[0] if row is not None else SCHEMA_VERSION  # None: a new database
             if version == "1":
                 self._migrate_from_1()
+            elif version == "2":
+                self._migrate_from_2()
             elif version != SCHEMA_VERSION:
                 raise ConfigError(
                     f"{path}: job store schema {version} is not {SCHEMA_VERSION}: written by "
                     "another version of orchestratord"
                 )
-            self.db.execute(JOBS_TABLE.format(table="jobs"))
+            self.db.execute(_jobs_table("jobs"))
             for index in JOBS_INDEXES:
                 self.db.execute(index)
             self.db.execute(
@@ -115,11 +135,17 @@ class JobStore:
         "other kinds of table schema changes"), inside the caller's transaction: a
         crash leaves the old table as it was. Schema 1 held request_ids unique across
         all tenants, so its rows satisfy the new per-tenant uniqueness."""
-        self.db.execute(JOBS_TABLE.format(table="jobs_v2"))
-        columns = ", ".join(COLUMNS)
-        self.db.execute(f"INSERT INTO jobs_v2 ({columns}) SELECT {columns} FROM jobs")
+        self.db.execute(_jobs_table("jobs_v3"))
+        columns = ", ".join(COLUMNS_2)
+        self.db.execute(f"INSERT INTO jobs_v3 ({columns}) SELECT {columns} FROM jobs")
         self.db.execute("DROP TABLE jobs")  # and its indexes, built again by the caller
-        self.db.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
+        self.db.execute("ALTER TABLE jobs_v3 RENAME TO jobs")
+
+    def _migrate_from_2(self) -> None:
+        """Schema 3 only adds columns, each with its default (inside the caller's
+        transaction, like every migration)."""
+        for name, kind in ADDED_IN_3:
+            self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -145,7 +171,7 @@ class JobStore:
                 return existing, False
         with self._transaction():
             record = dataclasses.replace(record, seq=self.next_seq())
-            values = [getattr(record, c) for c in COLUMNS]
+            values = [_column(record, c) for c in COLUMNS]
             self.db.execute(
                 f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                 values,
@@ -237,9 +263,15 @@ class _Tx:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+def _column(record: JobRecord, name: str) -> object:
+    value = getattr(record, name)
+    return json.dumps(list(value)) if name == "stop" else value
+
+
 def _record(row: sqlite3.Row) -> JobRecord:
     fields = {c: row[c] for c in COLUMNS}
     fields["state"] = JobState(fields["state"])
+    fields["stop"] = tuple(json.loads(fields["stop"]))
     return JobRecord(**fields)
 
 

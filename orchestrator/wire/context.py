@@ -84,6 +84,10 @@ def worker_to_proto(pool_id: str, worker: Worker) -> pb.Worker:
         avg_tokens_per_sec=worker.avg_tokens_per_sec,
         started_at_ms=worker.started_at_ms,
         last_used_at_ms=worker.last_used_at_ms,
+        slots_total=worker.slots_total,
+        slots_busy=worker.slots_busy,
+        active_job_ids=worker.active_job_ids,
+        api=worker.api,
     )
     if worker.current_job_id is not None:
         msg.current_job_id = worker.current_job_id
@@ -312,6 +316,9 @@ def worker_from_proto(w: pb.Worker) -> Worker:
         job_started_at=w.job_started_at if w.HasField("job_started_at") else None,
         jobs_completed=w.jobs_completed, avg_tokens_per_sec=w.avg_tokens_per_sec,
         started_at_ms=w.started_at_ms, last_used_at_ms=w.last_used_at_ms,
+        # A snapshot written before slots (a decision log's) reads as the spec's worker.
+        slots_total=w.slots_total or 1, slots_busy=w.slots_busy,
+        active_job_ids=tuple(w.active_job_ids), api=w.api or "llamacpp",
     )  # fmt: skip
 
 

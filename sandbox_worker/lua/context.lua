@@ -215,11 +215,13 @@ return function(P, proxies)
     worker_pool[id] = nil
   end
 
-  -- gpu_ids of worker i are gpu_flat[offset + 1 .. offset + gpu_counts[i]];
-  -- "" and -1 stand for an unset current_job_id and job_started_at.
+  -- gpu_ids of worker i are gpu_flat[offset + 1 .. offset + gpu_counts[i]], and its
+  -- active_job_ids likewise in active_flat; "" and -1 stand for an unset
+  -- current_job_id and job_started_at.
   local function put_workers(n, pool_col, ids, statuses, model_refs, gpu_counts, gpu_flat, vram,
-                             uris, current_jobs, started_jobs, completed, tps, started, last_used)
-    local offset = 0
+                             uris, current_jobs, started_jobs, completed, tps, started, last_used,
+                             slots_total, slots_busy, active_counts, active_flat, apis)
+    local offset, active_offset = 0, 0
     for i = 1, n do
       local pool_id, id = pool_col[i], ids[i]
       remove_worker(id)
@@ -227,6 +229,9 @@ return function(P, proxies)
       local gpus = {}
       for j = 1, gpu_counts[i] do gpus[j] = gpu_flat[offset + j] end
       offset = offset + gpu_counts[i]
+      local active = {}
+      for j = 1, active_counts[i] do active[j] = active_flat[active_offset + j] end
+      active_offset = active_offset + active_counts[i]
       local current, job_started = current_jobs[i], started_jobs[i]
       if current == "" then current = nil end
       if job_started < 0 then job_started = nil end
@@ -235,6 +240,8 @@ return function(P, proxies)
         gpu_ids = gpus, vram_bytes = vram[i], uri = uris[i], current_job_id = current,
         job_started_at = job_started, jobs_completed = completed[i], avg_tokens_per_sec = tps[i],
         started_at_ms = started[i], last_used_at_ms = last_used[i],
+        slots_total = slots_total[i], slots_busy = slots_busy[i], active_job_ids = active,
+        api = apis[i],
       }, by_id)
       worker_pool[id] = pool_id
     end
@@ -294,13 +301,17 @@ return function(P, proxies)
     config.eviction = copy_flat(eviction_cfg)
   end
 
+  -- The records the worker holds, for its memory cap; running jobs are the ids in
+  -- the workers' active_job_ids (up to every slot of every worker).
   local function counts()
-    local n_workers, n_gpus = 0, 0
+    local n_workers, n_gpus, n_running = 0, 0, 0
     for _, id in ipairs(pool_ids) do
-      n_workers = n_workers + #pools[id].workers
+      local workers = pools[id].workers
+      n_workers = n_workers + #workers
       n_gpus = n_gpus + #pools[id].gpus
+      for _, w in ipairs(workers) do n_running = n_running + #w.active_job_ids end
     end
-    return #queue, n_workers, n_gpus, #model_list, #tenant_ids
+    return #queue, n_workers, n_gpus, #model_list, #tenant_ids, n_running
   end
 
   return {

@@ -42,7 +42,8 @@ return function(P, data, on_now)
       current_job_id = w.current_job_id, job_started_at = w.job_started_at,
       jobs_completed = w.jobs_completed, avg_tokens_per_sec = w.avg_tokens_per_sec,
       uptime_ms = now_ms - w.started_at_ms, started_at_ms = w.started_at_ms,
-      last_used_at_ms = w.last_used_at_ms,
+      last_used_at_ms = w.last_used_at_ms, slots_total = w.slots_total,
+      slots_busy = w.slots_busy, active_job_ids = copy_array(w.active_job_ids), api = w.api,
     }
     memo[w] = c
     return c

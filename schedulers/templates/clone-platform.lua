@@ -11,12 +11,15 @@
 -- Each cycle it returns every action it can take at once, as a batch:
 --   1. interactive before batch: it walks ctx.queue, which is already ordered by
 --      priority and then arrival;
---   2. least-loaded worker: each job goes to the idle worker serving its model
---      whose GPUs are least utilized;
+--   2. least-loaded worker: each job goes to a worker serving its model that has a
+--      free slot (a batched server runs up to slots_total jobs at once, so one
+--      worker can take several jobs in a cycle): the one with the smallest share of
+--      its slots busy, counting this cycle's dispatches, then whose GPUs are least
+--      utilized; with one slot per worker, the idle worker on the least utilized GPUs;
 --   3. tenant quotas: a job whose tenant is over a quota waits (counting the jobs
 --      this cycle already handed out);
 --   4. LRU eviction: in a pool over the VRAM threshold, the least recently used
---      idle worker whose model nobody is waiting for is evicted;
+--      idle worker (no job in any slot) whose model nobody is waiting for is evicted;
 --   5. preemptive starts: a queued model that no worker serves gets a worker on
 --      the GPU with the most free VRAM; one that cannot fit anywhere makes room by
 --      evicting an idle, unneeded worker (the start follows next cycle).
@@ -37,28 +40,63 @@ local function worker_load(pool, worker)
   return sum / n
 end
 
--- Idle workers by model, least loaded first; and how many workers serve each model.
+-- A worker that runs no job in any of its slots: the only kind that may be evicted.
+local function idle(worker)
+  return (worker.status == "ready" or worker.status == "failed")
+    and worker.slots_busy == 0 and worker.current_job_id == nil
+end
+
+-- Least loaded first: the smallest share of slots busy (compared as busy_a / total_a
+-- < busy_b / total_b, without division), then GPU utilization, then id.
+local function less_loaded(a, b)
+  local share_a, share_b = a.busy * b.total, b.busy * a.total
+  if share_a ~= share_b then return share_a < share_b end
+  if a.load ~= b.load then return a.load < b.load end
+  return a.worker.id < b.worker.id
+end
+
+-- Slots taken. A record that names a current job but counts no busy slot (a context
+-- written for the spec alone) has that job in its one slot.
+local function busy_slots(worker)
+  if worker.current_job_id ~= nil and worker.slots_busy == 0 then return 1 end
+  return worker.slots_busy
+end
+
+-- Workers with a free slot by model, least loaded first; and how many workers serve
+-- each model. A ready worker has a free slot: it is "busy" only when all are taken.
 local function survey_workers(ctx)
-  local idle, serving = {}, {}
+  local open, serving = {}, {}
   for _, pool in ipairs(ctx.pools) do
     if pool.status ~= "offline" then
       for _, worker in ipairs(pool.workers) do
         local ref = ctx.resolve_model(worker.model_ref)
+        local busy = busy_slots(worker)
         if worker.status ~= "failed" then serving[ref] = (serving[ref] or 0) + 1 end
-        if worker.status == "ready" and worker.current_job_id == nil then
-          idle[ref] = idle[ref] or {}
-          table.insert(idle[ref], { worker = worker, load = worker_load(pool, worker) })
+        if worker.status == "ready" and busy < worker.slots_total then
+          open[ref] = open[ref] or {}
+          table.insert(open[ref], {
+            worker = worker, load = worker_load(pool, worker),
+            busy = busy, total = worker.slots_total,
+          })
         end
       end
     end
   end
-  for _, list in pairs(idle) do
-    table.sort(list, function(a, b)
-      if a.load ~= b.load then return a.load < b.load end
-      return a.worker.id < b.worker.id
-    end)
+  for _, list in pairs(open) do table.sort(list, less_loaded) end
+  return open, serving
+end
+
+-- One more of the candidate's slots is taken: it leaves the list when none is left,
+-- or else moves back to its place in the load order.
+local function take_slot(candidates, i)
+  local candidate = table.remove(candidates, i)
+  candidate.busy = candidate.busy + 1
+  if candidate.busy >= candidate.total then return end
+  local at = #candidates + 1
+  for j, other in ipairs(candidates) do
+    if less_loaded(candidate, other) then at = j break end
   end
-  return idle, serving
+  table.insert(candidates, at, candidate)
 end
 
 -- Quota check that also counts what this cycle already gave the tenant.
@@ -118,9 +156,7 @@ local function eviction_for(ctx, model_ref, need, demand, touched)
     if pool.status ~= "offline" then
       for _, worker in ipairs(pool.workers) do
         local ref = ctx.resolve_model(worker.model_ref)
-        local idle = (worker.status == "ready" or worker.status == "failed")
-          and worker.current_job_id == nil
-        if idle and not touched[worker.id] and (demand[ref] or 0) == 0 then
+        if idle(worker) and not touched[worker.id] and (demand[ref] or 0) == 0 then
           local gpu = ctx.get_gpu(pool.id, worker.gpu_ids[1] or -1)
           if gpu and gpu.vram_free_bytes + worker.vram_bytes >= need
             and ctx.check_gpu_compatibility(gpu, model_ref)
@@ -140,19 +176,20 @@ function schedule(ctx)
   local claimed = {}     -- tenant id -> what this cycle handed out
   local waiting = {}     -- model -> queued jobs left waiting (quota permitting)
   local order = {}       -- models in the order their first job is queued
-  local idle, serving = survey_workers(ctx)
+  local open, serving = survey_workers(ctx)
   local dispatched = 0
 
-  -- 1, 2, 3: dispatch in queue order to the least-loaded idle worker, within quota.
+  -- 1, 2, 3: dispatch in queue order to the least-loaded worker with a free slot,
+  -- within quota.
   for _, job in ipairs(ctx.queue) do
     if quota_allows(ctx, job, claimed) then
       local ref = ctx.resolve_model(job.model_ref)
-      local candidates = idle[ref]
+      local candidates = open[ref]
       local placed = false
       if candidates and dispatched < MAX_DISPATCHES then
         for i, candidate in ipairs(candidates) do
           if ctx.can_job_fit(job, candidate.worker) then
-            table.remove(candidates, i)
+            take_slot(candidates, i)
             touched[candidate.worker.id] = true
             claim(claimed, job)
             dispatched = dispatched + 1
@@ -177,10 +214,8 @@ function schedule(ctx)
     if pool.status ~= "offline" and ctx.should_evict(pool.id) then
       local victim = nil
       for _, worker in ipairs(pool.workers) do
-        local idle_worker = (worker.status == "ready" or worker.status == "failed")
-          and worker.current_job_id == nil
         local needed = (waiting[ctx.resolve_model(worker.model_ref)] or 0) > 0
-        if idle_worker and not touched[worker.id] and not needed
+        if idle(worker) and not touched[worker.id] and not needed
           and (victim == nil or worker.last_used_at_ms < victim.last_used_at_ms) then
           victim = worker
         end

@@ -9,6 +9,7 @@ import pytest
 from orchestrator.config.context_file import context_from_dict, context_to_dict, load_context
 from orchestrator.domain.errors import ConfigError
 from orchestrator.domain.samples import sample_context
+from tests.slotted import slotted_context
 
 
 def test_round_trip_of_the_sample_context() -> None:
@@ -56,6 +57,18 @@ def test_derived_fields_stand_in_for_their_sources() -> None:
         ),
         ({"config": {"retry": {"enabled": "yes"}}}, "context.config.retry.enabled: expected bool"),
         ({"queue": [{"id": "j", "model_ref": "m", "max_tokens": True}]}, "got a boolean"),
+        (
+            {"pools": [{"id": "p", "workers": [{"id": "w", "model_ref": "m", "api": "vllm"}]}]},
+            "context.pools[0].workers[0].api: 'vllm' is not one of llamacpp, openai",
+        ),
+        (
+            {"pools": [{"id": "p", "workers": [{"id": "w", "model_ref": "m", "slots_total": 0}]}]},
+            "context.pools[0].workers[0].slots_total: must be within 1..1024, got 0",
+        ),
+        (
+            {"pools": [{"id": "p", "workers": [{"id": "w", "model_ref": "m", "slots_busy": 2}]}]},
+            "context.pools[0].workers[0].slots_busy: must be within 0..slots_total (1), got 2",
+        ),
     ],
 )
 def test_errors_name_the_field(data: dict[str, object], message: str) -> None:
@@ -72,3 +85,17 @@ def test_yaml_syntax_errors_give_line_and_column(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_context(path)
     assert str(info.value).startswith(f"{path}:3:1: invalid YAML")
+
+
+def test_worker_slots_round_trip_and_default_to_the_spec_worker() -> None:
+    """A batched worker's slots survive a round trip; omitted, a worker has one slot,
+    none busy, no active jobs, and speaks llama.cpp (docs/ARCHITECTURE.md D27)."""
+    ctx = slotted_context(slots=8, busy={"worker-1": 3})
+    assert context_from_dict(context_to_dict(ctx)) == ctx
+    data = context_to_dict(ctx)
+    worker = data["pools"][0]["workers"][0]
+    assert (worker["slots_total"], worker["slots_busy"], worker["api"]) == (8, 3, "llamacpp")
+    assert worker["active_job_ids"] == ["run-worker-1-0", "run-worker-1-1", "run-worker-1-2"]
+    bare = context_from_dict({"pools": [{"id": "p", "workers": [{"id": "w", "model_ref": "m"}]}]})
+    (w,) = bare.pools[0].workers
+    assert (w.slots_total, w.slots_busy, w.active_job_ids, w.api) == (1, 0, (), "llamacpp")

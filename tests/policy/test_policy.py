@@ -18,6 +18,7 @@ from orchestrator.policy.interpret import decide
 from orchestrator.policy.parse import PolicyError, parse_policy
 from orchestrator.wire import decision as decision_codec
 from tests.conftest import REPO, InProcessRuntime
+from tests.slotted import slotted_context
 
 SCHEDULERS = REPO / "schedulers"
 GOLDEN = Path(__file__).parent / "golden"
@@ -364,6 +365,7 @@ PLACE_TESTS = st.sampled_from(
         "gpu.vram_total_bytes: {gte: 40GiB}",
         "pool.status: healthy",
         "worker.uptime_ms: {gt: 1h}",
+        "worker.slots_busy: {lt: 2}",
     ]
 )
 
@@ -406,9 +408,12 @@ def random_context(draw: st.DrawFn) -> Context:
     )  # fmt: skip
     pools = []
     for pool in ctx.pools:
+        # Slots in any combination with the status, consistent or not: the two sides
+        # must agree on whatever a context says.
         workers = tuple(
             dataclasses.replace(w, status=draw(st.sampled_from(["ready", "busy", "failed"])),
-                                current_job_id=None, last_used_at_ms=ctx.now_ms - draw(st.integers(0, 10**6)))
+                                current_job_id=None, last_used_at_ms=ctx.now_ms - draw(st.integers(0, 10**6)),
+                                slots_total=draw(st.integers(1, 3)), slots_busy=draw(st.integers(0, 3)))
             for w in pool.workers
         )  # fmt: skip
         gpus = tuple(
@@ -432,3 +437,36 @@ def test_compiled_lua_decides_like_the_interpreter(rules: tuple[str, ...], ctx: 
     expected = decide(parse_policy(text, "t.yaml"), ctx)
     assert expected is not None
     assert run_lua(text, ctx) == decisions.to_dict(expected)
+
+
+# ---------------------------------------------------------------- slots (D27)
+LEAST_LOADED = "{dispatch: {worker_selection: least-loaded}}"
+
+
+@pytest.mark.parametrize(
+    "condition", ["always", "{worker.jobs_completed: {gt: 0}}"], ids=["built-in", "pick"]
+)
+def test_least_loaded_is_the_smallest_share_of_slots_busy(condition: str) -> None:
+    """worker-4's GPU is cooler, but half its slots are busy: job-1 goes to worker-1.
+    The same through ctx.find_least_loaded_worker and through the compiled `pick`."""
+    text = policy(rule("spread", condition, LEAST_LOADED))
+    assert both(text, slotted_context(slots=4))["worker_id"] == "worker-4"
+    assert both(text, slotted_context(slots=4, busy={"worker-4": 2}))["worker_id"] == "worker-1"
+
+
+@pytest.mark.parametrize("selection", ["least-loaded", "most-vram-free", "ready", "round-robin"])
+def test_every_selection_takes_a_worker_with_a_free_slot(selection: str) -> None:
+    """worker-1 is full (busy); worker-4 runs three jobs but has a slot left."""
+    ctx = slotted_context(slots=4, busy={"worker-1": 4, "worker-4": 3})
+    for condition in ("always", "{worker.slots_total: {gte: 4}, worker.api: llamacpp}"):
+        action = f"{{dispatch: {{worker_selection: {selection}}}}}"
+        assert both(policy(rule("d", condition, action)), ctx)["worker_id"] == "worker-4"
+
+
+def test_slot_fields_are_conditions_and_api_values_are_checked() -> None:
+    """worker.slots_busy reads the worker's busy slots; an unknown API is refused."""
+    ctx = slotted_context(slots=4, busy={"worker-4": 3})
+    text = policy(rule("quiet", "{worker.slots_busy: {lt: 2}}", LEAST_LOADED))
+    assert both(text, ctx)["worker_id"] == "worker-1"
+    with pytest.raises(PolicyError, match="expected one of llamacpp, openai"):
+        parse_policy(policy(rule("x", "{worker.api: vllm}", LEAST_LOADED)), "t.yaml")

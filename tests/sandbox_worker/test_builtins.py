@@ -27,6 +27,7 @@ from orchestrator.scheduling.validation import (
     check_tenant_quota,
 )
 from tests.conftest import InProcessRuntime
+from tests.slotted import LLAMA_WORKERS, slotted_context
 
 GiB = 1024**3
 IDS = "(function(list) local out = {} for i, x in ipairs(list) do out[i] = x.id end return out end)"
@@ -366,3 +367,64 @@ def test_platform_source_is_the_shipped_file() -> None:
     runtime = InProcessRuntime("luajit")
     source = runtime.eval("ctx.get_platform_scheduler_source()")
     assert source == platform_source()
+
+
+# ---------------------------------------------------------------- slots (D27)
+def test_workers_carry_their_slots(lua: InProcessRuntime) -> None:
+    """slots_total, slots_busy, active_job_ids (an array, oldest first) and api reach
+    the script; a worker of the spec has one slot and speaks llama.cpp."""
+    ctx = slotted_context(slots=4, busy={"worker-1": 2})
+    expression = (
+        "(function(w) return {w.slots_total, w.slots_busy, w.active_job_ids, w.api,"
+        " w.current_job_id, w.status} end)(ctx.get_pool('pool-1').workers[1])"
+    )
+    assert lua.eval(expression, ctx) == [
+        4, 2, ["run-worker-1-0", "run-worker-1-1"], "llamacpp", "run-worker-1-0", "ready",
+    ]  # fmt: skip
+    spec = "(function(w) return {w.slots_total, w.slots_busy, #w.active_job_ids, w.api} end)"
+    assert lua.eval(f"{spec}(ctx.get_pool('pool-1').workers[3])") == [1, 0, 0, "llamacpp"]
+    assert lua.eval(f"{spec}(ctx.get_pool('pool-1').workers[2])") == [1, 1, 1, "llamacpp"]
+
+
+def test_least_loaded_is_the_smallest_share_of_slots_busy_first(lua: InProcessRuntime) -> None:
+    """worker-4's GPUs are less utilized, but half its slots are busy: worker-1 wins.
+    A full worker is no candidate, a worker with a free slot is."""
+    free = slotted_context(slots=4)
+    assert lua.eval(f"ctx.find_least_loaded_worker('{LLAMA_8B}').id", free) == "worker-4"
+    half = slotted_context(slots=4, busy={"worker-4": 2})
+    assert lua.eval(f"ctx.find_least_loaded_worker('{LLAMA_8B}').id", half) == "worker-1"
+    full = slotted_context(slots=4, busy={"worker-1": 4, "worker-4": 3})
+    assert lua.eval(f"ctx.find_least_loaded_worker('{LLAMA_8B}').id", full) == "worker-4"
+    assert lua.eval(f"{IDS}(ctx.find_workers_by_model('{LLAMA_8B}'))", full) == list(LLAMA_WORKERS)
+    assert lua.eval(f"ctx.find_ready_worker('{LLAMA_8B}').id", full) == "worker-4"
+
+
+def test_eviction_built_ins_skip_a_worker_running_a_job_in_any_slot(
+    lua: InProcessRuntime,
+) -> None:
+    """worker-4 is the least frequently used, and pool-2's only worker; running one job
+    in one of its four slots, it is neither's answer."""
+    ctx = slotted_context(slots=4, busy={"worker-4": 1})
+    assert lua.eval("ctx.find_worker_to_evict_lfu().id", ctx) == "worker-3"
+    assert lua.eval("ctx.find_worker_to_evict_lru('pool-2')", ctx) is None
+
+
+def test_python_twin_of_can_job_fit_agrees_with_slots(lua: InProcessRuntime) -> None:
+    """check_job_fit and ctx.can_job_fit agree on free, partly busy, full, and
+    inconsistent (ready but full) slotted workers."""
+    ctx = slotted_context(slots=2, busy={"worker-1": 2, "worker-4": 1}, extra_jobs=1)
+    pool_1 = ctx.pools[0]
+    ready_but_full = dataclasses.replace(pool_1.workers[0], id="worker-x", status="ready")
+    ctx = dataclasses.replace(
+        ctx, pools=(dataclasses.replace(pool_1, workers=(*pool_1.workers, ready_but_full)),
+                    ctx.pools[1]),
+    )  # fmt: skip
+    answers = set()
+    for job in ctx.queue:
+        for pool in ctx.pools:
+            for i, worker in enumerate(pool.workers):
+                expected = list(check_job_fit(ctx, job, worker))
+                expression = f"ctx.can_job_fit(ctx.get_job('{job.id}'), ctx.get_pool('{pool.id}').workers[{i + 1}])"
+                assert lua.eval(expression, ctx) == expected, (job.id, worker.id)
+                answers.add(tuple(expected))
+    assert (False, "worker_not_ready") in answers and (True, None) in answers

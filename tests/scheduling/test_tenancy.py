@@ -21,6 +21,7 @@ from orchestrator.state.decision_log import DecisionLog, log_files, read_log
 from orchestrator.wire import context as snapshot
 from tests.conftest import REPO, EngineFactory
 from tests.service_helpers import running_service, write_config
+from tests.slotted import slotted_context
 
 OWNERS = {"job-running": "tenant-2"}
 GiB = 1024**3
@@ -50,6 +51,34 @@ def test_a_tenant_sees_nothing_of_another_tenant() -> None:
     assert max(g.vram_free_bytes for p in view.pools for g in p.gpus) <= 16 * GiB
     own = tenant_view(ctx, "tenant-2", OWNERS).workers_by_id["worker-2"][1]
     assert own.current_job_id == "job-running"  # its own running job stays visible
+
+
+def test_a_tenant_sees_only_its_own_job_ids_in_a_shared_workers_slots() -> None:
+    """worker-1 runs two jobs of tenant-2 and one of tenant-1 in four slots: tenant-1
+    sees its own job id, three busy slots, and none of tenant-2's ids; tenant-2 sees
+    its two, the oldest as current_job_id with when it started."""
+    ctx = slotted_context(slots=4, platform_mode=True)
+    pool_1 = ctx.pools[0]
+    shared = dataclasses.replace(
+        pool_1.workers[0], slots_busy=3, active_job_ids=("t2-a", "t1-a", "t2-b"),
+        current_job_id="t2-a", job_started_at=ctx.now_ms - 900,
+    )  # fmt: skip
+    ctx = dataclasses.replace(
+        ctx, pools=(dataclasses.replace(pool_1, workers=(shared, *pool_1.workers[1:])),
+                    ctx.pools[1]),
+    )  # fmt: skip
+    owners = {**OWNERS, "t2-a": "tenant-2", "t2-b": "tenant-2", "t1-a": "tenant-1"}
+    mine = tenant_view(ctx, "tenant-1", owners).workers_by_id["worker-1"][1]
+    assert (mine.status, mine.slots_total, mine.slots_busy) == ("ready", 4, 3)
+    assert (mine.active_job_ids, mine.current_job_id, mine.job_started_at) == (
+        ("t1-a",), "t1-a", None,
+    )  # fmt: skip
+    wire = snapshot.to_proto(tenant_view(ctx, "tenant-1", owners)).SerializeToString()
+    assert b"t2-a" not in wire and b"t2-b" not in wire and b"t1-a" in wire
+    theirs = tenant_view(ctx, "tenant-2", owners).workers_by_id["worker-1"][1]
+    assert (theirs.active_job_ids, theirs.current_job_id, theirs.job_started_at) == (
+        ("t2-a", "t2-b"), "t2-a", ctx.now_ms - 900,
+    )  # fmt: skip
 
 
 async def test_a_tenant_decision_naming_another_tenants_job_is_rejected(

@@ -9,6 +9,7 @@ import pytest
 from orchestrator.domain.decision import Batch, Dispatch, EvictWorker, StartWorker, Wait
 from orchestrator.domain.samples import LLAMA_8B, MISTRAL_7B, GiB, sample_context
 from orchestrator.scheduling.validation import validate
+from tests.slotted import slotted_context
 
 CTX = sample_context()
 
@@ -135,3 +136,46 @@ def test_rejection_text_names_the_action() -> None:
     assert (
         verdict.summary() == "action #0 (dispatch): unknown_job: job 'job-404' is not in the queue"
     )
+
+
+# ---------------------------------------------------------------- slots (D27)
+def test_a_worker_takes_as_many_jobs_as_it_has_free_slots() -> None:
+    """worker-1 has 3 of its 4 slots free: three dispatches to it in one batch pass, the
+    fourth is refused, and says how many of its slots are busy."""
+    ctx = slotted_context(slots=4, busy={"worker-1": 1}, extra_jobs=4)
+    jobs = ["job-1", "extra-0", "extra-1", "extra-2"]
+    verdict = validate(Batch(tuple(Dispatch(job, "worker-1") for job in jobs)), ctx)
+    assert [(r.index, r.reason, r.detail) for r in verdict.rejections] == [
+        (3, "worker_not_ready", "worker 'worker-1' has no free slot (4 of 4 busy)")
+    ]
+    assert validate(Batch(tuple(Dispatch(job, "worker-1") for job in jobs[:3])), ctx).ok
+
+
+def test_a_worker_with_every_slot_busy_takes_no_job() -> None:
+    """Busy only when no slot is free; a record that says ready with every slot taken
+    is refused as well."""
+    ctx = slotted_context(slots=2, busy={"worker-1": 2})
+    assert validate(Dispatch("job-1", "worker-4"), ctx).ok
+    verdict = validate(Dispatch("job-1", "worker-1"), ctx)
+    assert [(r.reason, r.detail) for r in verdict.rejections] == [
+        ("worker_not_ready", "worker 'worker-1' is busy")
+    ]
+    pool_1 = ctx.pools[0]
+    full_but_ready = dataclasses.replace(pool_1.workers[0], status="ready")
+    odd = dataclasses.replace(
+        ctx, pools=(dataclasses.replace(pool_1, workers=(full_but_ready, *pool_1.workers[1:])),
+                    ctx.pools[1]),
+    )  # fmt: skip
+    assert [r.detail for r in validate(Dispatch("job-1", "worker-1"), odd).rejections] == [
+        "worker 'worker-1' has no free slot (2 of 2 busy)"
+    ]
+
+
+def test_only_a_worker_without_any_job_may_be_evicted() -> None:
+    """A ready worker still running a job in one slot is busy for eviction, and so is
+    one given a job earlier in the batch; an idle one may go."""
+    ctx = slotted_context(slots=4, busy={"worker-1": 1}, extra_jobs=1)
+    assert reasons(EvictWorker("worker-1"), ctx) == ["worker_busy"]
+    assert reasons(EvictWorker("worker-4"), ctx) == []
+    verdict = validate(Batch((Dispatch("job-1", "worker-4"), EvictWorker("worker-4"))), ctx)
+    assert [(r.index, r.reason) for r in verdict.rejections] == [(1, "worker_busy")]

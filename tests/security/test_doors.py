@@ -102,6 +102,8 @@ GRPC_DOORS: list[tuple[str, Call, dict[str, grpc.StatusCode]]] = [
      JOB_OF_TENANT),
     ("JobService/Cancel", lambda s, j: s.jobs.Cancel(pb.CancelJobRequest(job_id=j)),
      JOB_OF_TENANT),
+    ("JobService/StreamOutput", lambda s, j: _first(s.jobs.StreamOutput(
+        pb.GetJobRequest(job_id=j))), JOB_OF_TENANT),
     ("PoolService/Register", lambda s, _: s.pools.Register(pb.RegisterPoolRequest(
         pool_id="pool-a", endpoint="127.0.0.1:9")), POOL_ONLY),
     ("PoolService/Heartbeat", lambda s, _: s.pools.Heartbeat(BEAT), POOL_ONLY),
@@ -137,6 +139,10 @@ GRPC_DOORS: list[tuple[str, Call, dict[str, grpc.StatusCode]]] = [
 
 H = {"none": 401, "other": 403, "tenant": 403, "pool": 403, "operator": 200}
 HTTP_PUBLIC = dict.fromkeys(ROLES, 200)
+# The OpenAI routes: every client, each submitting as its own tenant (the operator as none).
+HTTP_CLIENTS = {"none": 401, "other": 200, "tenant": 200, "pool": 403, "operator": 200}
+CHAT = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+PROMPT = {"model": "llama-8b", "prompt": "hi", "max_tokens": 2}
 # (method, path, JSON body or None, the statuses by role)
 HTTP_DOORS: list[tuple[str, str, dict[str, Any] | None, dict[str, int]]] = [
     ("GET", "/", None, HTTP_PUBLIC),
@@ -159,6 +165,9 @@ HTTP_DOORS: list[tuple[str, str, dict[str, Any] | None, dict[str, int]]] = [
     ("POST", "/v2/admin/scheduler/rollback", {"version": 1}, H),
     ("POST", "/v2/admin/scheduler/shadow", {"source": GOOD, "name": "p.yaml"}, H),
     ("POST", "/v2/admin/scheduler/shadow/stop", {}, H),
+    ("GET", "/v1/models", None, HTTP_CLIENTS),
+    ("POST", "/v1/chat/completions", CHAT, HTTP_CLIENTS),
+    ("POST", "/v1/completions", PROMPT, HTTP_CLIENTS),
 ]
 
 
@@ -255,6 +264,15 @@ async def test_every_door_as_every_role(tmp_path: Path) -> None:
             assert await http_status(http, "GET", url, None, "none") == 401
             url = f"{base}/v2/admin/events?token={TOKENS['operator']}"
             assert await http_status(http, "GET", url, None, "none") == 200
+            # Through the OpenAI routes too, a tenant's key submits as its tenant only.
+            url = f"{base}/v1/chat/completions"
+            async with http.post(url, json=CHAT, headers=bearer("tenant")) as response:
+                submitted = response.headers["X-Job-Id"]
+            other = {**bearer("tenant"), "X-Tenant-Id": "globex"}
+            async with http.post(url, json=CHAT, headers=other) as response:
+                assert response.status == 403
+        mine = await svc.jobs.Get(pb.GetJobRequest(job_id=submitted))
+        assert mine.tenant_id == "acme"
 
 
 @pytest.mark.slow

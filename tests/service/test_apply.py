@@ -20,6 +20,7 @@ from orchestrator.service.apply import DecisionApplier
 from orchestrator.service.events import JobEvents
 from orchestrator.service.jobs import Jobs
 from orchestrator.service.metrics import ServiceMetrics
+from orchestrator.service.outputs import JobOutputs
 from orchestrator.service.pools import PoolRegistry
 from orchestrator.service.running import JobRunner
 from orchestrator.state.cluster import ClusterState
@@ -71,12 +72,13 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry, cycle_stall_s=30)
     events = JobEvents()
+    outputs = JobOutputs()
     jobs = Jobs(
-        store, cluster, events, metrics, limits=CONFIG.limits, queue=CONFIG.queue,
+        store, cluster, events, outputs, metrics, limits=CONFIG.limits, queue=CONFIG.queue,
         retry=CONFIG.retry, platform_mode=False, wake=asyncio.Event(),
     )  # fmt: skip
     completions = FakeCompletions()
-    runner = JobRunner(jobs, cluster, completions, pool, timeout_s=5)
+    runner = JobRunner(jobs, cluster, completions, pool, outputs, timeout_s=5)
     applier = DecisionApplier(cluster, jobs, runner, pool, metrics, clock=lambda: rig.now)
     rig = Rig(applier, cluster, store, pool, completions, metrics, runner, events, registry)
     yield rig
@@ -94,7 +96,7 @@ async def test_a_dispatch_is_durable_then_live_then_told(rig: Rig) -> None:
     assert stored is not None and stored.state == JobState.RUNNING
     assert (stored.attempts, stored.worker_id) == (1, "w1")
     assert dispatched.detail == "dispatched to w1" and running.detail == "running"
-    assert "j1" in rig.cluster.in_flight and rig.cluster.running_job("w1") == "j1"
+    assert "j1" in rig.cluster.in_flight and rig.cluster.running_jobs("w1") == ("j1",)
     assert rig.completions.calls == [("j1", "http://w1")]
     assert rig.applied("dispatch", "applied") == 1
     rig.completions.release.set()
@@ -106,7 +108,7 @@ async def test_a_dispatch_is_durable_then_live_then_told(rig: Rig) -> None:
     assert done is not None and (done.state, done.output, done.tokens_generated) == (
         JobState.COMPLETED, "done", 3,
     )  # fmt: skip
-    assert rig.cluster.running_job("w1") is None and "j1" not in rig.cluster.records
+    assert not rig.cluster.running_jobs("w1") and "j1" not in rig.cluster.records
 
 
 @pytest.mark.parametrize(
@@ -219,7 +221,7 @@ async def test_a_job_on_an_expired_remote_pool_is_retried_not_dropped(rig: Rig) 
     stored = await rig.store.get("j1")
     assert stored is not None and stored.state == JobState.QUEUED and stored.attempts == 1
     assert stored.error.startswith("pool 'gpu-host' expired: no heartbeat for")
-    assert "j1" not in rig.cluster.in_flight and rig.cluster.running_job("far") is None
+    assert "j1" not in rig.cluster.in_flight and not rig.cluster.running_jobs("far")
     assert len(rig.runner) == 0
 
 

@@ -18,7 +18,7 @@ from orchestrator.config.settings import (
     ServiceConfig,
     load_config,
 )
-from orchestrator.domain.context import QueueConfig
+from orchestrator.domain.context import QueueConfig, RetryConfig
 from orchestrator.domain.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -27,6 +27,7 @@ from orchestrator.domain.errors import (
 )
 from orchestrator.domain.jobs import JobRecord, JobState, SubmitLimits, SubmitSpec, TenantLimits
 from orchestrator.service.assembly import assemble
+from orchestrator.service.metrics import MAX_TENANT_LABELS
 from orchestrator.service.orchestrator import Orchestrator
 from orchestrator.state.cluster import last_midnight_utc_ms
 from orchestrator.state.store import JobStore
@@ -284,3 +285,81 @@ async def test_a_retried_submit_is_not_charged_again(service: Factory) -> None:
     assert again.id == first.id
     with pytest.raises(RateLimitedError, match="requests_per_minute"):
         await o.submit(dataclasses.replace(spec("acme"), request_id="r-2"))
+
+
+# ---------------------------------------------------------------------- output and metrics
+async def _dispatched(o: Orchestrator, job: JobRecord) -> JobRecord:
+    (dispatched,) = await o.jobs.dispatch([(job, "w1")], now_ms())
+    assert dispatched is not None
+    return dispatched
+
+
+async def test_a_job_that_ended_before_anyone_followed_is_read_from_the_store(
+    service: Factory,
+) -> None:
+    o = service()
+    job = await _dispatched(o, await o.submit(spec("acme")))
+    await o.jobs.complete(job.id, "w1", "the output", 2, now_ms(), prompt_tokens=3)
+    chunks = [c async for c in o.stream_output(job.id, tenant="acme")]
+    assert [(c.text, c.tokens, c.attempt) for c in chunks] == [("the output", 2, 1)]
+    final = chunks[0].final
+    assert final is not None and (final.state, final.prompt_tokens) == (JobState.COMPLETED, 3)
+    with pytest.raises(NotFoundError):  # another tenant's job, as Get
+        [c async for c in o.stream_output(job.id, tenant="globex")]
+    assert len(o.outputs) == 0
+
+
+async def test_a_follower_sees_the_output_as_it_comes_until_the_job_ends(
+    service: Factory,
+) -> None:
+    o = service()
+    job = await _dispatched(o, await o.submit(spec()))
+    o.outputs.begin(job.id, job.attempts)  # what JobRunner.start does
+    o.outputs.append(job.id, "he", 1)
+    chunks = o.stream_output(job.id)
+    assert (await anext(chunks)).text == "he"
+    o.outputs.append(job.id, "llo", 2)
+    assert (await anext(chunks)).text == "llo"
+    await o.jobs.complete(job.id, "w1", "hello", 2, now_ms())
+    last = await anext(chunks)
+    assert last.final is not None and last.final.output == "hello"
+    assert [c async for c in chunks] == []
+    assert len(o.outputs) == 0
+
+
+def sample(o: Orchestrator, name: str, **labels: str) -> float:
+    return o.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_ttft_is_observed_once_per_job_and_tpot_and_tokens_on_completion(
+    service: Factory,
+) -> None:
+    o = service(retry=RetryConfig(enabled=True, max_attempts=3, initial_delay_ms=0))
+    job = await _dispatched(o, await o.submit(spec("acme", prompt="x" * 40)))
+    labels = {"model": job.model_ref, "priority": job.priority, "tenant": "acme"}
+    await o.jobs.first_token(job.id)
+    assert sample(o, "orchestrator_job_ttft_seconds_count", **labels) == 1
+    await o.jobs.retry_or_fail(await o.get(job.id), "worker went away", now_ms())
+    again = await _dispatched(o, await o.get(job.id))
+    await o.jobs.first_token(again.id)  # the retried attempt's first token: not again
+    assert sample(o, "orchestrator_job_ttft_seconds_count", **labels) == 1
+    await o.jobs.complete(job.id, "w1", "out", 5, now_ms())
+    assert sample(o, "orchestrator_job_tpot_seconds_count", **labels) == 1
+    assert sample(o, "orchestrator_tokens_out_total", tenant="acme") == 5
+    # The worker did not count the prompt: its bytes / 4.
+    assert sample(o, "orchestrator_tokens_in_total", tenant="acme") == 10
+    plain = await _dispatched(o, await o.submit(spec()))
+    await o.jobs.complete(plain.id, "w1", "o", 1, now_ms(), prompt_tokens=7)
+    assert sample(o, "orchestrator_tokens_in_total", tenant="none") == 7
+    # One token, no first token: no time per output token to speak of.
+    assert sample(o, "orchestrator_job_tpot_seconds_count", **{**labels, "tenant": "none"}) == 0
+
+
+def test_client_chosen_tenant_labels_are_bounded(service: Factory) -> None:
+    metrics = service().jobs.metrics
+    names = [metrics.tenant_label(f"t{i}", known=False) for i in range(MAX_TENANT_LABELS + 5)]
+    assert names[:MAX_TENANT_LABELS] == [f"t{i}" for i in range(MAX_TENANT_LABELS)]
+    assert set(names[MAX_TENANT_LABELS:]) == {"other"}
+    assert metrics.tenant_label("t3", known=False) == "t3"  # still labelled by name
+    assert metrics.tenant_label("", known=False) == "none"
+    assert metrics.tenant_label("acme", known=True) == "acme"  # from the tenants file

@@ -34,6 +34,7 @@ from orchestrator.state.store import JobStore
 from tests.service_helpers import LLAMA, code_of, running_service, write_config
 
 REPO = Path(__file__).resolve().parents[2]
+MISTRAL = "hf:mistralai/Mistral-7B-Instruct-v0.3@main::file=Q4_K_M.gguf"
 
 
 async def test_submitted_job_runs_to_completion(tmp_path: Path) -> None:
@@ -440,7 +441,9 @@ async def test_pool_manager_on_another_host_runs_jobs(tmp_path: Path) -> None:
 
 
 async def test_job_cli_and_custom_metrics(tmp_path: Path) -> None:
-    """`orchestratord job submit --wait` follows a job; a script's emit_metric reaches /metrics."""
+    """`orchestratord job submit --wait` prints the tokens as they come, then how the job
+    ended; `job get` shows what the worker reported; a script's emit_metric reaches
+    /metrics."""
     script = tmp_path / "policy.lua"
     script.write_text(
         "function schedule(ctx)\n"
@@ -449,31 +452,26 @@ async def test_job_cli_and_custom_metrics(tmp_path: Path) -> None:
         "end\n"
     )
     async with running_service(write_config(tmp_path, scheduler={"file": str(script)})) as svc:
+        cli = (sys.executable, "-m", "orchestrator.cli", "job", "--address",
+               f"127.0.0.1:{svc.server.grpc_port}")  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            "job",
-            "--address",
-            f"127.0.0.1:{svc.server.grpc_port}",
-            "submit",
-            "--model",
-            "mistral-7b",
-            "--prompt",
-            "hi",
-            "--max-tokens",
-            "4",
-            "--seed",
-            "1",
-            "--wait",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+            *cli, "submit", "--model", "mistral-7b", "--prompt", "hi", "--max-tokens", "4",
+            "--seed", "1", "--top-p", "0.5", "--stop", "ZZZ", "--stop", "YYY", "--wait",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
         out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()
+        text = "".join(generate(MISTRAL, "hi", 1, 4))
+        assert out.decode() == text + "\n"
+        job_id, state, tokens, ttft, _ = err.decode().splitlines()[-1].split(" ", 4)
+        assert (state, tokens) == ("completed", "tokens=4") and ttft.startswith("ttft=")
+        proc = await asyncio.create_subprocess_exec(
+            *cli, "get", job_id, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
         job = json.loads(out)
-        assert job["state"] == "JOB_STATE_COMPLETED" and job["tokens_generated"] == "4"
-        assert "queued" in err.decode() and "completed" in err.decode()
+        assert (job["top_p"], job["stop"], job["output"]) == (0.5, ["ZZZ", "YYY"], text)
+        assert int(job["ttft_ms"]) >= 0 and int(job["prompt_tokens"]) > 0 and job["tpot_ms"] > 0
         async with aiohttp.ClientSession() as http, http.get(svc.http + "/metrics") as response:
             text = await response.text()
         assert 'scheduler_custom_metric{name="custom_queue_seen",tenant=""}' in text
@@ -583,3 +581,52 @@ async def test_failed_workers_are_removed_so_new_ones_can_start(
             assert (await svc.wait_finished(job.id, 60)).state == pb.JOB_STATE_COMPLETED
     assert killed >= 10
     assert sum(e["event"] == "pool.worker_removed" for e in logs) >= 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["llamacpp", "openai"])
+async def test_stream_output_carries_tokens_and_a_cancel_frees_the_workers_slot(
+    tmp_path: Path, api: str
+) -> None:
+    """StreamOutput gives the tokens as the worker makes them, then the job; cancelling a
+    running job closes its request, and the development worker frees the slot."""
+    config = write_config(tmp_path, local_pool={"worker": {"tokens_per_sec": 20, "api": api}})
+    async with running_service(config) as svc:
+        job = await svc.submit(prompt="stream me", max_tokens=6, seed=3, tenant_id="acme")
+        chunks = [c async for c in svc.jobs.StreamOutput(pb.GetJobRequest(job_id=job.id))]
+        text = "".join(c.text for c in chunks)
+        assert text == "".join(generate(LLAMA, "stream me", 3, 6))
+        assert any(c.text for c in chunks[:-1])  # some came before the job ended
+        done = chunks[-1].job
+        assert (done.state, done.output, done.tokens_generated) == (
+            pb.JOB_STATE_COMPLETED, text, 6,
+        )  # fmt: skip
+        assert done.prompt_tokens > 0 and done.ttft_ms >= 0 and done.tpot_ms > 0
+        registry = svc.server.orchestrator.metrics.registry
+        labels = {"model": LLAMA, "priority": "batch", "tenant": "acme"}
+        assert registry.get_sample_value("orchestrator_job_ttft_seconds_count", labels) == 1
+        assert registry.get_sample_value("orchestrator_job_tpot_seconds_count", labels) == 1
+        assert registry.get_sample_value("orchestrator_tokens_out_total", {"tenant": "acme"}) == 6
+
+        long = await svc.submit(prompt="never mind", max_tokens=2000)
+        stream = aiter(svc.jobs.StreamOutput(pb.GetJobRequest(job_id=long.id)))
+        first = await anext(stream)  # it runs: a slot of its worker is taken
+        assert first.text and not first.HasField("job")
+        worker_id = (await svc.jobs.Get(pb.GetJobRequest(job_id=long.id))).worker_id
+        (worker,) = [w for p in svc.server.orchestrator.cluster.context().pools
+                     for w in p.workers if w.id == worker_id]  # fmt: skip
+        assert worker.api == api
+        async with aiohttp.ClientSession() as http:
+            assert await _processing(http, worker.uri) == 1
+            await svc.jobs.Cancel(pb.CancelJobRequest(job_id=long.id))
+            last = [c async for c in stream][-1]
+            assert last.job.state == pb.JOB_STATE_CANCELLED
+            async with asyncio.timeout(10):
+                while await _processing(http, worker.uri):
+                    await asyncio.sleep(0.05)
+
+
+async def _processing(http: aiohttp.ClientSession, uri: str) -> int:
+    """How many of the development worker's slots are generating (llama-server's /slots)."""
+    async with http.get(uri + "/slots") as response:
+        return sum(1 for slot in await response.json() if slot["is_processing"])

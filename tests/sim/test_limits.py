@@ -25,6 +25,8 @@ from orchestrator.sim.workload import WorkloadSpec, generate
         ({"pools": 100_000}, "workload.pools: must be at most 64"),
         ({"workers_per_pool": 10**6}, "workload.workers_per_pool: must be at most 256"),
         ({"gpus_per_pool": 10**6}, "workload.gpus_per_pool: must be at most 64"),
+        ({"worker_slots": 0}, "workload.worker_slots: must be at least 1, got 0"),
+        ({"worker_slots": 2000}, "workload.worker_slots: must be at most 1024"),
         ({"start_delay_ms": 10**12}, "workload.start_delay_ms: must be at most"),
         ({"evict_delay_ms": -1}, "workload.evict_delay_ms: must not be negative"),
         ({"deadline_ms": 10**9}, "workload.deadline_ms: must be at most 10000"),

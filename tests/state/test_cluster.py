@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from orchestrator._proto import context_pb2, orchestrator_pb2
 from orchestrator.config.settings import ServiceConfig
 from orchestrator.domain.context import INT64_MAX, Gpu, HostReading, ProcessInfo, Tenant
 from orchestrator.domain.decision import EvictWorker, StartWorker
@@ -62,7 +63,9 @@ def test_every_change_moves_the_version_the_loop_watches() -> None:
     seen = [state.version]
     state.enqueue(record("j1"), NOW)
     seen.append(state.version)
-    state.assign("w1", "j1", NOW)
+    state.occupy("w1", "j1", NOW)
+    seen.append(state.version)
+    state.release("w1", "j1", NOW)
     seen.append(state.version)
     state.remote.register("gpu-host", "http://gpu-host", NOW)
     seen.append(state.version)
@@ -76,15 +79,38 @@ def test_the_core_overlays_busy_and_usage_on_the_pools_workers() -> None:
     local.add("w1")
     local.add("w2")
     state = cluster(local)
-    state.assign("w1", "j1", NOW - 200)
+    state.occupy("w1", "j1", NOW - 200)
     (pool,) = state.context(NOW).pools
     w1, w2 = pool.workers
     assert (w1.status, w1.current_job_id, w1.job_started_at) == ("busy", "j1", NOW - 200)
-    assert (w2.status, w2.current_job_id) == ("ready", None)
-    assert state.running_job("w1") == "j1" and state.running_job("w2") is None
-    state.assign("w1", None, NOW)
+    assert (w1.slots_total, w1.slots_busy, w1.active_job_ids) == (1, 1, ("j1",))
+    assert (w2.status, w2.current_job_id, w2.slots_busy) == ("ready", None, 0)
+    assert state.running_jobs("w1") == ("j1",) and state.running_jobs("w2") == ()
+    state.release("w1", "j1", NOW)
     (pool,) = state.context(NOW).pools
-    assert pool.workers[0].status == "ready"
+    assert (pool.workers[0].status, pool.workers[0].slots_busy) == ("ready", 0)
+
+
+def test_a_worker_with_slots_is_busy_only_when_every_slot_is_taken() -> None:
+    """docs/ARCHITECTURE.md D27: ready while a slot is free, with its jobs oldest first."""
+    local = FakeLocalPool()
+    local.workers["w1"] = ProcessInfo(
+        "w1", MODEL, (0,), 6 * GiB, "http://w1", "ready", 500, slots=3
+    )
+    state = cluster(local)
+    state.occupy("w1", "j1", NOW - 300)
+    state.occupy("w1", "j2", NOW - 200)
+    (w1,) = state.context(NOW).pools[0].workers
+    assert (w1.status, w1.slots_total, w1.slots_busy, w1.slots_free) == ("ready", 3, 2, 1)
+    assert (w1.current_job_id, w1.job_started_at, w1.active_job_ids) == (
+        "j1", NOW - 300, ("j1", "j2"),
+    )  # fmt: skip
+    state.occupy("w1", "j3", NOW - 100)
+    assert state.context(NOW).pools[0].workers[0].status == "busy"
+    state.release("w1", "j1", NOW)
+    (w1,) = state.context(NOW).pools[0].workers
+    assert (w1.status, w1.current_job_id, w1.job_started_at) == ("ready", "j2", NOW - 200)
+    assert state.running_jobs("w1") == ("j2", "j3")
 
 
 def test_completions_feed_throughput_and_the_tenants_daily_tokens() -> None:
@@ -120,7 +146,7 @@ def test_an_unchanged_pool_keeps_its_record_between_cycles() -> None:
     first = state.context(NOW).pools[0]
     again = state.context(NOW).pools[0]
     assert again.workers is first.workers and again.gpus is first.gpus
-    state.assign("w1", "j1", NOW)
+    state.occupy("w1", "j1", NOW)
     assert state.context(NOW).pools[0].workers is not first.workers
 
 
@@ -146,6 +172,34 @@ def test_remote_pools_show_what_the_core_asked_for_until_the_pool_reports() -> N
     assert not state.remote.evict("nobody", RemoteCommand("c3", EvictWorker("nobody")))
 
 
+def test_a_remote_worker_brings_its_slots_and_api_but_not_their_occupancy() -> None:
+    """A pool reports how many slots a worker has and the API it speaks; which jobs
+    fill them is what the core dispatched, whatever the heartbeat says. A pool that
+    predates slots reports a one-slot llama.cpp worker."""
+    state = cluster()
+    state.remote.register("gpu-host", "http://gpu-host", NOW)
+    pool = state.remote.get("gpu-host")
+    assert pool is not None
+    beat = orchestrator_pb2.PoolHeartbeat(info=context_pb2.PoolInfo(id="gpu-host"))
+    beat.workers.add(
+        id="vllm",
+        model_ref=MODEL,
+        status="ready",
+        uri="http://gpu-host:8000",
+        slots_total=64,
+        api="openai",
+        slots_busy=64,
+        active_job_ids=["forged"],
+    )
+    beat.workers.add(id="old", model_ref=MODEL, status="ready", uri="http://gpu-host:8001")
+    state.remote.heartbeat(pool, Heartbeat.from_proto(beat), NOW)
+    state.occupy("vllm", "j1", NOW)
+    old, vllm = state.context(NOW).pools[0].workers  # in id order
+    assert (vllm.status, vllm.slots_total, vllm.slots_busy, vllm.api) == ("ready", 64, 1, "openai")
+    assert vllm.active_job_ids == ("j1",)
+    assert (old.slots_total, old.slots_busy, old.api) == (1, 0, "llamacpp")
+
+
 def test_a_remote_pool_goes_degraded_then_offline_without_heartbeats() -> None:
     state = cluster()
     state.remote.register("gpu-host", "", NOW)
@@ -167,8 +221,9 @@ def test_every_process_is_listed_with_its_pool() -> None:
     far = ProcessInfo("far", MODEL, (0,), GiB, "http://far", "ready", NOW)
     state.remote.heartbeat(pool, Heartbeat("gpu-host", "", (), (far,), (), HostReading()), NOW)
     assert [(p, w.id) for p, w in state.processes()] == [("local", "w1"), ("gpu-host", "far")]
+    state.occupy("w1", "j1", NOW)
     state.forget_worker("w1")  # an evicted worker's overlay goes
-    assert state.running_job("w1") is None
+    assert state.running_jobs("w1") == ()
 
 
 def test_huge_gpus_do_not_overflow_the_context_metrics() -> None:

@@ -1,4 +1,4 @@
-"""The job store: request ids unique per tenant, and the migration of schema 1 stores."""
+"""The job store: request ids unique per tenant, and the migration of older stores."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.domain.errors import ConfigError
-from orchestrator.domain.jobs import JobRecord
+from orchestrator.domain.jobs import JobRecord, JobState
 from orchestrator.state.store import SCHEMA_VERSION, JobStore
 from tests.fakes import record
 
@@ -40,6 +40,25 @@ INSERT INTO jobs VALUES ('job-n', 2, 'req-2', NULL, NULL, 'batch', 'llama-8b', '
     'sha256:0', 8, NULL, 0.0, 'queued', 0, 1, 1, 0, NULL, NULL, NULL, '', 0, '', 0, 0);
 INSERT INTO transitions VALUES ('job-a', 1, 'queued', 0, 'submitted');
 """
+# Schema 2, as it was before issue 15 added columns: request ids unique per tenant (by
+# an index), and a job in flight.
+SCHEMA_2 = (
+    SCHEMA_1.replace("request_id TEXT UNIQUE", "request_id TEXT").replace(
+        "('schema_version', '1')", "('schema_version', '2')"
+    )
+    + """
+CREATE UNIQUE INDEX jobs_request ON jobs(COALESCE(tenant_id, ''), request_id);
+INSERT INTO jobs VALUES ('job-r', 3, NULL, 'acme', NULL, 'batch', 'llama-8b', 'p',
+    'sha256:0', 8, 7, 0.5, 'running', 1, 1, 1, 0, 2, NULL, 'w1', '', 0, '', 0, 0);
+"""
+)
+
+
+DEFAULTS_3 = ("", (), 1.0, 0, None)  # what a row from before schema 3 gets
+
+
+def added_in_3(r: JobRecord) -> tuple[object, ...]:
+    return (r.messages, r.stop, r.top_p, r.prompt_tokens, r.first_token_at)
 
 
 def of(tenant: str | None, job_id: str, request_id: str) -> JobRecord:
@@ -61,22 +80,29 @@ def test_request_id_is_unique_per_tenant(tmp_path: Path) -> None:
         store.db.execute("UPDATE jobs SET tenant_id = 'acme' WHERE id = 'job-2'")
 
 
-def test_a_schema_1_store_is_migrated(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite3"
+def migrated(path: Path, schema: str) -> JobStore:
+    """A store written by an older version (`schema`), opened by this one."""
     old = sqlite3.connect(path)
-    old.executescript(SCHEMA_1)
+    old.executescript(schema)
     old.close()
     store = JobStore(path)
     version = store.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version[0] == SCHEMA_VERSION == "2"
+    assert version[0] == SCHEMA_VERSION == "3"
+    return store
+
+
+def test_a_schema_1_store_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    store = migrated(path, SCHEMA_1)
     (sql,) = store.db.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs'").fetchone()
-    assert "UNIQUE" not in sql
+    assert "UNIQUE" not in sql and "first_token_at" in sql
     indexes = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"jobs_state", "jobs_tenant_finished", "jobs_request"} <= indexes
     a, n = store.get("job-a"), store.get("job-n")  # every row and column kept
     assert a is not None and (a.tenant_id, a.request_id, a.output, a.tokens_generated) == (
         "acme", "req-1", "out", 5,
     )  # fmt: skip
+    assert added_in_3(a) == DEFAULTS_3
     assert n is not None and n.tenant_id is None and [r.id for r in store.active()] == ["job-n"]
     assert store.transitions("job-a") == [(1, "queued", 0, "submitted")]
     assert store.insert(of("acme", "job-x", "req-1"))[0].id == "job-a"
@@ -86,12 +112,36 @@ def test_a_schema_1_store_is_migrated(tmp_path: Path) -> None:
     JobStore(path).close()  # opening a migrated store again changes nothing
 
 
+def test_a_schema_2_store_gets_the_new_columns_with_their_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    store = migrated(path, SCHEMA_2)
+    a, r = store.get("job-a"), store.get("job-r")  # every row and column kept
+    assert a is not None and (a.state, a.request_id, a.output, a.tokens_generated) == (
+        JobState.COMPLETED, "req-1", "out", 5,
+    )  # fmt: skip
+    assert r is not None and (r.seed, r.temperature, r.worker_id) == (7, 0.5, "w1")
+    for row in (a, r):
+        assert added_in_3(row) == DEFAULTS_3
+        assert row.ttft_ms is None and row.tpot_ms is None
+    assert [j.id for j in store.active()] == ["job-n", "job-r"]
+    assert store.transitions("job-a") == [(1, "queued", 0, "submitted")]
+    assert store.insert(of("acme", "job-x", "req-1"))[0].id == "job-a"  # its index stands
+    chat = dataclasses.replace(
+        record("job-c"), messages='[{"role": "user", "content": "hi"}]', stop=("\n", "END"),
+        top_p=0.9,
+    )  # fmt: skip
+    store.insert(chat)
+    assert store.get("job-c") == dataclasses.replace(chat, seq=4)
+    store.close()
+    JobStore(path).close()  # opening a migrated store again changes nothing
+
+
 def test_a_store_of_an_unknown_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
     newer = JobStore(path)
-    newer.db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    newer.db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     newer.close()
-    with pytest.raises(ConfigError, match="schema 3 is not 2"):
+    with pytest.raises(ConfigError, match="schema 4 is not 3"):
         JobStore(path)
 
 

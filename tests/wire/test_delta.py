@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from orchestrator._proto import sandbox_pb2
 from orchestrator.domain.context import (
+    WORKER_APIS,
     Context,
     Gpu,
     Job,
@@ -44,6 +45,7 @@ OPS = [
     "remove_job",
     "retry_job",
     "worker_status",
+    "worker_slots",
     "add_worker",
     "remove_worker",
     "move_worker",
@@ -82,6 +84,7 @@ def mutate(ctx: Context, op: str, n: int) -> Context:
         op
         in (
             "worker_status",
+            "worker_slots",
             "add_worker",
             "remove_worker",
             "move_worker",
@@ -100,6 +103,20 @@ def mutate(ctx: Context, op: str, n: int) -> Context:
                 workers[j],
                 status=("ready", "busy", "starting", "failed")[n % 4],
                 current_job_id=None if n % 2 else f"job-{n}",
+            )
+        elif op == "worker_slots" and workers:
+            j = n % len(workers)
+            total = n % 5 + 1
+            busy = n % (total + 1)
+            active = tuple(f"job-{n}-{k}" for k in range(busy))
+            workers[j] = dataclasses.replace(
+                workers[j],
+                status="busy" if busy == total else "ready",
+                slots_total=total,
+                slots_busy=busy,
+                active_job_ids=active,
+                current_job_id=active[0] if active else None,
+                api=WORKER_APIS[n % len(WORKER_APIS)],
             )
         elif op == "add_worker":
             workers.append(
@@ -247,3 +264,30 @@ def test_python_side_round_trips(steps: list[tuple[str, int]]) -> None:
         assert snapshot.apply_delta(ctx, snapshot.diff(ctx, after)) == normalized(after)
         assert snapshot.from_proto(snapshot.to_proto(after)) == normalized(after)
         ctx = after
+
+
+def test_worker_slots_round_trip_and_default_to_the_spec_worker() -> None:
+    """slots_total, slots_busy, active_job_ids and api survive a snapshot and a delta;
+    a worker message without them (written before slots) reads as one slot, llama.cpp."""
+    ctx = sample_context()
+    pool = ctx.pools[1]
+    slotted = dataclasses.replace(
+        pool.workers[0], slots_total=8, slots_busy=2, active_job_ids=("job-a", "job-b"),
+        current_job_id="job-a", api="openai",
+    )  # fmt: skip
+    after = dataclasses.replace(
+        ctx, pools=(ctx.pools[0], dataclasses.replace(pool, workers=(slotted,)))
+    )
+    delta = snapshot.diff(ctx, after)
+    assert [w.id for w in delta.upsert_workers] == ["worker-4"]
+    assert snapshot.apply_delta(ctx, delta) == normalized(after)
+    back = snapshot.from_proto(snapshot.to_proto(after)).workers_by_id["worker-4"][1]
+    assert (back.slots_total, back.slots_busy, back.active_job_ids, back.api) == (
+        8, 2, ("job-a", "job-b"), "openai",
+    )  # fmt: skip
+    old = snapshot.worker_to_proto("pool-2", slotted)
+    for name in ("slots_total", "slots_busy", "active_job_ids", "api"):
+        old.ClearField(name)
+    spec = snapshot.worker_from_proto(old)
+    assert (spec.slots_total, spec.slots_busy, spec.api) == (1, 0, "llamacpp")
+    assert spec.active_job_ids == ()

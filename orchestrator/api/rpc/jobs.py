@@ -1,4 +1,5 @@
-"""JobService: submit, get, cancel, list and watch jobs, each within the caller's scope.
+"""JobService: submit, get, cancel, list and watch jobs, and stream their output, each
+within the caller's scope.
 
 A tenant submits as the tenant its credential names and sees only that tenant's
 jobs: another tenant's job is "not found", exactly like a job that does not exist.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
 from grpc import aio
@@ -28,11 +29,13 @@ from orchestrator.domain.errors import (
 from orchestrator.domain.identity import Identity
 from orchestrator.domain.jobs import TERMINAL, JobRecord, JobState, SubmitSpec
 from orchestrator.service.events import JobEvent
+from orchestrator.service.outputs import OutputChunk
 from orchestrator.wire.jobs import STATE_NAMES, STATES
 
 pb = orchestrator_pb2
-# Each open Watch holds a bounded buffer (service/events.py); this bounds how many one
-# caller may hold. One stream without a job_id follows all of a caller's jobs.
+# Each open Watch holds a bounded buffer (service/events.py), each StreamOutput a place
+# among a job's followers (service/outputs.py); this bounds how many of both together
+# one caller may hold. One Watch without a job_id follows all of a caller's jobs.
 WATCHES_PER_CALLER = 64
 
 
@@ -48,6 +51,9 @@ class JobsFront(Protocol):
     def subscribe(
         self, job_id: str | None, *, tenant: str | None = None
     ) -> contextlib.AbstractAsyncContextManager[asyncio.Queue[JobEvent]]: ...
+    def stream_output(
+        self, job_id: str, *, tenant: str | None = None
+    ) -> AsyncGenerator[OutputChunk]: ...
 
 
 def job_info(record: JobRecord) -> orchestrator_pb2.JobInfo:
@@ -71,10 +77,22 @@ def job_info(record: JobRecord) -> orchestrator_pb2.JobInfo:
         error=record.error,
         request_id=record.request_id or "",
         prompt_hash=record.prompt_hash,
+        prompt_tokens=record.prompt_tokens,
+        ttft_ms=record.ttft_ms or 0,
+        tpot_ms=record.tpot_ms or 0.0,
+        stop=record.stop,
+        top_p=record.top_p,
     )
     if record.seed is not None:
         info.seed = record.seed
     return info
+
+
+def output_chunk(chunk: OutputChunk) -> orchestrator_pb2.OutputChunk:
+    message = pb.OutputChunk(text=chunk.text, tokens=chunk.tokens, attempt=chunk.attempt)
+    if chunk.final is not None:
+        message.job.CopyFrom(job_info(chunk.final))
+    return message
 
 
 class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
@@ -87,7 +105,7 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
         self.o = orchestrator
         self.caller = caller  # who is calling: the interceptor's answer (api/rpc/auth.py)
         self.admitted = admitted  # whether a caller's key still stands (Gatekeeper)
-        self.watching: Counter[str] = Counter()  # open Watch streams by caller name
+        self.watching: Counter[str] = Counter()  # open Watch and StreamOutput by caller name
 
     async def Submit(
         self, request: orchestrator_pb2.SubmitRequest, context: aio.ServicerContext
@@ -107,6 +125,8 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
             tenant_id=tenant_id,
             session_id=request.session_id,
             request_id=request.request_id,
+            stop=tuple(request.stop),
+            top_p=request.top_p if request.HasField("top_p") else 1.0,
         )
         try:
             return job_info(await self.o.submit(spec))
@@ -160,17 +180,40 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
     ) -> AsyncIterator[orchestrator_pb2.JobEvent]:
         name = self.caller().name
         if self.watching[name] >= WATCHES_PER_CALLER:
-            await abort(context, RateLimitedError(
-                f"{name} has {WATCHES_PER_CALLER} Watch streams open already; close one, or "
-                "watch every job with one stream (no job_id)"
-            ))  # fmt: skip
+            await abort(context, _too_many_streams(name))
+        with self._stream_of(name):
+            try:
+                async with contextlib.aclosing(self._events(request.job_id or None)) as events:
+                    async for event in events:
+                        yield event
+            except OrchestratorError as exc:  # not the caller's job; fell behind (ends it)
+                await abort(context, exc)
+
+    async def StreamOutput(
+        self, request: orchestrator_pb2.GetJobRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[orchestrator_pb2.OutputChunk]:
+        caller = self.caller()
+        if self.watching[caller.name] >= WATCHES_PER_CALLER:
+            await abort(context, _too_many_streams(caller.name))
+        with self._stream_of(caller.name):
+            try:
+                chunks = self.o.stream_output(request.job_id, tenant=caller.job_scope())
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        if not self.admitted(caller):
+                            raise UnauthenticatedError(
+                                "the key this stream was opened with was revoked"
+                            )
+                        yield output_chunk(chunk)
+            except OrchestratorError as exc:  # not the caller's job; its key revoked (ends it)
+                await abort(context, exc)
+
+    @contextlib.contextmanager
+    def _stream_of(self, name: str) -> Iterator[None]:
+        """Count one open stream of `name`'s while it lasts."""
         self.watching[name] += 1
         try:
-            async with contextlib.aclosing(self._events(request.job_id or None)) as events:
-                async for event in events:
-                    yield event
-        except OrchestratorError as exc:  # not the caller's job; fell behind (ends the watch)
-            await abort(context, exc)
+            yield
         finally:
             self.watching[name] -= 1
             if not self.watching[name]:
@@ -194,16 +237,19 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
                     return
 
 
+def _too_many_streams(name: str) -> RateLimitedError:
+    return RateLimitedError(
+        f"{name} has {WATCHES_PER_CALLER} Watch and StreamOutput streams open already; close "
+        "one, or watch every job with one Watch (no job_id)"
+    )
+
+
 def _tenant_of(caller: Identity, requested: str) -> str:
-    """The tenant a call acts for: a tenant's own, whatever it asks; an operator's choice."""
-    scope = caller.job_scope()
-    if scope is None:
-        return requested
-    if requested and requested != scope:
-        raise PermissionDeniedError(
-            f"tenant_id: {caller.describe()} acts only for its own tenant, not {requested!r}"
-        )
-    return scope
+    """The tenant a call acts for (Identity.acting_for), its refusal naming the field."""
+    try:
+        return caller.acting_for(requested)
+    except PermissionDeniedError as exc:
+        raise PermissionDeniedError(f"tenant_id: {exc}") from None
 
 
 def _event(record: JobRecord, at_ms: int, detail: str) -> orchestrator_pb2.JobEvent:

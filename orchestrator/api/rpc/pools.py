@@ -14,12 +14,10 @@ from grpc import aio
 from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.api.rpc.auth import current_caller
 from orchestrator.api.rpc.errors import abort
-from orchestrator.domain.context import HostReading, ProcessInfo
 from orchestrator.domain.decision import EvictWorker
 from orchestrator.domain.errors import OrchestratorError
 from orchestrator.domain.identity import Identity
 from orchestrator.state.remote_pools import Heartbeat, RemoteCommand
-from orchestrator.wire.context import gpu_from_proto
 
 pb = orchestrator_pb2
 
@@ -53,20 +51,7 @@ class PoolServicer(orchestrator_pb2_grpc.PoolServiceServicer):
         self, request: orchestrator_pb2.PoolHeartbeat, context: aio.ServicerContext
     ) -> orchestrator_pb2.HeartbeatReply:
         caller = self.caller()
-        info = request.info
-        beat = Heartbeat(
-            pool_id=info.id,
-            endpoint=info.endpoint,
-            gpus=tuple(gpu_from_proto(g) for g in request.gpus),
-            workers=tuple(
-                ProcessInfo(w.id, w.model_ref, tuple(w.gpu_ids), w.vram_bytes, w.uri,
-                            w.status or "starting", w.started_at_ms)
-                for w in request.workers
-            ),
-            cached_models=tuple(info.cached_models),
-            host=HostReading(info.host_ram_total_bytes, info.host_ram_available_bytes,
-                             info.host_cpu_percent, info.host_cpu_count),
-        )  # fmt: skip
+        beat = Heartbeat.from_proto(request)
         try:
             commands = self.pools.heartbeat(caller, beat)
         except OrchestratorError as exc:

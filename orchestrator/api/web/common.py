@@ -28,7 +28,7 @@ async def body(request: web.Request) -> dict[str, Any]:
         )
     try:
         data = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         raise web.HTTPBadRequest(
             text=json.dumps({"error": "the body is not valid JSON"}),
             content_type="application/json",

@@ -1,17 +1,22 @@
 """The HTTP edge's one table: error codes to statuses, and the middleware that uses it.
 
 An error answers `{"error": message, "code": code}`, plus whatever structured detail
-the error carries (a refused scheduler's validation report).
+the error carries (a refused scheduler's validation report). Under `/v1/`, the
+OpenAI-compatible routes (openai.py), the same statuses answer in OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, which is what OpenAI clients read;
+so do the guard's refusals and aiohttp's own (413 for a body over the bound, 405, 404).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from orchestrator.domain.errors import ErrorCode, OrchestratorError
+from orchestrator.domain.errors import ErrorCode, InvalidRequestError, OrchestratorError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -29,12 +34,53 @@ STATUS: Mapping[ErrorCode, int] = MappingProxyType({
     ErrorCode.INTERNAL: 500,
 })  # fmt: skip
 
+OPENAI_PREFIX = "/v1/"
+# OpenAI's error `type` is a coarse class of the status; `code` carries ours.
+OPENAI_TYPE: Mapping[int, str] = MappingProxyType({
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+})  # fmt: skip
+
+
+def openai_error(
+    message: str, *, status: int, code: str | None, param: str | None = None
+) -> dict[str, Any]:
+    """An error in OpenAI's shape, for a response with `status` or an event of a stream."""
+    kind = OPENAI_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    openai = request.path.startswith(OPENAI_PREFIX)
     try:
         return await handler(request)
     except OrchestratorError as exc:
+        status = STATUS[exc.code]
+        if openai:
+            param = exc.field if isinstance(exc, InvalidRequestError) else None
+            body = openai_error(str(exc), status=status, code=exc.code, param=param)
+            return web.json_response(body, status=status)
         return web.json_response(
-            {"error": str(exc), "code": exc.code, **exc.details()}, status=STATUS[exc.code]
+            {"error": str(exc), "code": exc.code, **exc.details()}, status=status
         )
+    except web.HTTPException as exc:
+        if not openai or exc.status < 400:
+            raise
+        allow = {hdrs.ALLOW: exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None
+        body = openai_error(_message(exc), status=exc.status, code=None)
+        return web.json_response(body, status=exc.status, headers=allow)
+
+
+def _message(exc: web.HTTPException) -> str:
+    """What an aiohttp refusal says: its text, or the message of our own JSON error body
+    (api/web/common.py, `body`)."""
+    if exc.content_type == "application/json" and exc.text:
+        try:
+            return str(json.loads(exc.text)["error"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return exc.text or exc.reason

@@ -1,4 +1,4 @@
-"""The guard in front of every HTTP route (UI, admin API, metrics).
+"""The guard in front of every HTTP route (UI, admin API, metrics, the OpenAI routes).
 
 In order, for each request:
 1. the `Host` header must name this service (the loopback names, the listen address,
@@ -11,6 +11,8 @@ In order, for each request:
 3. a state-changing request (a POST with a JSON body, which a cross-site form cannot
    send) that names an `Origin` must come from an allowed host as well.
 Changes (POSTs to the admin API) are written to the `audit` log with the caller.
+Under `/v1/` (the OpenAI-compatible routes) the refusals answer in OpenAI's error shape
+(errors.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from orchestrator.api.access import HTTP_TOKEN_IN_QUERY, http_roles
+from orchestrator.api.access import HTTP_TOKEN_IN_QUERY, http_audited, http_roles
 from orchestrator.api.authn import bearer_token
 from orchestrator.api.tls import http_common_name
 from orchestrator.api.web.common import ALLOWED_HOSTS, CALLER, GATE
@@ -74,7 +76,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if origin is not None and _hostname(urlsplit(origin).netloc) not in allowed:
             raise PermissionDeniedError(f"cross-origin request from {origin}")
-    if caller is None or request.method != "POST":
+    if caller is None or not http_audited(request.method, route):
         return await handler(request)
     outcome: object = "failed"
     try:

@@ -147,7 +147,9 @@ def live_state(o: Orchestrator) -> dict[str, Any]:
                       "vram_used": g.vram_allocated_bytes, "util": g.utilization_percent,
                       "measured": g.measured} for g in p.gpus],
             "workers": [{"id": w.id, "model": w.model_ref, "status": w.status,
-                         "job": w.current_job_id, "gpus": list(w.gpu_ids)} for w in p.workers],
+                         "job": w.current_job_id, "gpus": list(w.gpu_ids),
+                         "slots_total": w.slots_total, "slots_busy": w.slots_busy,
+                         "active_job_ids": list(w.active_job_ids)} for w in p.workers],
         }
         for p in ctx.pools
     ]  # fmt: skip

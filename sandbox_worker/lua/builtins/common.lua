@@ -60,7 +60,14 @@ return function(P, data, copies)
     return out
   end
 
-  -- Ready master workers that serve `model_ref`, in pool then id order.
+  -- Can the worker take one more job? Ready with a slot free (docs/ARCHITECTURE.md D27).
+  -- With one slot this is the spec's status == "ready". A table a script made itself
+  -- may lack the slot fields: it reads as the spec's one-slot worker.
+  local function has_free_slot(worker)
+    return worker.status == "ready" and (worker.slots_busy or 0) < (worker.slots_total or 1)
+  end
+
+  -- Ready master workers with a free slot that serve `model_ref`, in pool then id order.
   local function ready_workers(model_ref, pool_id)
     local want_ref = resolve(model_ref)
     local out = {}
@@ -68,7 +75,7 @@ return function(P, data, copies)
       local pool = pools[id]
       if online(pool) and (pool_id == nil or id == pool_id) then
         for _, w in ipairs(pool.workers) do
-          if w.status == "ready" and resolve(w.model_ref) == want_ref then out[#out + 1] = w end
+          if has_free_slot(w) and resolve(w.model_ref) == want_ref then out[#out + 1] = w end
         end
       end
     end
@@ -103,7 +110,8 @@ return function(P, data, copies)
   return {
     arg_error = arg_error, want = want, want_opt = want_opt, resolve = resolve,
     tokens_per_sec = tokens_per_sec, online = online, worker_gpus = worker_gpus,
-    ready_workers = ready_workers, pick_min = pick_min, each_worker = each_worker,
+    has_free_slot = has_free_slot, ready_workers = ready_workers, pick_min = pick_min,
+    each_worker = each_worker,
     vram_totals = vram_totals,
   }
 end

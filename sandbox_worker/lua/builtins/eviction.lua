@@ -8,13 +8,15 @@ return function(P, B, lib, data, on_now)
   local now_ms = 0
   on_now(function(ms) now_ms = ms end)
 
-  -- Only idle workers are candidates: evicting a busy one would kill its job.
+  -- Only idle workers are candidates: evicting one that runs a job, in any of its
+  -- slots, would kill the job.
   local function idle_workers(pool_id)
     local out = {}
     for _, id in ipairs(pool_ids) do
       if pool_id == nil or id == pool_id then
         for _, w in ipairs(pools[id].workers) do
-          if (w.status == "ready" or w.status == "failed") and w.current_job_id == nil then
+          if (w.status == "ready" or w.status == "failed") and w.slots_busy == 0
+            and w.current_job_id == nil then
             out[#out + 1] = w
           end
         end

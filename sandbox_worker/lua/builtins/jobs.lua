@@ -3,6 +3,7 @@ return function(P, B, lib, data, on_now)
   local m_ceil = P.m_ceil
   local want, want_opt, resolve = lib.want, lib.want_opt, lib.resolve
   local tokens_per_sec, worker_gpus = lib.tokens_per_sec, lib.worker_gpus
+  local has_free_slot = lib.has_free_slot
   local pools, worker_pool, models = data.pools, data.worker_pool, data.models
 
   local now_ms = 0
@@ -35,7 +36,7 @@ return function(P, B, lib, data, on_now)
     want("can_job_fit", 2, worker, "table")
     local pool = pools[worker_pool[worker.id] or ""]
     if pool and pool.info.status == "offline" then return false, "pool_offline" end
-    if worker.status ~= "ready" then return false, "worker_not_ready" end
+    if not has_free_slot(worker) then return false, "worker_not_ready" end
     if resolve(worker.model_ref) ~= resolve(job.model_ref) then return false, "model_mismatch" end
     if (worker.vram_bytes or 0) < (job.estimated_vram_bytes or 0) then
       return false, "insufficient_vram"

@@ -24,10 +24,21 @@ return function(P, B, lib, copies)
     return sum
   end
 
+  -- Least loaded: the smallest share of its slots taken (docs/ARCHITECTURE.md D27),
+  -- then the least utilized GPUs, then the lowest id. With one slot per worker every
+  -- candidate's share is 0, and this is the spec's GPU-utilization order.
   function B.find_least_loaded_worker(model_ref, pool_id)
     want("find_least_loaded_worker", 1, model_ref, "string")
     want_opt("find_least_loaded_worker", 2, pool_id, "string")
-    return pick_min(ready_workers(model_ref, pool_id), worker_load)
+    local best, best_share, best_load = nil, nil, nil
+    for _, w in ipairs(ready_workers(model_ref, pool_id)) do
+      local share, load = w.slots_busy / w.slots_total, worker_load(w)
+      if best == nil or share < best_share
+        or (share == best_share and (load < best_load or (load == best_load and w.id < best.id))) then
+        best, best_share, best_load = w, share, load
+      end
+    end
+    return best and worker_copy(best)
   end
 
   function B.find_most_vram_free_worker(model_ref)

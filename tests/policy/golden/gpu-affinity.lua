@@ -22,14 +22,16 @@ local function served(ctx, model_ref)
   return false
 end
 
--- Ready workers of an online pool serving the job's model, that pass `ok`.
+-- Ready workers with a free slot, of an online pool, serving the job's model, that
+-- pass `ok`.
 local function candidates(ctx, job, ok)
   local ref = ctx.resolve_model(job.model_ref)
   return ctx.filter_workers(function(worker)
     local pool = ctx.get_pool(worker.pool_id) or {}
     local gpu = ctx.get_gpu(worker.pool_id, worker.gpu_ids[1] or -1) or {}
-    return worker.status == "ready" and pool.status ~= "offline"
-      and ctx.resolve_model(worker.model_ref) == ref and ok(worker, pool, gpu)
+    return worker.status == "ready" and worker.slots_busy < worker.slots_total
+      and pool.status ~= "offline" and ctx.resolve_model(worker.model_ref) == ref
+      and ok(worker, pool, gpu)
   end)
 end
 
@@ -54,8 +56,9 @@ end
 local rr_last = {}
 
 -- The built-ins' choice, among `list`: the same orders and tie-breaks (worker id).
+-- Least loaded is the smallest share of slots busy first, then GPU utilization.
 local function pick(ctx, list, selection, model_ref)
-  local best, best_key = nil, nil
+  local best, best_share, best_key = nil, nil, nil
   if selection == "ready" then return list[1] end
   if selection == "round-robin" then
     table.sort(list, function(a, b) return a.id < b.id end)
@@ -67,21 +70,24 @@ local function pick(ctx, list, selection, model_ref)
     return chosen
   end
   for _, worker in ipairs(list) do
+    local share = selection == "least-loaded" and worker.slots_busy / worker.slots_total or 0
     local key = selection == "most-vram-free" and -free_of(ctx, worker) or load_of(ctx, worker)
-    if best == nil or key < best_key or (key == best_key and worker.id < best.id) then
-      best, best_key = worker, key
+    if best == nil or share < best_share or (share == best_share
+      and (key < best_key or (key == best_key and worker.id < best.id))) then
+      best, best_share, best_key = worker, share, key
     end
   end
   return best
 end
 
--- Idle workers (ready or failed, no job) that pass `ok`; the one to evict first.
+-- Idle workers (ready or failed, no job in any slot) that pass `ok`; the one to
+-- evict first.
 local function victim(ctx, policy, ok)
   local best, best_key = nil, nil
   for _, worker in ipairs(ctx.filter_workers(function(worker)
     local pool = ctx.get_pool(worker.pool_id) or {}
     local gpu = ctx.get_gpu(worker.pool_id, worker.gpu_ids[1] or -1) or {}
-    return (worker.status == "ready" or worker.status == "failed")
+    return (worker.status == "ready" or worker.status == "failed") and worker.slots_busy == 0
       and worker.current_job_id == nil and ok(worker, pool, gpu)
   end)) do
     local key = worker.last_used_at_ms

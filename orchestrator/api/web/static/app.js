@@ -547,6 +547,16 @@ function liveView() {
   source.onerror = () => $("#live-dot").classList.remove("on");
 }
 
+// One worker: its slots in use ("3/8 slots": a batched server runs several jobs at
+// once) and the first few jobs it runs.
+const JOBS_SHOWN = 3;
+function workerLine(w) {
+  const model = w.model.split("/").pop().split("@")[0];
+  const jobs = w.active_job_ids.slice(0, JOBS_SHOWN).map((id) => id.slice(0, 12)).join(", ");
+  const more = w.active_job_ids.length > JOBS_SHOWN ? ` +${w.active_job_ids.length - JOBS_SHOWN}` : "";
+  return `${w.id} ${w.status} ${model} ${w.slots_busy}/${w.slots_total} slots${jobs ? ` running ${jobs}${more}` : ""}`;
+}
+
 function renderLive(live) {
   const s = live.status;
   state.active = s.scheduler;
@@ -561,7 +571,7 @@ function renderLive(live) {
     el("strong", {}, p.id), ` ${p.status}`,
     p.gpus.map((g) => el("div", {}, `GPU ${g.id} ${g.name}${g.measured ? "" : " (declared)"}: ${(g.vram_used / 2 ** 30).toFixed(1)} / ${(g.vram_total / 2 ** 30).toFixed(0)} GiB, ${g.util.toFixed(0)}%`,
       el("div", { class: "bar" }, el("span", { style: `width:${(100 * g.vram_used / Math.max(1, g.vram_total)).toFixed(1)}%` })))),
-    p.workers.map((w) => el("div", { class: "muted" }, `${w.id} ${w.status} ${w.model.split("/").pop().split("@")[0]}${w.job ? ` running ${w.job.slice(0, 12)}` : ""}`)))));
+    p.workers.map((w) => el("div", { class: "muted" }, workerLine(w))))));
   $("#live-decisions tbody").replaceChildren(...live.decisions.map((d) => el("tr", {},
     el("td", {}, d.seq), el("td", { class: d.error ? "bad" : "" }, d.source + (d.error ? ` (${d.error})` : "")),
     el("td", {}, d.decision), el("td", {}, `${d.latency_ms} ms`))));
