@@ -87,10 +87,12 @@ class FakeLocalPool:
 
 
 class FakeCompletions:
-    """Completes every job with the outcome a test chose, when the test lets it."""
+    """Completes every job with the outcome a test chose, when the test lets it; or
+    raises `error`, as a client with a bug would."""
 
     def __init__(self) -> None:
-        self.outcome = Outcome(True, "done", 3)
+        self.outcome = Outcome(True, "done", 3, finish_reason="stop")
+        self.error: Exception | None = None
         self.release = asyncio.Event()
         self.calls: list[tuple[str, str]] = []
         self.closed = False
@@ -103,6 +105,8 @@ class FakeCompletions:
         if self.outcome.output:
             progress.text(self.outcome.output, self.outcome.tokens)
         await self.release.wait()
+        if self.error is not None:
+            raise self.error
         return self.outcome
 
     async def close(self) -> None:

@@ -146,6 +146,7 @@ class JobInfo(_message.Message):
     TPOT_MS_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     TOP_P_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     model_ref: _builtins.str
@@ -170,10 +171,14 @@ class JobInfo(_message.Message):
     prompt_tokens: _builtins.int
     """as the worker counted them; 0 until it said"""
     ttft_ms: _builtins.int
-    """submit to first token; 0 until a token came"""
+    """Submit to the first token of the latest attempt (of a completed job, the one
+    that completed); 0 until one came.
+    """
     tpot_ms: _builtins.float
-    """time per output token after the first; 0 until done"""
+    """that attempt's time per token after the first; 0 until done"""
     top_p: _builtins.float
+    finish_reason: _builtins.str
+    """of a completed job: "length" (max_tokens reached) or "stop" """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -204,10 +209,11 @@ class JobInfo(_message.Message):
         tpot_ms: _builtins.float = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         top_p: _builtins.float = ...,
+        finish_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "attempts", b"attempts", "created_at_ms", b"created_at_ms", "dispatched_at_ms", b"dispatched_at_ms", "error", b"error", "finished_at_ms", b"finished_at_ms", "id", b"id", "max_tokens", b"max_tokens", "model_ref", b"model_ref", "output", b"output", "priority", b"priority", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "queued_at_ms", b"queued_at_ms", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "state", b"state", "stop", b"stop", "temperature", b"temperature", "tenant_id", b"tenant_id", "tokens_generated", b"tokens_generated", "top_p", b"top_p", "tpot_ms", b"tpot_ms", "ttft_ms", b"ttft_ms", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "attempts", b"attempts", "created_at_ms", b"created_at_ms", "dispatched_at_ms", b"dispatched_at_ms", "error", b"error", "finish_reason", b"finish_reason", "finished_at_ms", b"finished_at_ms", "id", b"id", "max_tokens", b"max_tokens", "model_ref", b"model_ref", "output", b"output", "priority", b"priority", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "queued_at_ms", b"queued_at_ms", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "state", b"state", "stop", b"stop", "temperature", b"temperature", "tenant_id", b"tenant_id", "tokens_generated", b"tokens_generated", "top_p", b"top_p", "tpot_ms", b"tpot_ms", "ttft_ms", b"ttft_ms", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -228,7 +234,9 @@ class OutputChunk(_message.Message):
     tokens: _builtins.int
     """tokens of this attempt so far"""
     attempt: _builtins.int
-    """1, then 2 after a retry: the text starts again"""
+    """1, then 2 after a retry: the text starts again. A retry is told at once, by a
+    chunk of the new attempt without text, as the job goes back to the queue.
+    """
     @_builtins.property
     def job(self) -> Global___JobInfo:
         """set on the last chunk: the job as it ended"""

@@ -72,5 +72,6 @@ def http_roles(route: str) -> frozenset[Role] | None:
 
 def http_audited(method: str, route: str) -> bool:
     """Whether a call is written to the `audit` log: every admin POST. A submit through
-    the OpenAI routes is not, as a gRPC Submit is not."""
+    the OpenAI routes is not, as a gRPC Submit is not; the cancels those routes make for
+    a client are, by the routes themselves (api/web/openai.py, `_abandon`)."""
     return method == "POST" and route.startswith(ADMIN_HTTP)

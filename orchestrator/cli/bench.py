@@ -653,11 +653,16 @@ async def front_door_ttft(report: Report, count: int) -> None:
                 await _first_content_ms(session, core, body, {})  # starts a worker
                 (worker, *_) = await _wait_for_workers(server, 1)
                 direct = f"{worker.uri}/v1/chat/completions"
+                # The worker serves the catalog's model_ref, the name the core sends it.
+                direct_body = {**body, "model": worker.model_ref}
                 for i in range(count):
                     order = ("core", "direct") if i % 2 == 0 else ("direct", "core")
                     for which in order:
-                        url = core if which == "core" else direct
-                        times[which].append(await _first_content_ms(session, url, body, {}))
+                        if which == "core":
+                            ms = await _first_content_ms(session, core, body, {})
+                        else:
+                            ms = await _first_content_ms(session, direct, direct_body, {})
+                        times[which].append(ms)
         finally:
             await server.stop()
     (cm, cp), (dm, dp) = summary(times["core"]), summary(times["direct"])

@@ -16,6 +16,19 @@ from orchestrator.domain.jobs import JobState
 from orchestrator.wire.channel import auth_from_arguments, open_channel
 from orchestrator.wire.jobs import STATE_NAMES, STATES
 
+# What a worker's text may not send a terminal as it is: the C0 controls but newline
+# and tab (ESC starts the sequences that move the cursor, retitle the window or write
+# the clipboard), DEL, and the C1 controls (0x9b is a one-character CSI to some).
+_TERMINAL_ESCAPES = {
+    code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))
+    if code not in (0x09, 0x0A)
+}  # fmt: skip
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control character but newline and tab written as `\\x1b`."""
+    return text.translate(_TERMINAL_ESCAPES)
+
 
 def _print(message: Any) -> None:
     data = MessageToDict(message, preserving_proto_field_name=True)
@@ -34,7 +47,10 @@ async def _follow(jobs: pb_grpc.JobServiceStub, job_id: str) -> int:
 
 
 async def _stream(jobs: pb_grpc.JobServiceStub, job_id: str) -> int:
-    """Print the job's output to stdout as it comes, then how it ended to stderr."""
+    """Print the job's output to stdout as it comes, then how it ended to stderr. The
+    text is the worker's: on a terminal, its control characters are shown escaped,
+    not obeyed; piped, it is written as it came."""
+    tty = sys.stdout.isatty()
     attempt = 0
     printed = ""  # the tail of what stdout got, to end it with a newline
     job: Any = None
@@ -44,13 +60,13 @@ async def _stream(jobs: pb_grpc.JobServiceStub, job_id: str) -> int:
             print(f"\n[attempt {chunk.attempt}: the output starts again]", file=sys.stderr)
         attempt = chunk.attempt or attempt
         if chunk.text:
-            sys.stdout.write(chunk.text)
+            printed = terminal_safe(chunk.text) if tty else chunk.text
+            sys.stdout.write(printed)
             sys.stdout.flush()
-            printed = chunk.text
         if chunk.HasField("job"):
             job = chunk.job
     if printed and not printed.endswith("\n"):
-        print()
+        print(flush=True)
     if job is None:
         return 1
     print(_status_line(job), file=sys.stderr)

@@ -177,8 +177,13 @@ class WorkerLaunchConfig:
     {model_file}, {gpu_id}, {worker_id}, {tokens_per_sec}, {slots}. The default starts
     the development worker; llama.cpp's llama-server plugs in as
     ["llama-server", "-m", "{model_file}", "--host", "{host}", "--port", "{port}",
-    "--parallel", "{slots}"], vLLM as ["vllm", "serve", "{model_file}", "--port",
-    "{port}", "--max-num-seqs", "{slots}"] with `api: openai`.
+    "--parallel", "{slots}"], vLLM as ["vllm", "serve", "{model_file}",
+    "--served-model-name", "{model_ref}", "--host", "{host}", "--port", "{port}",
+    "--max-num-seqs", "{slots}"] with `api: openai`, SGLang likewise with
+    `--served-model-name {model_ref}`. The `openai` dialect sends the job's catalog
+    model_ref as the request's `model`, and vLLM answers 404 for any name but the
+    ones it serves (by default the model's path); llama-server's and TGI's OpenAI
+    routes ignore `model`, so they need no such flag.
 
     `api` is the dialect the core speaks to the worker (WORKER_APIS): `llamacpp` is
     `POST /completion`, `openai` is `/v1/completions` and `/v1/chat/completions`.

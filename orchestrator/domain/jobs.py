@@ -116,7 +116,8 @@ class JobRecord:
     stop: tuple[str, ...] = ()
     top_p: float = 1.0
     prompt_tokens: int = 0  # as the worker counted them (its usage); 0 until it said
-    first_token_at: int | None = None
+    first_token_at: int | None = None  # of its latest attempt (none while queued again)
+    finish_reason: str = ""  # of a completed job: "length" (max_tokens reached) or "stop"
 
     @property
     def held_bytes(self) -> int:
@@ -130,12 +131,15 @@ class JobRecord:
 
     @property
     def ttft_ms(self) -> int | None:
-        """Submit to first token, what a client waits before the output starts."""
+        """Submit to the first token of its latest attempt, for a completed job the one
+        that completed (queueing and failed attempts included): what a client waits
+        before the output it keeps."""
         return None if self.first_token_at is None else self.first_token_at - self.created_at
 
     @property
     def tpot_ms(self) -> float | None:
-        """Time per output token after the first, for a completed job of two or more."""
+        """Time per output token after the first, of the attempt that completed, for a
+        completed job of two or more."""
         if self.first_token_at is None or self.finished_at is None or self.tokens_generated < 2:
             return None
         return (self.finished_at - self.first_token_at) / (self.tokens_generated - 1)
@@ -235,6 +239,17 @@ def validate_submit(
             raise InvalidRequestError(
                 "messages", f"message {index}: role must be one of {', '.join(CHAT_ROLES)}"
             )
+    # Refused here, by field, rather than as a UnicodeEncodeError from the store.
+    for field, texts in (
+        ("prompt", (spec.prompt,)),
+        ("messages", tuple(content for _, content in spec.messages)),
+        ("stop", spec.stop),
+        ("request_id", (spec.request_id,)),
+        ("session_id", (spec.session_id,)),
+        ("tenant_id", (spec.tenant_id,)),
+    ):
+        if not all(_is_utf8(text) for text in texts):
+            raise InvalidRequestError(field, "must be valid UTF-8 text")
     if len(spec.stop) > MAX_STOP_SEQUENCES or any(
         not s or len(s.encode()) > MAX_STOP_BYTES for s in spec.stop
     ):
@@ -264,6 +279,16 @@ def validate_submit(
     if len(spec.request_id) > 256 or len(spec.session_id) > 256 or len(spec.tenant_id) > 256:
         raise InvalidRequestError("request_id", "ids are limited to 256 characters")
     return model.model_ref, priority
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8. A lone surrogate ("\\ud800" in JSON, which an
+    HTTP client may send) does not: it could be neither stored, hashed nor sent."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def new_record(

@@ -28,30 +28,33 @@ RESTART_ERROR = "orchestrator restarted"
 @dataclass(frozen=True, slots=True)
 class JobUpdate:
     """The fields a transition sets besides the state. None leaves a field as it is;
-    `clear_worker` empties `worker_id` (a job going back to the queue)."""
+    `requeue` empties `worker_id` and `first_token_at` (a job going back to the queue:
+    no worker, and no first token yet of the attempt to come)."""
 
     attempts: int | None = None
     not_before: int | None = None
     dispatched_at: int | None = None
     finished_at: int | None = None
     worker_id: str | None = None
-    clear_worker: bool = False
+    requeue: bool = False
     output: str | None = None
     tokens_generated: int | None = None
     error: str | None = None
     prompt_tokens: int | None = None
     first_token_at: int | None = None
+    finish_reason: str | None = None
 
     def assignments(self) -> Iterator[tuple[str, object]]:
         """(JobRecord field, new value) for every field this update sets."""
         for field in dataclasses.fields(self):
-            if field.name == "clear_worker":
+            if field.name == "requeue":
                 continue
             value = getattr(self, field.name)
             if value is not None:
                 yield field.name, value
-        if self.clear_worker:
+        if self.requeue:
             yield "worker_id", None
+            yield "first_token_at", None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,18 +80,21 @@ def dispatch(record: JobRecord, worker_id: str, at: int) -> Transition:
 
 
 def first_token(job_id: str, at: int) -> Transition:
-    """The worker sent its first token (its time is the job's TTFT, docs/ARCHITECTURE.md D27)."""
+    """The worker sent this attempt's first token (the completing attempt's is the
+    job's TTFT, docs/ARCHITECTURE.md D28)."""
     return Transition(
         job_id, _DISPATCHED, JobState.RUNNING, at, update=JobUpdate(first_token_at=at)
     )
 
 
 def complete(
-    job_id: str, worker_id: str, output: str, tokens: int, at: int, *, prompt_tokens: int = 0
-) -> Transition:
+    job_id: str, worker_id: str, output: str, tokens: int, at: int, *,
+    prompt_tokens: int = 0, finish_reason: str = "",
+) -> Transition:  # fmt: skip
     update = JobUpdate(
-        finished_at=at, output=output, tokens_generated=tokens, prompt_tokens=prompt_tokens
-    )
+        finished_at=at, output=output, tokens_generated=tokens, prompt_tokens=prompt_tokens,
+        finish_reason=finish_reason,
+    )  # fmt: skip
     return Transition(job_id, IN_FLIGHT, JobState.COMPLETED, at, f"on {worker_id}", update)
 
 
@@ -101,7 +107,7 @@ def fail(job_id: str, error: str, at: int, *, detail: str | None = None) -> Tran
 
 def retry(job_id: str, error: str, delay_ms: int, at: int) -> Transition:
     """An in-flight job failed and goes back to the queue, not before its backoff ends."""
-    update = JobUpdate(not_before=at + delay_ms, clear_worker=True, error=error)
+    update = JobUpdate(not_before=at + delay_ms, requeue=True, error=error)
     return Transition(job_id, IN_FLIGHT, JobState.QUEUED, at, f"retry: {error}", update)
 
 
@@ -122,5 +128,5 @@ def fail_after_restart(job_id: str, at: int) -> Transition:
 
 def retry_after_restart(job_id: str, delay_ms: int, at: int) -> Transition:
     """A job that was in flight when the orchestrator stopped goes back to the queue."""
-    update = JobUpdate(not_before=at + delay_ms, clear_worker=True)
+    update = JobUpdate(not_before=at + delay_ms, requeue=True)
     return Transition(job_id, IN_FLIGHT, JobState.QUEUED, at, "retry after restart", update)

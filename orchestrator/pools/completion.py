@@ -4,7 +4,8 @@ A worker speaks one of two dialects (WORKER_APIS), both streamed as server-sent
 events, one JSON object per `data:` line:
 
 - `llamacpp`: llama-server's `POST /completion` with `"stream": true`; the last
-  event has `"stop": true` and the counts (`tokens_predicted`, `tokens_evaluated`).
+  event has `"stop": true`, the counts (`tokens_predicted`, `tokens_evaluated`) and
+  why it stopped (`stop_type`).
 - `openai`: the OpenAI-compatible `POST /v1/chat/completions` (a job with chat
   messages) or `POST /v1/completions` of vLLM, SGLang, TGI and llama-server, with
   `stream_options.include_usage`: chunks carry `choices[0].delta.content` (chat) or
@@ -13,9 +14,10 @@ events, one JSON object per `data:` line:
 
 A worker's URI comes from its pool, so what answers may not be a worker at all
 (issue 14): redirects are not followed, a stream is cut off past what the job asked
-for, the counts it reports are clamped, and an error says what kind of failure it
-was (an HTTP status with its standard phrase, an exception's type) but never carries
-the bytes that came back, which end up in `job.error` for the client to read.
+for, the tokens it reports are held between what it streamed and what the job asked
+for, and an error says what kind of failure it was (an HTTP status with its standard
+phrase, an exception's type) but never carries the bytes that came back, which end
+up in `job.error` for the client to read.
 
 A job's task is cancelled when its client cancels it or goes away: leaving the
 response's context then closes the connection (the session's connector has
@@ -33,6 +35,7 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from orchestrator.config.settings import MAX_WORKER_SLOTS
 from orchestrator.domain.jobs import JobRecord
@@ -50,6 +53,8 @@ TEMPLATE_TOKENS = 256
 MAX_PROPS_BYTES = 1 << 20
 # The paths that answer 200 once a worker serves (probe_health).
 HEALTH_PATHS = {"llamacpp": "/health", "openai": "/v1/models"}
+# llama-server's `stop_type` as OpenAI's finish_reason ("none": it did not stop).
+LLAMACPP_STOP_TYPES = {"limit": "length", "word": "stop", "eos": "stop"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class Outcome:
     error: str = ""
     worker_failed: bool = False  # the worker itself is gone, not just this request
     prompt_tokens: int = 0  # as the worker counted them; 0 when it did not say
+    finish_reason: str = ""  # of a completed job: "length" (max_tokens reached) or "stop"
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,9 @@ class CompletionClient:
             # The core's own words about the address it was given, nothing the peer sent.
             reason = exc.strerror or "connection failed"
             return Outcome(False, error=f"worker unreachable: {reason}", worker_failed=True)
-        except (aiohttp.ClientError, ValueError) as exc:
+        except (aiohttp.ClientError, HttpProcessingError, ValueError, RecursionError) as exc:
+            # What a broken or hostile peer can raise: bad HTTP (a line past aiohttp's
+            # limit is LineTooLong), bad JSON (nested deep enough, RecursionError).
             # Exception messages may quote what the peer sent: keep only the kind.
             return Outcome(False, error=f"worker failed: {type(exc).__name__}", worker_failed=True)
 
@@ -172,7 +180,7 @@ async def probe_slots(session: aiohttp.ClientSession, endpoint: WorkerEndpoint) 
                 if len(body) > MAX_PROPS_BYTES:
                     return None
         props = json.loads(body)
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+    except (aiohttp.ClientError, HttpProcessingError, TimeoutError, ValueError, RecursionError):
         return None
     slots = props.get("total_slots") if isinstance(props, dict) else None
     if type(slots) is not int or slots < 1:
@@ -219,11 +227,12 @@ class _Event:
     """One streamed event, in either dialect's terms."""
 
     text: str = ""
-    token: bool = False  # it stands for one generated token (the count when none is said)
+    token: bool = False  # it stands for one generated token (the count's lower bound)
     finished: bool = False  # the generation ended (OpenAI's finish_reason): EOF may follow
     done: bool = False  # the stream's last event (llama.cpp's stop, OpenAI's [DONE])
     tokens: int | None = None  # the worker's count of generated tokens, when it says
     prompt_tokens: int | None = None  # the worker's count of prompt tokens, when it says
+    finish_reason: str = ""  # "length" or "stop", when the worker says which
 
 
 @dataclass
@@ -239,6 +248,7 @@ class _Stream:
     tokens: int | None = None
     prompt_tokens: int | None = None
     finished: bool = False
+    finish_reason: str = ""
 
     async def take(self, event: _Event) -> Outcome | None:
         """The outcome when this event ends the stream, None while it goes on."""
@@ -263,6 +273,7 @@ class _Stream:
         if event.prompt_tokens is not None:
             self.prompt_tokens = event.prompt_tokens
         self.finished = self.finished or event.finished
+        self.finish_reason = event.finish_reason or self.finish_reason
         return self.outcome() if event.done else None
 
     def at_end(self) -> Outcome:
@@ -274,16 +285,20 @@ class _Stream:
 
     def outcome(self) -> Outcome:
         # The counts are the worker's word, and the tokens are charged to the tenant's
-        # daily quota: never more than the job asked for, nor a prompt much longer
+        # daily quota: never fewer than the tokens it streamed (each content event is
+        # one at least), never more than the job asked for, nor a prompt much longer
         # than the one it was sent.
         record = self.record
-        tokens = self.tokens if self.tokens is not None else self.counted
+        tokens = min(max(self.tokens or 0, self.counted), record.max_tokens)
         prompt_tokens = min(self.prompt_tokens or 0, len(record.prompt.encode()) + TEMPLATE_TOKENS)
+        # A worker that does not say why it stopped stopped at the limit if it got there.
+        finish_reason = self.finish_reason or ("length" if tokens >= record.max_tokens else "stop")
         return Outcome(
             True,
             "".join(self.parts),
-            min(tokens, record.max_tokens),
+            tokens,
             prompt_tokens=prompt_tokens,
+            finish_reason=finish_reason,
         )
 
 
@@ -296,10 +311,17 @@ def _llamacpp_event(data: bytes) -> _Event:
     stop = bool(chunk.get("stop"))
     if not stop:
         return _Event(content, token=True)
-    # Only the last event carries the counts (-1: not said).
+    # Only the last event carries the counts (-1: not said) and why it stopped.
     predicted = _count(chunk.get("tokens_predicted", -1))
     evaluated = _count(chunk.get("tokens_evaluated", -1))
-    return _Event(content, done=True, tokens=predicted, prompt_tokens=evaluated)
+    stop_type = chunk.get("stop_type")
+    return _Event(
+        content,
+        done=True,
+        tokens=predicted,
+        prompt_tokens=evaluated,
+        finish_reason=LLAMACPP_STOP_TYPES.get(stop_type, "") if isinstance(stop_type, str) else "",
+    )
 
 
 def _openai_event(data: bytes, chat: bool) -> _Event:
@@ -310,7 +332,7 @@ def _openai_event(data: bytes, chat: bool) -> _Event:
     chunk = _object(data)
     if "error" in chunk or chunk.get("object") == "error":
         raise _WorkerRefused  # vLLM and SGLang report a failure mid-stream so
-    text, finished = "", False
+    text, finish_reason, finished = "", None, False
     choices = chunk.get("choices") or []  # none in the usage chunk
     if not isinstance(choices, list):
         raise ValueError("a chunk's choices are not a list")  # noqa: TRY004 - bad stream data
@@ -327,7 +349,8 @@ def _openai_event(data: bytes, chat: bool) -> _Event:
             text = choice.get("text") or ""
         if not isinstance(text, str):
             raise ValueError("a chunk's text is not a string")
-        finished = choice.get("finish_reason") is not None
+        finish_reason = choice.get("finish_reason")
+        finished = finish_reason is not None
     usage = chunk.get("usage") or {}  # null in every chunk but the last, if present at all
     if not isinstance(usage, dict):
         raise ValueError("a chunk's usage is not an object")  # noqa: TRY004 - bad stream data
@@ -337,6 +360,8 @@ def _openai_event(data: bytes, chat: bool) -> _Event:
         finished=finished,
         tokens=_count(usage.get("completion_tokens")),
         prompt_tokens=_count(usage.get("prompt_tokens")),
+        # Any other reason (vLLM's "abort", "tool_calls") is left to the counts to say.
+        finish_reason=finish_reason if finish_reason in ("length", "stop") else "",
     )
 
 

@@ -6,7 +6,8 @@ Contract: it serves both dialects the core speaks to workers, at once, on one po
   `POST /completion` (server-sent events with `"stream": true`, one JSON object per
   `data:` line, the last with `"stop": true`);
 - OpenAI's (`openai`, as vLLM serves it): `GET /v1/models`, `POST /v1/completions`,
-  `POST /v1/chat/completions` (streamed as `data:` chunks ending with `data: [DONE]`).
+  `POST /v1/chat/completions` (streamed as `data:` chunks ending with `data: [DONE]`),
+  which refuse a `model` other than its `--model` (404, as vLLM).
 
 It loads no model, needs no GPU and is not an inference engine. It answers with
 deterministic filler (`generate`: the same model, prompt and seed always give the
@@ -56,6 +57,7 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 
+from orchestrator.config.settings import MAX_WORKER_SLOTS
 from orchestrator.domain.jobs import MAX_CHAT_MESSAGES, render_chat
 
 VOCABULARY = (
@@ -63,7 +65,6 @@ VOCABULARY = (
     "cache", "prompt", "policy", "tensor", "kernel", "memory", "schedule", "fair", "fast", "quiet",
 )  # fmt: skip
 
-MAX_SLOTS = 1024  # the core's bound on a worker's slots (WorkerLaunchConfig.slots)
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_NEW_TOKENS = 1_000_000
 MAX_STOPS = 16
@@ -735,6 +736,19 @@ def error_response(
     return web.json_response({"error": error}, status=status)
 
 
+def model_not_found(model: str) -> web.Response:
+    """A request for a model this worker does not serve, as vLLM refuses it: 404,
+    "The model `x` does not exist." of type NotFoundError (vLLM's _check_model), with
+    OpenAI's code for it."""
+    error = {
+        "message": f"The model `{model}` does not exist.",
+        "type": "NotFoundError",
+        "param": None,
+        "code": "model_not_found",
+    }
+    return web.json_response({"error": error}, status=404)
+
+
 # -- the server ----------------------------------------------------------------------
 
 
@@ -830,11 +844,21 @@ class DevWorker:
 
     async def _complete(self, request: web.Request, kind: type[Dialect]) -> web.StreamResponse:
         try:
-            job = kind.parse(Body(await request.read()))
+            body = Body(await request.read())
+            job = kind.parse(body)
         except web.HTTPRequestEntityTooLarge:
             return error_response(kind.openai, 413, f"the body exceeds {MAX_BODY_BYTES} bytes")
         except BadRequest as exc:
             return error_response(kind.openai, 400, exc.message, exc.param)
+        # vLLM serves only the names it was started with (--served-model-name, else the
+        # model's path), so a core that sends another name must fail here as it would
+        # there. llama-server ignores `model`, and so does /completion here.
+        model = body.get("model")
+        if kind.openai and model is not None:
+            if not isinstance(model, str):
+                return error_response(kind.openai, 400, "model must be a string", "model")
+            if model != self.engine.model:
+                return model_not_found(model)
         if self.loading:
             return error_response(kind.openai, 503, "Loading model")
         dialect = kind(self, job)
@@ -931,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         "--slots",
         type=int,
         default=1,
-        help=f"sequences served at once, 1..{MAX_SLOTS}; more requests wait their turn"
+        help=f"sequences served at once, 1..{MAX_WORKER_SLOTS}; more requests wait their turn"
         " (default: %(default)s)",
     )
     parser.add_argument(
@@ -954,8 +978,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tokens_per_sec <= 0 or args.prefill_tokens_per_sec <= 0:
         parser.error("--tokens-per-sec and --prefill-tokens-per-sec must be positive")
-    if not 1 <= args.slots <= MAX_SLOTS:
-        parser.error(f"--slots must be within 1..{MAX_SLOTS}")
+    if not 1 <= args.slots <= MAX_WORKER_SLOTS:
+        parser.error(f"--slots must be within 1..{MAX_WORKER_SLOTS}")
     if not 0 <= args.batch_exponent <= 1:
         parser.error("--batch-exponent must be within 0..1")
     _die_with_parent()

@@ -212,27 +212,22 @@ class Jobs:
 
     async def first_token(self, job_id: str) -> None:
         at = now_ms()
-        before = self.live.records.get(job_id)
         (updated,) = await self.store.apply([transitions.first_token(job_id, at)])
         if updated is not None:
             self.live.update(updated)
-            if before is None or before.first_token_at is None:
-                # Once per job: a retried attempt's first token is not the one its
-                # client waited for first.
-                self.metrics.first_token(updated, known_tenants=self.platform_mode)
             self.events.publish(updated, at, "running")
 
     async def complete(
         self, job_id: str, worker_id: str, output: str, tokens: int, at: int, *,
-        prompt_tokens: int = 0,
+        prompt_tokens: int = 0, finish_reason: str = "",
     ) -> None:  # fmt: skip
-        (done,) = await self.store.apply(
-            [
-                transitions.complete(
-                    job_id, worker_id, output, tokens, at, prompt_tokens=prompt_tokens
-                )
-            ]
-        )
+        """The attempt running on `worker_id` completed. Its TTFT and TPOT are observed
+        now, from the completed record, so that /metrics says what the record says."""
+        done_by = transitions.complete(
+            job_id, worker_id, output, tokens, at,
+            prompt_tokens=prompt_tokens, finish_reason=finish_reason,
+        )  # fmt: skip
+        (done,) = await self.store.apply([done_by])
         if done is not None:
             self.live.record_completion(done, worker_id, at)
             self.metrics.completed(done, known_tenants=self.platform_mode)

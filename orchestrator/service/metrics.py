@@ -99,16 +99,20 @@ class ServiceMetrics:
         )
         self.pools = Gauge("orchestrator_pools", "Pools by status.", ["status"], registry=r)
         by_job = ["model", "priority", "tenant"]
+        # Both observed when a job completes, from its record (the attempt that
+        # completed), so that /metrics and the job record say the same.
         self.ttft = Histogram(
             "orchestrator_job_ttft_seconds",
-            "Time from submit to a job's first token (queueing included), once per job.",
+            "Time from submit to the first token of the attempt that completed (queueing "
+            "and failed attempts included), of completed jobs; as the job record's ttft_ms.",
             by_job,
             buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "orchestrator_job_tpot_seconds",
-            "Time per output token after the first, of completed jobs of two tokens or more.",
+            "Time per output token after the first, of the attempt that completed, of "
+            "completed jobs of two tokens or more; as the job record's tpot_ms.",
             by_job,
             buckets=TPOT_BUCKETS,
             registry=r,
@@ -137,16 +141,12 @@ class ServiceMetrics:
         self._tenants.add(tenant_id)
         return tenant_id
 
-    def first_token(self, record: JobRecord, *, known_tenants: bool) -> None:
-        """A job's first token ever came (its record says when)."""
-        if record.ttft_ms is not None:
-            self.ttft.labels(*self._job_labels(record, known_tenants)).observe(
-                max(0, record.ttft_ms) / 1000
-            )
-
     def completed(self, record: JobRecord, *, known_tenants: bool) -> None:
-        """A job completed: its time per output token, its tokens in and out."""
+        """A job completed: its time to first token and per output token, its tokens in
+        and out."""
         labels = self._job_labels(record, known_tenants)
+        if record.ttft_ms is not None:
+            self.ttft.labels(*labels).observe(max(0, record.ttft_ms) / 1000)
         if record.tpot_ms is not None:
             self.tpot.labels(*labels).observe(max(0.0, record.tpot_ms) / 1000)
         tokens_in = record.prompt_tokens or prompt_tokens(len(record.prompt.encode()))

@@ -6,8 +6,11 @@ its own offset into that text, so a slow client costs no queue and never makes t
 worker wait; it gets what arrived since its last read in one chunk.
 
 A job's text starts again when it is retried (its `attempt` grows): the tokens of the
-failed attempt are not the ones that will be completed. What a streaming client does
-about that is the edge's choice (api/web/openai.py ends its stream, D27).
+failed attempt are not the ones that will be completed. Followers hear of a retry as
+soon as the job goes back to the queue, by a chunk of the new attempt with no text: a
+chunk whose attempt differs from the one text was sent under means the job was
+retried. What a streaming client does about that is the edge's choice
+(api/web/openai.py ends its stream, D28).
 
 The store, not this, is the record: the last chunk carries the job as it ended, and a
 job that ended before anyone followed it is read from the store by the caller.
@@ -80,6 +83,12 @@ class JobOutputs:
         output.running = False
         if record.state in TERMINAL:
             output.final = record
+        else:
+            # Retried: followers learn now that the text they got is void, not at the
+            # next attempt's first token. `begin` later starts this same attempt.
+            output.attempt = record.attempts + 1
+            output.parts = []
+            output.tokens = 0
         if not output.followers:
             del self._jobs[record.id]
         output.wake()
@@ -111,10 +120,13 @@ class JobOutputs:
         attempt = offset = 0
         while not self.closed:
             changed = output.changed
+            # A new attempt after one this follower saw is news even without text (the
+            # job was retried); the first it sees is not.
+            retried = attempt not in (0, output.attempt)
             if output.attempt != attempt:
                 attempt, offset = output.attempt, 0
             final = output.final
-            if offset < len(output.parts) or final is not None:
+            if retried or offset < len(output.parts) or final is not None:
                 text = "".join(output.parts[offset:])
                 offset = len(output.parts)
                 yield OutputChunk(text, output.tokens, attempt, final)

@@ -17,7 +17,10 @@ from orchestrator.domain.jobs import JobRecord
 from orchestrator.pools.completion import Outcome, Progress, WorkerEndpoint
 from orchestrator.service.jobs import Jobs
 from orchestrator.support.clock import now_ms
+from orchestrator.support.log import get_logger
 from orchestrator.support.tasks import cancel_and_wait
+
+log = get_logger("service")
 
 
 class Completions(Protocol):
@@ -125,6 +128,11 @@ class JobRunner:
         except asyncio.CancelledError:
             await self._stopped(record, worker_id)
             raise
+        except Exception as exc:
+            # Left uncaught, the job would stay in flight holding its slot, with no task
+            # to cancel or abandon: it fails this attempt like any broken worker.
+            log.exception("job.client_failed", job=job_id, worker=worker_id)
+            outcome = Outcome(False, error=f"worker failed: {type(exc).__name__}")
         finally:
             self._running.pop(job_id, None)
         at = now_ms()
@@ -132,7 +140,7 @@ class JobRunner:
         if outcome.ok:
             await self.jobs.complete(
                 job_id, worker_id, outcome.output, outcome.tokens, at,
-                prompt_tokens=outcome.prompt_tokens,
+                prompt_tokens=outcome.prompt_tokens, finish_reason=outcome.finish_reason,
             )  # fmt: skip
             return
         if outcome.worker_failed and self.failed_workers is not None:

@@ -8,7 +8,7 @@ scheduler would ask again every cycle.
 
 A worker's slots are the pool's to report (`slots_total`, and the `api` it speaks);
 which jobs fill them is the core's, from what it dispatched, so a heartbeat's
-`slots_busy` and `active_job_ids` are not read.
+`slots_busy` and `active_job_ids` are not read (api/rpc/pools.py leaves them out).
 
 A worker id belongs to one pool: the pool that reported it first, or was asked to
 start it, keeps it until it stops reporting it (`owner`), so that no other pool can
@@ -23,16 +23,15 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from orchestrator._proto import context_pb2, orchestrator_pb2
 from orchestrator.config.settings import PoolsConfig
 from orchestrator.domain.context import Gpu, HostReading, ProcessInfo
 from orchestrator.domain.decision import EvictWorker, StartWorker
-from orchestrator.wire.context import gpu_from_proto
 
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """What a remote pool reports about itself, every `pools.heartbeat_ms`."""
+    """What a remote pool reports about itself, every `pools.heartbeat_ms` (decoded
+    from PoolService's request at the edge, api/rpc/pools.py)."""
 
     pool_id: str
     endpoint: str  # empty: unchanged
@@ -40,40 +39,6 @@ class Heartbeat:
     workers: tuple[ProcessInfo, ...]
     cached_models: tuple[str, ...]
     host: HostReading
-
-    @classmethod
-    def from_proto(cls, msg: orchestrator_pb2.PoolHeartbeat) -> Heartbeat:
-        """The heartbeat a PoolService request carries, unchecked (pool_checks.py is next)."""
-        info = msg.info
-        return cls(
-            pool_id=info.id,
-            endpoint=info.endpoint,
-            gpus=tuple(gpu_from_proto(g) for g in msg.gpus),
-            workers=tuple(_reported_process(w) for w in msg.workers),
-            cached_models=tuple(info.cached_models),
-            host=HostReading(
-                info.host_ram_total_bytes,
-                info.host_ram_available_bytes,
-                info.host_cpu_percent,
-                info.host_cpu_count,
-            ),
-        )
-
-
-def _reported_process(w: context_pb2.Worker) -> ProcessInfo:
-    """A worker process as its pool reports it. A pool that predates slots sends 0 and
-    "": the spec's one-slot llama.cpp worker (docs/ARCHITECTURE.md D27)."""
-    return ProcessInfo(
-        w.id,
-        w.model_ref,
-        tuple(w.gpu_ids),
-        w.vram_bytes,
-        w.uri,
-        w.status or "starting",
-        w.started_at_ms,
-        slots=w.slots_total or 1,
-        api=w.api or "llamacpp",
-    )
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ ADDED_IN_3 = (
     ("top_p", "REAL NOT NULL DEFAULT 1.0"),
     ("prompt_tokens", "INTEGER NOT NULL DEFAULT 0"),
     ("first_token_at", "INTEGER"),
+    ("finish_reason", "TEXT NOT NULL DEFAULT ''"),
 )
 JOBS_INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state)",

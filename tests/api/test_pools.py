@@ -17,7 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator._proto import context_pb2
 from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.api.rpc.pools import heartbeat_from_proto
 from orchestrator.config.credentials import token_hash
+from orchestrator.domain.context import ProcessInfo
 from orchestrator.pools.devworker import generate
 from orchestrator.wire.channel import ClientAuth, open_channel
 from tests.service_helpers import (
@@ -48,6 +50,23 @@ def heartbeat(pool_id: str, *workers: context_pb2.Worker, **fields: Any) -> pb.P
 def worker(worker_id: str, uri: str = "http://127.0.0.1:18999") -> context_pb2.Worker:
     return context_pb2.Worker(id=worker_id, model_ref=LLAMA, status="ready", gpu_ids=[0],
                               vram_bytes=2**30, uri=uri)  # fmt: skip
+
+
+def test_a_heartbeat_brings_slots_and_api_but_not_their_occupancy() -> None:
+    """A pool says how many slots a worker has and the API it speaks; which jobs fill
+    them is the core's to know, so the heartbeat's own count and job ids are left out.
+    A pool that predates slots sends 0 and "": a one-slot llama.cpp worker."""
+    beat = heartbeat("gpu-a")
+    beat.info.host_cpu_count = 16
+    beat.workers.add(id="vllm", model_ref=LLAMA, status="ready", uri="http://gpu-a:8000",
+                     slots_total=64, api="openai", slots_busy=64, active_job_ids=["forged"])  # fmt: skip
+    beat.workers.add(id="old", model_ref=LLAMA, uri="http://gpu-a:8001")
+    decoded = heartbeat_from_proto(beat)
+    assert (decoded.pool_id, decoded.host.cpu_count, len(decoded.gpus)) == ("gpu-a", 16, 1)
+    assert decoded.workers == (
+        ProcessInfo("vllm", LLAMA, (), 0, "http://gpu-a:8000", "ready", 0, slots=64, api="openai"),
+        ProcessInfo("old", LLAMA, (), 0, "http://gpu-a:8001", "starting", 0),
+    )
 
 
 async def refused(call: Awaitable[object], code: grpc.StatusCode, detail: str = "") -> None:

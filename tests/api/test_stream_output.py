@@ -44,7 +44,7 @@ async def _ran(o: Orchestrator, output: str) -> str:
     (dispatched,) = await o.jobs.dispatch([(job, "w1")], now_ms())
     assert dispatched is not None
     await o.jobs.first_token(job.id)
-    await o.jobs.complete(job.id, "w1", output, 3, now_ms(), prompt_tokens=2)
+    await o.jobs.complete(job.id, "w1", output, 3, now_ms(), prompt_tokens=2, finish_reason="stop")
     return job.id
 
 
@@ -59,8 +59,8 @@ async def test_a_tenant_streams_its_jobs_output_ending_with_the_job(o: Orchestra
     (chunk,) = await _stream(servicer, job_id)
     assert (chunk.text, chunk.tokens, chunk.attempt) == ("a b c", 3, 1)
     job = chunk.job
-    assert (job.id, job.state, job.output, job.prompt_tokens) == (
-        job_id, pb.JOB_STATE_COMPLETED, "a b c", 2,
+    assert (job.id, job.state, job.output, job.prompt_tokens, job.finish_reason) == (
+        job_id, pb.JOB_STATE_COMPLETED, "a b c", 2, "stop",
     )  # fmt: skip
     assert job.ttft_ms >= 0 and job.tpot_ms >= 0 and job.top_p == 1.0
     assert servicer.watching == {}  # the stream no longer counts

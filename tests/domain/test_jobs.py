@@ -1,10 +1,21 @@
-"""Submit limits and job scopes, pure."""
+"""Submit limits and validation, and job scopes, pure."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from orchestrator.domain.jobs import TenantLimits, in_scope, prompt_tokens
+from orchestrator.domain.errors import InvalidRequestError
+from orchestrator.domain.jobs import (
+    SubmitLimits,
+    SubmitSpec,
+    TenantLimits,
+    in_scope,
+    prompt_tokens,
+    validate_submit,
+)
+from tests.fakes import CATALOG, MODEL
 
 
 def test_a_tenants_limits_override_the_defaults_field_by_field() -> None:
@@ -31,3 +42,30 @@ def test_scopes() -> None:
 
 def test_a_prompt_counts_a_token_for_every_four_bytes_begun() -> None:
     assert [prompt_tokens(n) for n in (0, 1, 4, 5, 400)] == [0, 1, 1, 2, 100]
+
+
+LONE = "a\ud800b"  # a lone surrogate: JSON's "\\ud800" decodes to it, UTF-8 has no bytes for it
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"prompt": LONE}, "prompt"),
+        ({"prompt": "", "messages": (("system", "fine"), ("user", LONE))}, "messages"),
+        ({"stop": ("ok", LONE)}, "stop"),
+        ({"request_id": LONE}, "request_id"),
+        ({"session_id": LONE}, "session_id"),
+        ({"tenant_id": LONE}, "tenant_id"),
+    ],
+)
+def test_text_that_is_not_utf8_is_refused_by_field(fields: dict[str, Any], field: str) -> None:
+    """Before, a lone surrogate passed validation and raised UnicodeEncodeError later
+    (hashing the prompt, storing the job): a server error instead of a refusal."""
+    spec = SubmitSpec(**{"model": MODEL, "prompt": "hi", "max_tokens": 4, **fields})
+    with pytest.raises(InvalidRequestError) as refused:
+        validate_submit(spec, catalog=CATALOG, tenants={}, limits=SubmitLimits(),
+                        platform_mode=False)  # fmt: skip
+    assert (refused.value.field, str(refused.value)) == (
+        field,
+        f"{field}: must be valid UTF-8 text",
+    )

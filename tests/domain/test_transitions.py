@@ -20,10 +20,12 @@ AT = 5_000
 def test_a_job_update_names_only_job_record_fields() -> None:
     """Updates are typed; the store maps their names to columns one to one."""
     columns = {f.name for f in dataclasses.fields(JobRecord)}
-    names = {f.name for f in dataclasses.fields(JobUpdate)} - {"clear_worker"}
+    names = {f.name for f in dataclasses.fields(JobUpdate)} - {"requeue"}
     assert names <= columns
-    update = JobUpdate(finished_at=AT, error="boom", clear_worker=True)
-    assert dict(update.assignments()) == {"finished_at": AT, "error": "boom", "worker_id": None}
+    update = JobUpdate(finished_at=AT, error="boom", requeue=True)
+    assert dict(update.assignments()) == {
+        "finished_at": AT, "error": "boom", "worker_id": None, "first_token_at": None,
+    }  # fmt: skip
 
 
 def test_the_states_partition_into_active_and_terminal() -> None:
@@ -72,14 +74,17 @@ def test_a_job_completes_once_when_replies_race(store: JobStore) -> None:
 
 
 def test_a_retry_clears_the_worker_and_waits_out_the_backoff(store: JobStore) -> None:
+    """The failed attempt's first token goes too: the job's TTFT is the completing
+    attempt's, and the attempt to come may complete without sending any text."""
     store.insert(record("j"))
-    store.apply([transitions.dispatch(record("j"), "w1", AT)])
+    store.apply([transitions.dispatch(record("j"), "w1", AT), transitions.first_token("j", AT)])
     (queued,) = store.apply([transitions.retry("j", "worker unreachable", 250, AT + 10)])
     assert queued is not None and queued.state == JobState.QUEUED
-    assert (queued.worker_id, queued.not_before, queued.error) == (
+    assert (queued.worker_id, queued.not_before, queued.error, queued.first_token_at) == (
         None,
         AT + 260,
         "worker unreachable",
+        None,
     )
     assert queued.attempts == 1  # counted at dispatch, not at retry
 

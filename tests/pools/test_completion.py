@@ -173,6 +173,93 @@ async def test_a_malformed_stream_fails_the_attempt_without_quoting_it(
     assert SECRET not in outcome.error
 
 
+@pytest.mark.parametrize("api", ["llamacpp", "openai"])
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        # One line past aiohttp's limit on a line: LineTooLong, an HttpProcessingError.
+        (b"data: " + SECRET.encode() + b"x" * (600 * 1024) + b"\n\n", "LineTooLong"),
+        # JSON nested past the parser's recursion limit.
+        (b"data: " + b"[" * 100_000 + b"\n\n", "RecursionError"),
+    ],
+)
+async def test_a_stream_that_breaks_the_parsers_fails_the_attempt(
+    serve: Serve, api: str, body: bytes, error: str
+) -> None:
+    """Before, these escaped the client: the job's task died with the job in flight
+    and its slot held for good (the runner's own guard: tests/service/test_apply.py)."""
+
+    async def hostile(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(body)
+        return response
+
+    outcome = await run(await serve(hostile), api=api)
+    assert outcome == Outcome(False, error=f"worker failed: {error}", worker_failed=True)
+
+
+@pytest.mark.parametrize(
+    ("final", "tokens", "finish_reason"),
+    [
+        ({"stop_type": "limit"}, 2, "length"),
+        ({"stop_type": "word", "stopping_word": "END"}, 2, "stop"),
+        ({"stop_type": "eos"}, 2, "stop"),
+        ({"stop_type": "none"}, 2, "stop"),  # not a reason: the counts say
+        ({"stop_type": ["limit"]}, 2, "stop"),  # nor is anything but a string
+        ({}, 2, "stop"),
+        ({"tokens_predicted": 8}, 8, "length"),  # not said, but max_tokens reached
+    ],
+)
+async def test_llamacpps_stop_type_is_the_finish_reason(
+    serve: Serve, final: dict[str, Any], tokens: int, finish_reason: str
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return sse({"content": "a"}, {"content": "b"}, {"content": "", "stop": True, **final})
+
+    outcome = await run(await serve(answer))
+    assert (outcome.ok, outcome.tokens, outcome.finish_reason) == (True, tokens, finish_reason)
+
+
+@pytest.mark.parametrize(
+    ("reason", "completion_tokens", "finish_reason"),
+    [
+        ("length", 2, "length"),
+        ("stop", 2, "stop"),
+        ("abort", 2, "stop"),  # vLLM's, neither of ours: the counts say
+        ("abort", 8, "length"),
+        (["length"], 2, "stop"),
+    ],
+)
+async def test_openais_finish_reason_is_the_finish_reason(
+    serve: Serve, reason: object, completion_tokens: int, finish_reason: str
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        finish = {"choices": [{"index": 0, "text": "", "finish_reason": reason}]}
+        return sse(text_chunk("a"), text_chunk("b"), finish, usage(1, completion_tokens), "[DONE]")
+
+    outcome = await run(await serve(answer), api="openai")
+    assert (outcome.ok, outcome.finish_reason) == (True, finish_reason)
+
+
+@pytest.mark.parametrize("api", ["llamacpp", "openai"])
+async def test_a_worker_cannot_charge_fewer_tokens_than_it_streamed(serve: Serve, api: str) -> None:
+    """The tokens are charged to the tenant's daily quota: a worker reporting 1 after
+    streaming 5 content events is charged the 5 (each event is one token at least)."""
+
+    async def modest(request: web.Request) -> web.Response:
+        if api == "llamacpp":
+            events: list[object] = [{"content": c} for c in "abcde"]
+            events.append({"content": "", "stop": True, "tokens_predicted": 1})
+        else:
+            events = [*(text_chunk(c) for c in "abcd"), text_chunk("e", "stop"), usage(1, 1),
+                      "[DONE]"]  # fmt: skip
+        return sse(*events)
+
+    outcome = await run(await serve(modest), api=api)
+    assert (outcome.ok, outcome.output, outcome.tokens) == (True, "abcde", 5)
+
+
 async def test_a_good_stream_completes_with_the_workers_counts(serve: Serve) -> None:
     sent: list[dict[str, Any]] = []
 
@@ -184,7 +271,7 @@ async def test_a_good_stream_completes_with_the_workers_counts(serve: Serve) -> 
     progress = Recorder()
     job = record("j1", stop=("END",), top_p=0.5)
     assert await run(await serve(good), job, progress=progress) == Outcome(
-        True, "hello", 2, prompt_tokens=6
+        True, "hello", 2, prompt_tokens=6, finish_reason="stop"
     )
     assert sent == [{"prompt": "prompt of j1", "n_predict": 8, "temperature": 0.0, "top_p": 0.5,
                      "seed": -1, "stream": True, "stop": ["END"]}]  # fmt: skip
@@ -198,7 +285,7 @@ async def test_a_chat_goes_to_llamacpp_as_its_rendered_prompt(serve: Serve) -> N
         sent.append(await request.json())
         return sse({"content": "ok", "stop": True})
 
-    assert await run(await serve(good), CHAT) == Outcome(True, "ok", 0)
+    assert await run(await serve(good), CHAT) == Outcome(True, "ok", 0, finish_reason="stop")
     assert sent[0]["prompt"] == "system: be brief\nuser: hi\nassistant:"
     assert (sent[0]["seed"], sent[0]["stop"], sent[0]["top_p"]) == (5, ["\n\n", "END"], 0.9)
 
@@ -246,7 +333,7 @@ async def test_a_worker_cannot_charge_more_tokens_than_the_job_asked_for(serve: 
 
     prompt_bound = len(b"prompt of j1") + TEMPLATE_TOKENS
     assert await run(await serve(boastful)) == Outcome(
-        True, "x", record("j1").max_tokens, prompt_tokens=prompt_bound
+        True, "x", record("j1").max_tokens, prompt_tokens=prompt_bound, finish_reason="length"
     )
 
 
@@ -273,7 +360,7 @@ async def test_a_chat_streams_from_chat_completions_with_usage(serve: Serve) -> 
 
     progress = Recorder()
     outcome = await run(await serve(chat), CHAT, "openai", progress)
-    assert outcome == Outcome(True, "Hello", 2, prompt_tokens=17)
+    assert outcome == Outcome(True, "Hello", 2, prompt_tokens=17, finish_reason="stop")
     assert progress.first_tokens == 1 and progress.texts == [("Hel", 1), ("lo", 2)]
     ((path, body),) = seen
     assert path == "/v1/chat/completions"
@@ -294,7 +381,7 @@ async def test_a_prompt_streams_from_completions(serve: Serve) -> None:
                    "[DONE]")  # fmt: skip
 
     assert await run(await serve(completions), api="openai") == Outcome(
-        True, "ab", 8, prompt_tokens=3
+        True, "ab", 8, prompt_tokens=3, finish_reason="length"
     )
     ((path, body),) = seen
     assert path == "/v1/completions"
@@ -310,7 +397,9 @@ async def test_without_usage_the_content_chunks_are_counted(serve: Serve) -> Non
     async def terse(request: web.Request) -> web.Response:
         return sse(text_chunk("a"), text_chunk("b"), text_chunk("c", "stop"))
 
-    assert await run(await serve(terse), api="openai") == Outcome(True, "abc", 3)
+    assert await run(await serve(terse), api="openai") == Outcome(
+        True, "abc", 3, finish_reason="stop"
+    )
 
 
 async def test_usage_is_the_workers_word_and_is_clamped(serve: Serve) -> None:
@@ -319,8 +408,9 @@ async def test_usage_is_the_workers_word_and_is_clamped(serve: Serve) -> None:
 
     outcome = await run(await serve(boastful), CHAT, "openai")
     assert outcome == Outcome(
-        True, "x", CHAT.max_tokens, prompt_tokens=len(CHAT.prompt.encode()) + TEMPLATE_TOKENS
-    )
+        True, "x", CHAT.max_tokens, prompt_tokens=len(CHAT.prompt.encode()) + TEMPLATE_TOKENS,
+        finish_reason="stop",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -418,3 +508,15 @@ async def test_slots_are_read_from_llama_servers_props(
         assert await probe_slots(session, WorkerEndpoint(uri, "llamacpp")) == slots
         assert await probe_slots(session, WorkerEndpoint(uri, "openai")) is None  # not asked
         assert await probe_slots(session, WorkerEndpoint("http://127.0.0.1:1")) is None
+
+
+async def test_props_nested_past_the_parsers_limit_say_no_slots(serve: Serve) -> None:
+    """A `/props` body nested deep enough for RecursionError in json.loads: no count,
+    not an exception out of the worker's health check."""
+
+    async def nested(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" * 100_000, content_type="application/json")
+
+    uri = await serve(nested, method="GET", paths=("/props",))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        assert await probe_slots(session, WorkerEndpoint(uri, "llamacpp")) is None

@@ -469,6 +469,26 @@ async def test_malformed_json_unknown_routes_and_huge_bodies(
         assert "error" in await response.json()
 
 
+async def test_openai_routes_refuse_a_model_they_do_not_serve_as_vllm_does(
+    worker: str, http: aiohttp.ClientSession
+) -> None:
+    """vLLM serves only its --served-model-name: a core that sends its catalog id to a
+    worker started without it must fail against the dev worker as it would there."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                       ("/v1/chat/completions", chat)):  # fmt: skip
+        answer = await post(http, worker + path, {**body, "model": "llama-8b"}, status=404)
+        assert answer == {"error": {"message": "The model `llama-8b` does not exist.",
+                                    "type": "NotFoundError", "param": None,
+                                    "code": "model_not_found"}}  # fmt: skip
+        await post(http, worker + path, {**body, "model": MODEL})
+        await post(http, worker + path, body)  # no model: the one it serves, as vLLM
+        bad = await post(http, worker + path, {**body, "model": 7}, status=400)
+        assert bad["error"]["param"] == "model"
+    # llama-server's /completion has no model to check.
+    await post(http, worker + "/completion", {"prompt": "hi", "n_predict": 2, "model": "x"})
+
+
 # -- slots, batching, prefill, departures ----------------------------------------------
 
 
@@ -489,7 +509,6 @@ async def test_four_slots_decode_four_sequences_at_once(
 ) -> None:
     rate, n = 80, 40
     uri = spawn("--slots", "4", "--tokens-per-sec", str(rate))
-    started = time.monotonic()
     requests = [
         asyncio.create_task(
             stream(http, uri + "/completion", {"prompt": f"p{i}", "n_predict": n, "stream": True})
@@ -505,13 +524,9 @@ async def test_four_slots_decode_four_sequences_at_once(
 
     await _until(all_four)
     answers = await asyncio.gather(*requests)
-    elapsed = time.monotonic() - started
     assert seen == 4
     # Every sequence had its first token before any had its last: they overlapped.
     assert max(a.times[0] for a in answers) < min(a.times[-1] for a in answers)
-    # Batched, 4 x 40 tokens take ~0.76 s (80 * 4**0.7 tokens/s in all); one after
-    # another they would take 2 s.
-    assert elapsed < 4 * n / rate
     assert all(a.events[-1]["tokens_predicted"] == n for a in answers)
 
 
@@ -551,11 +566,15 @@ async def test_time_to_first_token_grows_with_the_prompt(
         answer = await stream(http, uri + "/completion", body)
         return answer.times[0] - started, answer.events[-1]
 
-    short, _ = await ttft("hi")
+    _, short = await ttft("hi")  # 2 bytes: 1 token, a millisecond's prefill
     long, final = await ttft("word " * 800)  # 4000 bytes: 1000 tokens, a second's prefill
-    assert final["tokens_evaluated"] == 1000
-    assert final["timings"]["prompt_ms"] >= 900
-    assert long > short + 0.5
+    assert (short["tokens_evaluated"], final["tokens_evaluated"]) == (1, 1000)
+    # The prefill the worker reports is the wait it made, prompt tokens / rate...
+    assert short["timings"]["prompt_ms"] == pytest.approx(1)
+    assert final["timings"]["prompt_ms"] == pytest.approx(1000)
+    # ...and the first token really waited for it (a lower bound: a busy machine
+    # only makes it later).
+    assert long >= 0.9
 
 
 @pytest.mark.slow

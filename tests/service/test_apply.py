@@ -20,7 +20,7 @@ from orchestrator.service.apply import DecisionApplier
 from orchestrator.service.events import JobEvents
 from orchestrator.service.jobs import Jobs
 from orchestrator.service.metrics import ServiceMetrics
-from orchestrator.service.outputs import JobOutputs
+from orchestrator.service.outputs import JobOutputs, OutputChunk
 from orchestrator.service.pools import PoolRegistry
 from orchestrator.service.running import JobRunner
 from orchestrator.state.cluster import ClusterState
@@ -40,6 +40,7 @@ class Rig:
     metrics: ServiceMetrics
     runner: JobRunner
     events: JobEvents
+    outputs: JobOutputs
 
     registry: CollectorRegistry
     now: float = 0.0  # the applier's clock
@@ -80,7 +81,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     completions = FakeCompletions()
     runner = JobRunner(jobs, cluster, completions, pool, outputs, timeout_s=5)
     applier = DecisionApplier(cluster, jobs, runner, pool, metrics, clock=lambda: rig.now)
-    rig = Rig(applier, cluster, store, pool, completions, metrics, runner, events, registry)
+    rig = Rig(applier, cluster, store, pool, completions, metrics, runner, events, outputs,
+              registry)  # fmt: skip
     yield rig
     await runner.close()
     await store.close()
@@ -105,9 +107,9 @@ async def test_a_dispatch_is_durable_then_live_then_told(rig: Rig) -> None:
         if not rig.cluster.in_flight:
             break
     done = await rig.store.get("j1")
-    assert done is not None and (done.state, done.output, done.tokens_generated) == (
-        JobState.COMPLETED, "done", 3,
-    )  # fmt: skip
+    assert done is not None and (
+        done.state, done.output, done.tokens_generated, done.finish_reason
+    ) == (JobState.COMPLETED, "done", 3, "stop")  # fmt: skip
     assert not rig.cluster.running_jobs("w1") and "j1" not in rig.cluster.records
 
 
@@ -163,6 +165,28 @@ async def test_a_worker_that_fails_mid_job_is_reported_and_the_job_retried(rig: 
     assert stored is not None and stored.state == JobState.QUEUED and stored.worker_id is None
     assert stored.error == "worker unreachable" and stored.not_before > 1_000
     assert rig.pool.failed == [("w1", "worker unreachable")]
+
+
+async def test_a_client_that_raises_fails_the_attempt_and_frees_the_slot(rig: Rig) -> None:
+    """An exception the completion client did not turn into an outcome (a bug, or a
+    peer that found one) fails the attempt as a broken worker would. Before, the job
+    stayed in flight for good: its slot held, no task left to cancel or abandon."""
+    rig.completions.error = RuntimeError("a bug")
+    await rig.queue("j1")
+    async with asyncio.timeout(10):
+        with rig.outputs.subscribe("j1") as chunks:
+            await rig.apply(Dispatch("j1", "w1"))
+            assert await anext(chunks) == OutputChunk("done", 3, 1)  # attempt 1's text
+            rig.completions.release.set()
+            retried = await anext(chunks)  # told at once, not at the next attempt's text
+    assert retried == OutputChunk("", 0, 2)
+    assert not rig.cluster.running_jobs("w1") and len(rig.runner) == 0
+    assert rig.cluster.queue_depth == 1
+    stored = await rig.store.get("j1")
+    assert stored is not None and (stored.state, stored.attempts, stored.error) == (
+        JobState.QUEUED, 1, "worker failed: RuntimeError",
+    )  # fmt: skip
+    assert rig.pool.failed == []  # one job's failure, not the worker's
 
 
 async def test_start_worker_on_the_local_pool_backs_off_after_a_failure(rig: Rig) -> None:

@@ -331,20 +331,35 @@ def sample(o: Orchestrator, name: str, **labels: str) -> float:
     return o.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-async def test_ttft_is_observed_once_per_job_and_tpot_and_tokens_on_completion(
+async def test_ttft_and_tpot_are_the_completing_attempts_on_the_record_and_in_metrics(
     service: Factory,
 ) -> None:
+    """One definition: a retried job's TTFT runs from submit to the first token of the
+    attempt that completed, and /metrics observes it, and TPOT, from the completed
+    record (before, the histogram had the first attempt's and the record the last's)."""
     o = service(retry=RetryConfig(enabled=True, max_attempts=3, initial_delay_ms=0))
     job = await _dispatched(o, await o.submit(spec("acme", prompt="x" * 40)))
     labels = {"model": job.model_ref, "priority": job.priority, "tenant": "acme"}
     await o.jobs.first_token(job.id)
-    assert sample(o, "orchestrator_job_ttft_seconds_count", **labels) == 1
-    await o.jobs.retry_or_fail(await o.get(job.id), "worker went away", now_ms())
+    lost = await o.get(job.id)
+    assert lost.first_token_at is not None
+    assert sample(o, "orchestrator_job_ttft_seconds_count", **labels) == 0  # not yet
+    await o.jobs.retry_or_fail(lost, "worker went away", now_ms())
+    assert (await o.get(job.id)).ttft_ms is None  # the failed attempt's first token is void
+    await asyncio.sleep(0.01)  # so that the next attempt's first token is later
     again = await _dispatched(o, await o.get(job.id))
-    await o.jobs.first_token(again.id)  # the retried attempt's first token: not again
+    await o.jobs.first_token(again.id)
+    await o.jobs.complete(job.id, "w1", "out", 5, now_ms(), finish_reason="length")
+    done = await o.get(job.id)
+    assert done.first_token_at is not None and done.first_token_at > lost.first_token_at
+    assert done.ttft_ms is not None and done.tpot_ms is not None
+    assert (done.attempts, done.finish_reason) == (2, "length")
     assert sample(o, "orchestrator_job_ttft_seconds_count", **labels) == 1
-    await o.jobs.complete(job.id, "w1", "out", 5, now_ms())
+    assert sample(o, "orchestrator_job_ttft_seconds_sum", **labels) == done.ttft_ms / 1000
     assert sample(o, "orchestrator_job_tpot_seconds_count", **labels) == 1
+    assert sample(o, "orchestrator_job_tpot_seconds_sum", **labels) == pytest.approx(
+        done.tpot_ms / 1000
+    )
     assert sample(o, "orchestrator_tokens_out_total", tenant="acme") == 5
     # The worker did not count the prompt: its bytes / 4.
     assert sample(o, "orchestrator_tokens_in_total", tenant="acme") == 10

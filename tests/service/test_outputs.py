@@ -52,6 +52,25 @@ async def test_a_retry_starts_the_text_again_with_a_higher_attempt() -> None:
         assert (await _next(chunks)).final == DONE
 
 
+async def test_followers_hear_of_a_retry_at_once_by_a_chunk_of_the_next_attempt() -> None:
+    """The job goes back to the queue: a follower that had text of attempt 1 gets an
+    empty chunk of attempt 2 now, not when attempt 2's first token comes (maybe never,
+    or after a backoff), so a client can drop what it showed (D28)."""
+    outputs = JobOutputs()
+    outputs.begin("j1", 1)
+    with outputs.subscribe("j1") as chunks:
+        outputs.append("j1", "lost", 1)
+        assert await _next(chunks) == OutputChunk("lost", 1, 1)
+        outputs.end(RETRIED)
+        assert await _next(chunks) == OutputChunk("", 0, 2)
+        outputs.begin("j1", 2)  # the attempt followers were told of: no news
+        outputs.append("j1", "kept", 1)
+        assert await _next(chunks) == OutputChunk("kept", 1, 2)
+    with outputs.subscribe("j1") as late:  # one that saw no earlier attempt: no empty chunk
+        outputs.end(DONE)
+        assert await _next(late) == OutputChunk("kept", 1, 2, DONE)
+
+
 async def test_a_late_follower_gets_all_the_text_so_far() -> None:
     outputs = JobOutputs()
     outputs.begin("j1", 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from orchestrator._proto import context_pb2, orchestrator_pb2
 from orchestrator.config.settings import ServiceConfig
 from orchestrator.domain.context import INT64_MAX, Gpu, HostReading, ProcessInfo, Tenant
 from orchestrator.domain.decision import EvictWorker, StartWorker
@@ -174,25 +173,18 @@ def test_remote_pools_show_what_the_core_asked_for_until_the_pool_reports() -> N
 
 def test_a_remote_worker_brings_its_slots_and_api_but_not_their_occupancy() -> None:
     """A pool reports how many slots a worker has and the API it speaks; which jobs
-    fill them is what the core dispatched, whatever the heartbeat says. A pool that
-    predates slots reports a one-slot llama.cpp worker."""
+    fill them is what the core dispatched (a heartbeat's own count is not read:
+    tests/api/test_pools.py)."""
     state = cluster()
     state.remote.register("gpu-host", "http://gpu-host", NOW)
     pool = state.remote.get("gpu-host")
     assert pool is not None
-    beat = orchestrator_pb2.PoolHeartbeat(info=context_pb2.PoolInfo(id="gpu-host"))
-    beat.workers.add(
-        id="vllm",
-        model_ref=MODEL,
-        status="ready",
-        uri="http://gpu-host:8000",
-        slots_total=64,
-        api="openai",
-        slots_busy=64,
-        active_job_ids=["forged"],
-    )
-    beat.workers.add(id="old", model_ref=MODEL, status="ready", uri="http://gpu-host:8001")
-    state.remote.heartbeat(pool, Heartbeat.from_proto(beat), NOW)
+    workers = (
+        ProcessInfo("vllm", MODEL, (), 0, "http://gpu-host:8000", "ready", 0, slots=64,
+                    api="openai"),
+        ProcessInfo("old", MODEL, (), 0, "http://gpu-host:8001", "ready", 0),
+    )  # fmt: skip
+    state.remote.heartbeat(pool, Heartbeat("gpu-host", "", (), workers, (), HostReading()), NOW)
     state.occupy("vllm", "j1", NOW)
     old, vllm = state.context(NOW).pools[0].workers  # in id order
     assert (vllm.status, vllm.slots_total, vllm.slots_busy, vllm.api) == ("ready", 64, 1, "openai")

@@ -54,11 +54,11 @@ INSERT INTO jobs VALUES ('job-r', 3, NULL, 'acme', NULL, 'batch', 'llama-8b', 'p
 )
 
 
-DEFAULTS_3 = ("", (), 1.0, 0, None)  # what a row from before schema 3 gets
+DEFAULTS_3 = ("", (), 1.0, 0, None, "")  # what a row from before schema 3 gets
 
 
 def added_in_3(r: JobRecord) -> tuple[object, ...]:
-    return (r.messages, r.stop, r.top_p, r.prompt_tokens, r.first_token_at)
+    return (r.messages, r.stop, r.top_p, r.prompt_tokens, r.first_token_at, r.finish_reason)
 
 
 def of(tenant: str | None, job_id: str, request_id: str) -> JobRecord:

@@ -82,6 +82,7 @@ def job_info(record: JobRecord) -> orchestrator_pb2.JobInfo:
         tpot_ms=record.tpot_ms or 0.0,
         stop=record.stop,
         top_p=record.top_p,
+        finish_reason=record.finish_reason,
     )
     if record.seed is not None:
         info.seed = record.seed

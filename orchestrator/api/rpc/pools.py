@@ -11,13 +11,15 @@ from typing import Protocol
 
 from grpc import aio
 
-from orchestrator._proto import orchestrator_pb2, orchestrator_pb2_grpc
+from orchestrator._proto import context_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.api.rpc.auth import current_caller
 from orchestrator.api.rpc.errors import abort
+from orchestrator.domain.context import HostReading, ProcessInfo
 from orchestrator.domain.decision import EvictWorker
 from orchestrator.domain.errors import OrchestratorError
 from orchestrator.domain.identity import Identity
 from orchestrator.state.remote_pools import Heartbeat, RemoteCommand
+from orchestrator.wire.context import gpu_from_proto
 
 pb = orchestrator_pb2
 
@@ -27,6 +29,42 @@ class Pools(Protocol):
 
     def register(self, caller: Identity, pool_id: str, endpoint: str) -> None: ...
     def heartbeat(self, caller: Identity, beat: Heartbeat) -> list[RemoteCommand]: ...
+
+
+def heartbeat_from_proto(msg: orchestrator_pb2.PoolHeartbeat) -> Heartbeat:
+    """The heartbeat a PoolService request carries, unchecked (state/pool_checks.py is next)."""
+    info = msg.info
+    return Heartbeat(
+        pool_id=info.id,
+        endpoint=info.endpoint,
+        gpus=tuple(gpu_from_proto(g) for g in msg.gpus),
+        workers=tuple(_reported_process(w) for w in msg.workers),
+        cached_models=tuple(info.cached_models),
+        host=HostReading(
+            info.host_ram_total_bytes,
+            info.host_ram_available_bytes,
+            info.host_cpu_percent,
+            info.host_cpu_count,
+        ),
+    )
+
+
+def _reported_process(w: context_pb2.Worker) -> ProcessInfo:
+    """A worker process as its pool reports it. A pool that predates slots sends 0 and
+    "": the spec's one-slot llama.cpp worker (docs/ARCHITECTURE.md D27). Its
+    `slots_busy` and `active_job_ids` are not read: which jobs fill the slots is the
+    core's to know, from what it dispatched."""
+    return ProcessInfo(
+        w.id,
+        w.model_ref,
+        tuple(w.gpu_ids),
+        w.vram_bytes,
+        w.uri,
+        w.status or "starting",
+        w.started_at_ms,
+        slots=w.slots_total or 1,
+        api=w.api or "llamacpp",
+    )
 
 
 class PoolServicer(orchestrator_pb2_grpc.PoolServiceServicer):
@@ -51,7 +89,7 @@ class PoolServicer(orchestrator_pb2_grpc.PoolServiceServicer):
         self, request: orchestrator_pb2.PoolHeartbeat, context: aio.ServicerContext
     ) -> orchestrator_pb2.HeartbeatReply:
         caller = self.caller()
-        beat = Heartbeat.from_proto(request)
+        beat = heartbeat_from_proto(request)
         try:
             commands = self.pools.heartbeat(caller, beat)
         except OrchestratorError as exc:

@@ -5,12 +5,15 @@ the error carries (a refused scheduler's validation report). Under `/v1/`, the
 OpenAI-compatible routes (openai.py), the same statuses answer in OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, which is what OpenAI clients read;
 so do the guard's refusals and aiohttp's own (413 for a body over the bound, 405, 404).
+Those routes also report how a job ended short of completing (`JobOutcome`); its
+statuses sit here too, so that every status of the edge comes from this module.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -34,6 +37,28 @@ STATUS: Mapping[ErrorCode, int] = MappingProxyType({
     ErrorCode.INTERNAL: 500,
 })  # fmt: skip
 
+
+class JobOutcome(StrEnum):
+    """How a job ended short of completing, as the OpenAI routes report it (their `code`):
+    not an error of the request, so not an `ErrorCode`, but a status all the same."""
+
+    CANCELLED = "cancelled"  # someone cancelled it
+    JOB_FAILED = "job_failed"  # it failed, after its retries
+    WORKER_FAILED = "worker_failed"  # its worker failed after its output had been sent
+
+
+OUTCOME_STATUS: Mapping[JobOutcome, int] = MappingProxyType({
+    JobOutcome.CANCELLED: 409,
+    JobOutcome.JOB_FAILED: 502,
+    JobOutcome.WORKER_FAILED: 502,
+})  # fmt: skip
+
+
+def status_of(code: ErrorCode | JobOutcome) -> int:
+    """The HTTP status of an error code or a job's outcome."""
+    return OUTCOME_STATUS[code] if isinstance(code, JobOutcome) else STATUS[code]
+
+
 OPENAI_PREFIX = "/v1/"
 # OpenAI's error `type` is a coarse class of the status; `code` carries ours.
 OPENAI_TYPE: Mapping[int, str] = MappingProxyType({
@@ -46,9 +71,21 @@ OPENAI_TYPE: Mapping[int, str] = MappingProxyType({
 
 
 def openai_error(
-    message: str, *, status: int, code: str | None, param: str | None = None
+    message: str, code: ErrorCode | JobOutcome, *, param: str | None = None
 ) -> dict[str, Any]:
-    """An error in OpenAI's shape, for a response with `status` or an event of a stream."""
+    """An error in OpenAI's shape, for a response with `code`'s status or an event of a
+    stream."""
+    return _openai_body(message, status_of(code), code, param)
+
+
+def openai_response(
+    message: str, code: ErrorCode | JobOutcome, *, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """An answer of an OpenAI route that is an error, with `code`'s status."""
+    return web.json_response(openai_error(message, code), status=status_of(code), headers=headers)
+
+
+def _openai_body(message: str, status: int, code: str | None, param: str | None) -> dict[str, Any]:
     kind = OPENAI_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -62,7 +99,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         status = STATUS[exc.code]
         if openai:
             param = exc.field if isinstance(exc, InvalidRequestError) else None
-            body = openai_error(str(exc), status=status, code=exc.code, param=param)
+            body = openai_error(str(exc), exc.code, param=param)
             return web.json_response(body, status=status)
         return web.json_response(
             {"error": str(exc), "code": exc.code, **exc.details()}, status=status
@@ -71,7 +108,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         if not openai or exc.status < 400:
             raise
         allow = {hdrs.ALLOW: exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None
-        body = openai_error(_message(exc), status=exc.status, code=None)
+        body = _openai_body(_message(exc), exc.status, None, None)
         return web.json_response(body, status=exc.status, headers=allow)
 
 

@@ -10,7 +10,8 @@ In order, for each request:
    opens without headers;
 3. a state-changing request (a POST with a JSON body, which a cross-site form cannot
    send) that names an `Origin` must come from an allowed host as well.
-Changes (POSTs to the admin API) are written to the `audit` log with the caller.
+Changes (POSTs to the admin API) are written to the `audit` log with the caller
+(`audit`, which the OpenAI routes use for the cancels they make).
 Under `/v1/` (the OpenAI-compatible routes) the refusals answer in OpenAI's error shape
 (errors.py).
 """
@@ -28,6 +29,7 @@ from orchestrator.api.web.common import ALLOWED_HOSTS, CALLER, GATE
 from orchestrator.api.web.errors import Handler
 from orchestrator.config.settings import LOOPBACK_HOSTS, ServiceConfig, listen_host
 from orchestrator.domain.errors import OrchestratorError, PermissionDeniedError
+from orchestrator.domain.identity import Identity
 from orchestrator.support.log import get_logger
 
 log = get_logger("audit")
@@ -39,6 +41,14 @@ def allowed_hosts(config: ServiceConfig) -> frozenset[str]:
     own = listen_host(config.listen.http)
     extra = {own} if own not in WILDCARDS else set()
     return LOOPBACK_HOSTS | extra | {h.lower() for h in config.listen.allowed_hosts}
+
+
+def audit(caller: Identity, action: str, outcome: object, **detail: object) -> None:
+    """One line of the `audit` log for a change made through the HTTP edge: what was
+    done, how it ended, and by whom (SECURITY.md)."""
+    log.info(
+        "audit", edge="http", action=action, outcome=outcome, caller=caller.describe(), **detail
+    )
 
 
 def _hostname(value: str) -> str:
@@ -90,4 +100,4 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         outcome = str(exc.code)
         raise
     finally:
-        log.info("audit", edge="http", action=door, outcome=outcome, caller=caller.describe())
+        audit(caller, door, outcome)

@@ -19,9 +19,15 @@ The contract:
   stream ends with a `worker_failed` error and the job is cancelled. A retry before any
   text is invisible;
 - a client that goes away, streaming or not, cancels its job (`Orchestrator.cancel` in
-  the caller's scope), which stops the generation on the worker;
-- every error is in OpenAI's shape (errors.py), the same statuses as the rest of the
-  HTTP edge; in a stream that has begun, an error is a `data: {"error": ...}` event.
+  the caller's scope), which stops the generation on the worker; so does a retry after
+  text was sent, and a key revoked while its request waits. Requests that share a job
+  (one `X-Request-Id`) are counted: the job is cancelled when the last of them leaves.
+  Each such cancel is written to the `audit` log with the caller;
+- one caller credential holds at most OPEN_PER_CALLER requests open at once (429);
+- when the service closes, its followers end without the job's end: the answer is an
+  `unavailable` error, and the job stays in the store for the next start;
+- every error is in OpenAI's shape, with its status from errors.py's table; in a stream
+  that has begun, an error is a `data: {"error": ...}` event.
 """
 
 from __future__ import annotations
@@ -30,24 +36,28 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+import math
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from orchestrator.api.web.common import GATE, ORCHESTRATOR, body, caller
-from orchestrator.api.web.errors import openai_error
+from orchestrator.api.web.errors import JobOutcome, openai_error, openai_response
+from orchestrator.api.web.guard import audit
+from orchestrator.domain.context import INT64_MAX
 from orchestrator.domain.errors import (
-    DrainingError,
     ErrorCode,
     InvalidRequestError,
     NotFoundError,
     OrchestratorError,
+    RateLimitedError,
 )
 from orchestrator.domain.identity import Identity
-from orchestrator.domain.jobs import TERMINAL, JobRecord, JobState, SubmitSpec, prompt_tokens
+from orchestrator.domain.jobs import JobRecord, JobState, SubmitSpec, prompt_tokens
 from orchestrator.service.orchestrator import Orchestrator
 from orchestrator.support.log import get_logger
 from orchestrator.support.tasks import cancel_and_wait
@@ -67,7 +77,16 @@ DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (gRPC's is 0: greedy)
 # How often a waiting answer looks whether its client is still there: aiohttp does not
 # cancel a handler whose client left (handler_cancellation is off, for the admin routes).
 CLIENT_CHECK_S = 0.5
-INT64_MAX = 2**63 - 1  # the store's integers; a JSON number may be any size
+# How many completion requests one caller credential may hold open at once. Admission
+# bounds the jobs (a tenant's queue share and rates), but not the requests that wait on
+# them: those that repeat one X-Request-Id wait on its job without being admitted again.
+# Each open request holds a connection, a task and a place among its job's followers,
+# a few KB. A gateway that serves many users through one tenant's key legitimately
+# holds hundreds of streams: 1,024 leaves it room and bounds one caller to a few MB.
+OPEN_PER_CALLER = 1024
+# `user` and the id headers, as validate_submit bounds the ids they become.
+MAX_ID_CHARS = 256
+ID_HEADERS = ("X-Tenant-Id", "X-Session-Id", "X-Request-Id")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 # The official client retries 409 and 5xx unless told not to: a job that failed has had
 # its retries (the `retry` config), and a cancelled one was cancelled on purpose.
@@ -197,12 +216,79 @@ class _Asked:
     include_usage: bool
 
 
-class _Interruption(Enum):
+class _End(Enum):
+    """Why an answer ended before its job did."""
+
     GONE = "the client closed its connection"
-    DRAINED = "the service stopped before the job ended"
+    RETRIED = "retried after its output had been sent"
+    REVOKED = "the key of the request was revoked"
+    CLOSED = "the service stopped before the job ended"  # the job is kept for the next start
+
+
+ABANDONING = frozenset({_End.GONE, _End.RETRIED, _End.REVOKED})  # their jobs are cancelled
+REVOKED = "the key this request was made with was revoked"
+
+
+@dataclass
+class _Following:
+    """One request's place among the front-door requests that follow a job."""
+
+    followers: Counter[str]
+    job_id: str
+    left: bool = False
+
+    def __post_init__(self) -> None:
+        self.followers[self.job_id] += 1
+
+    def leave(self) -> bool:
+        """Stop following (the first call only): whether no other request follows now."""
+        if self.left:
+            return False
+        self.left = True
+        self.followers[self.job_id] -= 1
+        if self.followers[self.job_id]:
+            return False
+        del self.followers[self.job_id]
+        return True
+
+
+@dataclass
+class _Held:
+    """What the open requests hold, in the app's state: how many each caller has open,
+    and how many follow each job."""
+
+    by_caller: Counter[Identity] = field(default_factory=Counter)
+    by_job: Counter[str] = field(default_factory=Counter)
+
+    @contextlib.contextmanager
+    def request_of(self, who: Identity) -> Iterator[None]:
+        """Count an open request of `who`'s; RateLimitedError past OPEN_PER_CALLER."""
+        if self.by_caller[who] >= OPEN_PER_CALLER:
+            raise RateLimitedError(
+                f"{who.describe()} has {OPEN_PER_CALLER} requests open already; wait for one to end"
+            )
+        self.by_caller[who] += 1
+        try:
+            yield
+        finally:
+            self.by_caller[who] -= 1
+            if not self.by_caller[who]:
+                del self.by_caller[who]
+
+    @contextlib.contextmanager
+    def following(self, job_id: str) -> Iterator[_Following]:
+        place = _Following(self.by_job, job_id)
+        try:
+            yield place
+        finally:
+            place.leave()
+
+
+HELD = web.AppKey("openai_held", _Held)
 
 
 def add_routes(app: web.Application) -> None:
+    app[HELD] = _Held()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -227,6 +313,9 @@ async def models(request: web.Request) -> web.Response:
 
 
 def finish_reason(record: JobRecord) -> str:
+    """As the worker said; from the tokens for a job stored before jobs recorded it."""
+    if record.finish_reason:
+        return record.finish_reason
     return "length" if record.tokens_generated >= record.max_tokens else "stop"
 
 
@@ -241,36 +330,36 @@ def usage(record: JobRecord) -> dict[str, int]:
 async def _complete(request: web.Request, shape: _Shape) -> web.StreamResponse:
     o = request.app[ORCHESTRATOR]
     who = caller(request)
-    tenant = who.acting_for(request.headers.get("X-Tenant-Id", ""))
-    asked = _read(await body(request), shape, request.headers, o)
-    job = await o.submit(dataclasses.replace(asked.spec, tenant_id=tenant))
-    scope = who.job_scope()
-    headers = {"X-Job-Id": job.id}
-    if asked.stream:
-        response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
-        await response.prepare(request)  # the headers leave now, before the first token
-        stream = _stream(request, response, o, shape, job, who, include_usage=asked.include_usage)
-        outcome = await _unless_interrupted(request, o, stream)
-        if outcome is _Interruption.DRAINED:
-            with contextlib.suppress(ConnectionError):
-                await _event(response, openai_error(
-                    _stopping(job), status=503, code=ErrorCode.UNAVAILABLE
-                ))  # fmt: skip
-        elif outcome is _Interruption.GONE:
-            await _abandon(o, job, scope, outcome.value)
-        return response
-    ended = await _unless_interrupted(request, o, _ended(o, job.id, scope))
-    if ended is _Interruption.GONE:
-        await _abandon(o, job, scope, ended.value)
-        return web.Response(status=204)  # to nobody: the connection is closed
-    if ended is _Interruption.DRAINED:
-        raise DrainingError(_stopping(job))
-    if ended.state == JobState.COMPLETED:
-        answer = {**shape.head(ended, chunk=False), "choices": [shape.whole(ended)],
-                  "usage": usage(ended)}  # fmt: skip
-        return web.json_response(answer, headers=headers)
-    status, error = _job_error(ended)
-    return web.json_response(error, status=status, headers={**headers, **NO_RETRY})
+    held = request.app[HELD]
+    with held.request_of(who):
+        ids = _headers(request.headers)
+        tenant = who.acting_for(ids["X-Tenant-Id"])
+        asked = _read(await body(request), shape, ids, o)
+        job = await o.submit(dataclasses.replace(asked.spec, tenant_id=tenant))
+        with held.following(job.id) as place:
+            headers = {"X-Job-Id": job.id}
+            if asked.stream:
+                response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+                stream = _stream(request, response, o, shape, job, who, asked.include_usage)
+                end = await _unless_gone(request, stream)
+                if end in ABANDONING:
+                    await _abandon(o, job, who, place, end)
+                return response
+            ended = await _unless_gone(request, _ended(request, o, job, who))
+            if isinstance(ended, _End):
+                if ended in ABANDONING:
+                    await _abandon(o, job, who, place, ended)
+                if ended is _End.REVOKED:
+                    return openai_response(REVOKED, ErrorCode.UNAUTHENTICATED, headers=headers)
+                if ended is _End.CLOSED:
+                    return openai_response(_stopping(job), ErrorCode.UNAVAILABLE, headers=headers)
+                return web.Response(status=204)  # to nobody: the connection is closed
+            if ended.state == JobState.COMPLETED:
+                answer = {**shape.head(ended, chunk=False), "choices": [shape.whole(ended)],
+                          "usage": usage(ended)}  # fmt: skip
+                return web.json_response(answer, headers=headers)
+            outcome, message = _job_error(ended)
+            return openai_response(message, outcome, headers={**headers, **NO_RETRY})
 
 
 async def _stream(
@@ -280,11 +369,10 @@ async def _stream(
     shape: _Shape,
     job: JobRecord,
     who: Identity,
-    *,
     include_usage: bool,
-) -> None:
-    """Send the job's text as it arrives, then its end. A write to a client that left
-    raises ConnectionError: the job is abandoned."""
+) -> _End | None:
+    """Send the job's text as it arrives, then its end; or why the stream ended first,
+    after an error event that says so (none to a client that left)."""
     scope = who.job_scope()
     gate = request.app[GATE]
     head = shape.head(job, chunk=True)
@@ -294,9 +382,9 @@ async def _stream(
     async def send(text: str | None, finish: str | None = None) -> None:
         await _event(response, {**head, "choices": [shape.choice(text, finish)]})
 
-    attempt = 0
-    sent = False
+    sent_under: int | None = None  # the attempt whose text the client has
     try:
+        await response.prepare(request)  # the headers leave now, before the first token
         if shape.chat:  # the role first, as OpenAI sends it: bytes before the first token
             role = {"role": "assistant", "content": ""}
             await _event(response, {**head, "choices": [
@@ -305,55 +393,59 @@ async def _stream(
         async with contextlib.aclosing(o.stream_output(job.id, tenant=scope)) as chunks:
             async for chunk in chunks:
                 if not gate.still_admitted(who):  # a revoked key ends its streams
-                    await _event(response, openai_error(
-                        "the key this stream was opened with was revoked",
-                        status=401, code=ErrorCode.UNAUTHENTICATED,
-                    ))  # fmt: skip
-                    return
-                if sent and chunk.attempt != attempt:
+                    await _event(response, openai_error(REVOKED, ErrorCode.UNAUTHENTICATED))
+                    return _End.REVOKED
+                if sent_under is not None and chunk.attempt != sent_under:
                     # Retried after text went out: the client cannot take it back.
                     await _event(response, openai_error(
                         f"the worker of job {job.id} failed after its output had begun; a "
                         "retry would send other text, so the stream ends and the job is "
-                        "cancelled", status=502, code="worker_failed",
+                        "cancelled", JobOutcome.WORKER_FAILED,
                     ))  # fmt: skip
-                    await _abandon(o, job, scope, "retried after its output began")
-                    return
-                attempt = chunk.attempt
+                    return _End.RETRIED
                 if chunk.text:
                     await send(chunk.text)
-                    sent = True
+                    sent_under = chunk.attempt
                 final = chunk.final
                 if final is None:
                     continue
                 if final.state != JobState.COMPLETED:
-                    await _event(response, _job_error(final)[1])
-                    return
+                    outcome, message = _job_error(final)
+                    await _event(response, openai_error(message, outcome))
+                    return None
                 await send(None, finish_reason(final))
                 if include_usage:
                     await _event(response, {**head, "choices": [], "usage": usage(final)})
                 await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
-                return
+                return None
+        # The followers ended without the job's end: the service is closing.
+        await _event(response, openai_error(_stopping(job), ErrorCode.UNAVAILABLE))
+        return _End.CLOSED
     except ConnectionError:
-        await _abandon(o, job, scope, _Interruption.GONE.value)
+        return _End.GONE
 
 
-async def _ended(o: Orchestrator, job_id: str, scope: str | None) -> JobRecord:
-    """The job once it has ended (its events, not its text: nothing is streamed)."""
-    async with o.subscribe(job_id, tenant=scope) as events:
-        record = await o.get(job_id, tenant=scope)
-        while record.state not in TERMINAL:
-            record = (await events.get()).record
-        return record
+async def _ended(
+    request: web.Request, o: Orchestrator, job: JobRecord, who: Identity
+) -> JobRecord | _End:
+    """The job once it has ended (followed, its text left unread), or why the answer
+    cannot wait for that: its key was revoked, or the service closed."""
+    gate = request.app[GATE]
+    async with contextlib.aclosing(o.stream_output(job.id, tenant=who.job_scope())) as chunks:
+        async for chunk in chunks:
+            if not gate.still_admitted(who):
+                return _End.REVOKED
+            if chunk.final is not None:
+                return chunk.final
+    return _End.CLOSED
 
 
-async def _unless_interrupted(
-    request: web.Request, o: Orchestrator, work: Coroutine[Any, Any, T]
-) -> T | _Interruption:
-    """What `work` returns, or why it was stopped first (and it is cancelled)."""
+async def _unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T | _End:
+    """What `work` returns, or GONE if the client closed its connection first (and
+    `work` is cancelled): aiohttp does not cancel a handler whose client left."""
     task = asyncio.create_task(work)
-    watch = asyncio.create_task(_interruption(request, o))
+    watch = asyncio.create_task(_client_gone(request))
     try:
         await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -361,44 +453,44 @@ async def _unless_interrupted(
         await cancel_and_wait(task)
     if not task.cancelled():
         return task.result()
-    return watch.result()
+    return _End.GONE
 
 
-async def _interruption(request: web.Request, o: Orchestrator) -> _Interruption:
-    """Returns when the answer cannot wait for its job: the client closed the connection,
-    or the service is stopping and its drain bound has passed (a job still in flight then
-    stays in the store and runs again after the restart)."""
-    loop = asyncio.get_running_loop()
-    give_up_at: float | None = None
+async def _client_gone(request: web.Request) -> None:
     while True:
         transport = request.transport
         if transport is None or transport.is_closing():
-            return _Interruption.GONE
-        if o.draining and give_up_at is None:
-            give_up_at = loop.time() + o.config.drain_timeout_s
-        if give_up_at is not None and loop.time() >= give_up_at:
-            return _Interruption.DRAINED
+            return
         await asyncio.sleep(CLIENT_CHECK_S)
 
 
-async def _abandon(o: Orchestrator, job: JobRecord, scope: str | None, why: str) -> None:
-    """Cancel a job whose answer nobody will read."""
-    log.info("openai.job_abandoned", job_id=job.id, reason=why)
-    with contextlib.suppress(OrchestratorError):  # it ended meanwhile, or the service closed
-        await o.cancel(job.id, tenant=scope)
+async def _abandon(
+    o: Orchestrator, job: JobRecord, who: Identity, place: _Following, why: _End
+) -> None:
+    """Leave a job whose answer this request will not deliver. When no other request
+    follows it, cancel it in the caller's scope (which stops the worker), audited."""
+    if not place.leave():
+        log.info("openai.job_left", job_id=job.id, reason=why.value)  # others still follow it
+        return
+    outcome: str
+    try:
+        outcome = (await o.cancel(job.id, tenant=who.job_scope())).state
+    except OrchestratorError as exc:  # the service closed meanwhile
+        outcome = exc.code
+    audit(who, "Cancel", outcome, job_id=job.id, reason=why.value)
 
 
 async def _event(response: web.StreamResponse, payload: Mapping[str, Any]) -> None:
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    await response.write(b"data: " + data.encode() + b"\n\n")
+    # A lone surrogate (a worker's "\ud800") becomes that same escape, still valid JSON.
+    await response.write(b"data: " + data.encode(errors="backslashreplace") + b"\n\n")
 
 
-def _job_error(record: JobRecord) -> tuple[int, dict[str, Any]]:
-    """A job that ended without completing, as an HTTP status and an OpenAI error."""
+def _job_error(record: JobRecord) -> tuple[JobOutcome, str]:
+    """How a job that ended without completing is reported, and the message."""
     if record.state == JobState.CANCELLED:
-        return 409, openai_error(f"job {record.id} was cancelled", status=409, code="cancelled")
-    message = f"job {record.id} failed: {record.error or 'no reason given'}"
-    return 502, openai_error(message, status=502, code="job_failed")
+        return JobOutcome.CANCELLED, f"job {record.id} was cancelled"
+    return JobOutcome.JOB_FAILED, f"job {record.id} failed: {record.error or 'no reason given'}"
 
 
 def _stopping(job: JobRecord) -> str:
@@ -406,10 +498,27 @@ def _stopping(job: JobRecord) -> str:
 
 
 # ---------------------------------------------------------------------------- the request
+def _headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers a job is made of ("" when absent), or InvalidRequestError naming one.
+    aiohttp decodes bytes that are not UTF-8 to lone surrogates, which nothing
+    downstream (the store, the log, an answer) could write."""
+    read = {}
+    for name in (*ID_HEADERS, "X-Priority"):
+        value = headers.get(name, "")
+        if not _encodable(value):
+            raise InvalidRequestError(name, "not UTF-8 text")
+        if name in ID_HEADERS and len(value) > MAX_ID_CHARS:
+            raise InvalidRequestError(name, f"at most {MAX_ID_CHARS} characters")
+        read[name] = value
+    return read
+
+
 def _read(
     data: dict[str, Any], shape: _Shape, headers: Mapping[str, str], o: Orchestrator
 ) -> _Asked:
-    """The request as a job (its tenant aside), or InvalidRequestError naming the field."""
+    """The request as a job (its tenant aside), or InvalidRequestError naming the field.
+    `headers` are those `_headers` read."""
+    _check_text(data)
     _check_fields(data, shape)
     model = data.get("model")
     if not isinstance(model, str) or not model:
@@ -430,29 +539,66 @@ def _read(
     temperature = _number(data, "temperature")
     top_p = _number(data, "top_p")
     user = _typed(data, "user", str)
+    if user is not None and len(user) > MAX_ID_CHARS:
+        raise InvalidRequestError("user", f"at most {MAX_ID_CHARS} characters")
     spec = SubmitSpec(
         model=model,
         prompt=prompt,
         messages=messages,
         max_tokens=_max_tokens(data, shape, o.config.limits.max_tokens),
-        priority=_priority(data.get("priority"), headers.get("X-Priority")),
+        priority=_priority(data.get("priority"), headers["X-Priority"]),
         seed=_integer(data, "seed"),
         temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
         top_p=1.0 if top_p is None else top_p,
         stop=_stop(data.get("stop")),
-        session_id=headers.get("X-Session-Id") or user or "",
-        request_id=headers.get("X-Request-Id", ""),
+        session_id=headers["X-Session-Id"] or user or "",
+        request_id=headers["X-Request-Id"],
     )
     return _Asked(spec, stream, include_usage)
+
+
+class UnknownFieldError(InvalidRequestError):
+    """Fields this service does not take, in a message that reads as a sentence."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names[0], "not a field this service takes")
+        verb = "is not a field" if len(names) == 1 else "are not fields"
+        self.args = (
+            f"{', '.join(names)} {verb} this service takes; docs/OPENAI.md lists the fields",
+        )
+
+
+def _check_text(data: dict[str, Any]) -> None:
+    """Every string of the body, field names included, must be encodable as UTF-8:
+    JSON's "\\ud800" escapes decode to lone surrogates, which nothing downstream (the
+    store, the log, an answer) could write. Iterative: a body may nest deep."""
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                raise InvalidRequestError(where, "not UTF-8 text (a lone surrogate)")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodable(key):
+                    raise InvalidRequestError(where or "body", "a field name is not UTF-8 text")
+                stack.append((f"{where}.{key}" if where else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_fields(data: dict[str, Any], shape: _Shape) -> None:
     unknown = sorted(set(data) - shape.fields - set(shape.rules))
     if unknown:
-        names = ", ".join(unknown)
-        raise InvalidRequestError(
-            unknown[0], f"not a field this service takes ({names}); docs/OPENAI.md lists them"
-        )
+        raise UnknownFieldError(unknown)
     for name, (accepted, why) in shape.rules.items():
         if name in data and not accepted(data[name]):
             raise InvalidRequestError(name, why)
@@ -483,7 +629,13 @@ def _number(data: Mapping[str, Any], name: str) -> float | None:
         return None
     if type(value) not in (int, float):
         raise InvalidRequestError(name, "must be a number")
-    return float(value)
+    try:
+        number = float(value)  # an integer of 400 digits does not fit
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):  # also 1e400, and the NaN and Infinity Python's JSON reads
+        raise InvalidRequestError(name, "out of range")
+    return number
 
 
 def _max_tokens(data: Mapping[str, Any], shape: _Shape, limit: int) -> int:
