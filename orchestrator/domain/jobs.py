@@ -64,6 +64,12 @@ def prompt_tokens(prompt_bytes: int) -> int:
     return -(-prompt_bytes // 4)
 
 
+def finish_reason_of(said: str, tokens: int, max_tokens: int) -> str:
+    """Why a completed generation stopped, as OpenAI says it: what the worker `said`,
+    or, when it did not, "length" if it reached `max_tokens` and "stop" before."""
+    return said or ("length" if tokens >= max_tokens else "stop")
+
+
 @dataclass(frozen=True, slots=True)
 class SubmitLimits:
     """Bounds on a submitted job (the config's `limits`)."""
@@ -128,6 +134,11 @@ class JobRecord:
     def tokens_estimate(self) -> int:
         """What the job counts as before it is tokenized: `max_tokens` and its prompt."""
         return self.max_tokens + prompt_tokens(len(self.prompt.encode()))
+
+    @property
+    def input_tokens(self) -> int:
+        """The prompt's tokens: the worker's count, or bytes / 4 when it did not say."""
+        return self.prompt_tokens or prompt_tokens(len(self.prompt.encode()))
 
     @property
     def ttft_ms(self) -> int | None:

@@ -191,7 +191,7 @@ def _job_action(rule: Rule, ctx: Context, job: Job, place: Condition) -> Decisio
         ref = ctx.catalog.resolve(job.model_ref)
         found = [
             (p, w) for p, w in _workers(ctx)
-            if w.status == "ready" and w.slots_busy < w.slots_total and p.status != "offline"
+            if w.status == "ready" and w.slots_free > 0 and p.status != "offline"
             and ctx.catalog.resolve(w.model_ref) == ref
             and holds(place, Scope(ctx, job, w, p, _first_gpu(p, w)))
         ]  # fmt: skip

@@ -38,7 +38,7 @@ import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
 from orchestrator.config.settings import MAX_WORKER_SLOTS
-from orchestrator.domain.jobs import JobRecord
+from orchestrator.domain.jobs import JobRecord, finish_reason_of
 
 # What a job's output may hold: a server sends one event per token, plus a few that
 # carry none (OpenAI's role chunk, finish chunk, usage chunk and [DONE]; llama.cpp's
@@ -291,14 +291,12 @@ class _Stream:
         record = self.record
         tokens = min(max(self.tokens or 0, self.counted), record.max_tokens)
         prompt_tokens = min(self.prompt_tokens or 0, len(record.prompt.encode()) + TEMPLATE_TOKENS)
-        # A worker that does not say why it stopped stopped at the limit if it got there.
-        finish_reason = self.finish_reason or ("length" if tokens >= record.max_tokens else "stop")
         return Outcome(
             True,
             "".join(self.parts),
             tokens,
             prompt_tokens=prompt_tokens,
-            finish_reason=finish_reason,
+            finish_reason=finish_reason_of(self.finish_reason, tokens, record.max_tokens),
         )
 
 

@@ -119,7 +119,7 @@ def check_job_fit(
     pool = ctx.workers_by_id[worker.id][0] if worker.id in ctx.workers_by_id else None
     if pool is not None and pool.status == "offline":
         return False, "pool_offline"
-    if worker.status != "ready" or worker.slots_busy + extra_jobs >= worker.slots_total:
+    if worker.status != "ready" or worker.slots_free <= extra_jobs:
         return False, "worker_not_ready"
     resolve = ctx.catalog.resolve
     if resolve(worker.model_ref) != resolve(job.model_ref):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from orchestrator.domain.context import POOL_STATUSES, WORKER_STATUSES, Context
-from orchestrator.domain.jobs import JobRecord, prompt_tokens
+from orchestrator.domain.jobs import JobRecord
 
 # Each tenant label value is a time series per model and priority in every histogram.
 # In platform mode tenant ids are those of the tenants file; elsewhere a client names
@@ -149,8 +149,7 @@ class ServiceMetrics:
             self.ttft.labels(*labels).observe(max(0, record.ttft_ms) / 1000)
         if record.tpot_ms is not None:
             self.tpot.labels(*labels).observe(max(0.0, record.tpot_ms) / 1000)
-        tokens_in = record.prompt_tokens or prompt_tokens(len(record.prompt.encode()))
-        self.tokens_in.labels(labels[2]).inc(tokens_in)
+        self.tokens_in.labels(labels[2]).inc(record.input_tokens)
         self.tokens_out.labels(labels[2]).inc(record.tokens_generated)
 
     def _job_labels(self, record: JobRecord, known_tenants: bool) -> tuple[str, str, str]:

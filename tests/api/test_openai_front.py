@@ -378,6 +378,21 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.02)
 
 
+async def streaming_with_text(
+    api: openai.AsyncOpenAI, outputs: JobOutputs, text: str
+) -> AsyncIterator[Any]:
+    """A chat stream of the scripted job-1, read past its role chunk and a first piece
+    of `text` the job's output sent; what comes next is the test's."""
+    stream = await api.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=8, stream=True
+    )
+    chunks = aiter(stream)
+    await anext(chunks)  # the role
+    outputs.append("job-1", text, 1)
+    assert (await anext(chunks)).choices[0].delta.content == text
+    return chunks
+
+
 def audited(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == "audit"]
 
@@ -412,13 +427,7 @@ async def test_a_retry_after_text_was_sent_ends_the_stream_and_the_job_at_once()
     front = ScriptedFront(outputs=outputs)
     async with scripted(front) as api:
         outputs.begin("job-1", 1)
-        stream = await api.chat.completions.create(
-            model=MODEL, messages=CHAT, max_tokens=8, stream=True
-        )
-        chunks = aiter(stream)
-        await anext(chunks)  # the role
-        outputs.append("job-1", "first ", 1)
-        assert (await anext(chunks)).choices[0].delta.content == "first "
+        chunks = await streaming_with_text(api, outputs, "first ")
         outputs.end(dataclasses.replace(record("job-1"), attempts=1))  # queued: a retry
         with pytest.raises(openai.APIError) as failed:
             await anext(chunks)
@@ -475,13 +484,7 @@ async def test_a_stream_ends_with_an_error_when_the_service_closes() -> None:
     async with scripted(front, retries=0) as api:
         outputs.begin("job-1", 1)
         waiting = asyncio.create_task(api.completions.create(model=MODEL, prompt="x", max_tokens=8))
-        stream = await api.chat.completions.create(
-            model=MODEL, messages=CHAT, max_tokens=8, stream=True
-        )
-        chunks = aiter(stream)
-        await anext(chunks)  # the role
-        outputs.append("job-1", "some ", 1)
-        assert (await anext(chunks)).choices[0].delta.content == "some "
+        chunks = await streaming_with_text(api, outputs, "some ")
         outputs.close()
         with pytest.raises(openai.APIError) as stopped:
             await anext(chunks)
@@ -501,13 +504,7 @@ async def test_a_revoked_key_ends_its_requests_and_cancels_the_job() -> None:
     async with scripted(front, keys, retries=0, key=ACME) as api:
         outputs.begin("job-1", 1)
         with capture_logs() as logs:
-            stream = await api.chat.completions.create(
-                model=MODEL, messages=CHAT, max_tokens=8, stream=True
-            )
-            chunks = aiter(stream)
-            await anext(chunks)  # the role
-            outputs.append("job-1", "some ", 1)
-            assert (await anext(chunks)).choices[0].delta.content == "some "
+            chunks = await streaming_with_text(api, outputs, "some ")
             keys.current = credentials_from((), "test")
             outputs.append("job-1", "more ", 2)
             with pytest.raises(openai.APIError) as revoked:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from grpc import aio
@@ -30,6 +29,7 @@ from orchestrator.domain.identity import Identity
 from orchestrator.domain.jobs import TERMINAL, JobRecord, JobState, SubmitSpec
 from orchestrator.service.events import JobEvent
 from orchestrator.service.outputs import OutputChunk
+from orchestrator.support.holds import Holds
 from orchestrator.wire.jobs import STATE_NAMES, STATES
 
 pb = orchestrator_pb2
@@ -106,7 +106,7 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
         self.o = orchestrator
         self.caller = caller  # who is calling: the interceptor's answer (api/rpc/auth.py)
         self.admitted = admitted  # whether a caller's key still stands (Gatekeeper)
-        self.watching: Counter[str] = Counter()  # open Watch and StreamOutput by caller name
+        self.watching: Holds[str] = Holds()  # open Watch and StreamOutput by caller name
 
     async def Submit(
         self, request: orchestrator_pb2.SubmitRequest, context: aio.ServicerContext
@@ -180,24 +180,20 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
         self, request: orchestrator_pb2.WatchRequest, context: aio.ServicerContext
     ) -> AsyncIterator[orchestrator_pb2.JobEvent]:
         name = self.caller().name
-        if self.watching[name] >= WATCHES_PER_CALLER:
-            await abort(context, _too_many_streams(name))
-        with self._stream_of(name):
-            try:
+        try:
+            with self.watching.hold(name, WATCHES_PER_CALLER, _too_many_streams):
                 async with contextlib.aclosing(self._events(request.job_id or None)) as events:
                     async for event in events:
                         yield event
-            except OrchestratorError as exc:  # not the caller's job; fell behind (ends it)
-                await abort(context, exc)
+        except OrchestratorError as exc:  # too many open; not the caller's job; fell behind
+            await abort(context, exc)
 
     async def StreamOutput(
         self, request: orchestrator_pb2.GetJobRequest, context: aio.ServicerContext
     ) -> AsyncIterator[orchestrator_pb2.OutputChunk]:
         caller = self.caller()
-        if self.watching[caller.name] >= WATCHES_PER_CALLER:
-            await abort(context, _too_many_streams(caller.name))
-        with self._stream_of(caller.name):
-            try:
+        try:
+            with self.watching.hold(caller.name, WATCHES_PER_CALLER, _too_many_streams):
                 chunks = self.o.stream_output(request.job_id, tenant=caller.job_scope())
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
@@ -206,19 +202,8 @@ class JobServicer(orchestrator_pb2_grpc.JobServiceServicer):
                                 "the key this stream was opened with was revoked"
                             )
                         yield output_chunk(chunk)
-            except OrchestratorError as exc:  # not the caller's job; its key revoked (ends it)
-                await abort(context, exc)
-
-    @contextlib.contextmanager
-    def _stream_of(self, name: str) -> Iterator[None]:
-        """Count one open stream of `name`'s while it lasts."""
-        self.watching[name] += 1
-        try:
-            yield
-        finally:
-            self.watching[name] -= 1
-            if not self.watching[name]:
-                del self.watching[name]
+        except OrchestratorError as exc:  # too many open; not the caller's job; key revoked
+            await abort(context, exc)
 
     async def _events(self, job_id: str | None) -> AsyncGenerator[orchestrator_pb2.JobEvent]:
         caller = self.caller()

@@ -57,8 +57,9 @@ from orchestrator.domain.errors import (
     RateLimitedError,
 )
 from orchestrator.domain.identity import Identity
-from orchestrator.domain.jobs import JobRecord, JobState, SubmitSpec, prompt_tokens
+from orchestrator.domain.jobs import JobRecord, JobState, SubmitSpec, finish_reason_of
 from orchestrator.service.orchestrator import Orchestrator
+from orchestrator.support.holds import Holds
 from orchestrator.support.log import get_logger
 from orchestrator.support.tasks import cancel_and_wait
 
@@ -257,23 +258,8 @@ class _Held:
     """What the open requests hold, in the app's state: how many each caller has open,
     and how many follow each job."""
 
-    by_caller: Counter[Identity] = field(default_factory=Counter)
+    by_caller: Holds[Identity] = field(default_factory=Holds)
     by_job: Counter[str] = field(default_factory=Counter)
-
-    @contextlib.contextmanager
-    def request_of(self, who: Identity) -> Iterator[None]:
-        """Count an open request of `who`'s; RateLimitedError past OPEN_PER_CALLER."""
-        if self.by_caller[who] >= OPEN_PER_CALLER:
-            raise RateLimitedError(
-                f"{who.describe()} has {OPEN_PER_CALLER} requests open already; wait for one to end"
-            )
-        self.by_caller[who] += 1
-        try:
-            yield
-        finally:
-            self.by_caller[who] -= 1
-            if not self.by_caller[who]:
-                del self.by_caller[who]
 
     @contextlib.contextmanager
     def following(self, job_id: str) -> Iterator[_Following]:
@@ -282,6 +268,12 @@ class _Held:
             yield place
         finally:
             place.leave()
+
+
+def _too_many_requests(who: Identity) -> RateLimitedError:
+    return RateLimitedError(
+        f"{who.describe()} has {OPEN_PER_CALLER} requests open already; wait for one to end"
+    )
 
 
 HELD = web.AppKey("openai_held", _Held)
@@ -314,14 +306,12 @@ async def models(request: web.Request) -> web.Response:
 
 def finish_reason(record: JobRecord) -> str:
     """As the worker said; from the tokens for a job stored before jobs recorded it."""
-    if record.finish_reason:
-        return record.finish_reason
-    return "length" if record.tokens_generated >= record.max_tokens else "stop"
+    return finish_reason_of(record.finish_reason, record.tokens_generated, record.max_tokens)
 
 
 def usage(record: JobRecord) -> dict[str, int]:
     """Tokens as the worker counted them; the prompt as bytes / 4 when it did not say."""
-    prompt = record.prompt_tokens or prompt_tokens(len(record.prompt.encode()))
+    prompt = record.input_tokens
     completion = record.tokens_generated
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}  # fmt: skip
@@ -331,7 +321,7 @@ async def _complete(request: web.Request, shape: _Shape) -> web.StreamResponse:
     o = request.app[ORCHESTRATOR]
     who = caller(request)
     held = request.app[HELD]
-    with held.request_of(who):
+    with held.by_caller.hold(who, OPEN_PER_CALLER, _too_many_requests):
         ids = _headers(request.headers)
         tenant = who.acting_for(ids["X-Tenant-Id"])
         asked = _read(await body(request), shape, ids, o)
