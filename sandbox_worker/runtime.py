@@ -14,7 +14,7 @@ import functools
 import hashlib
 import importlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -29,6 +29,7 @@ STATE_BYTES_PER_JOB = 2048
 STATE_BYTES_PER_WORKER = 4096
 STATE_BYTES_PER_MODEL = 2048
 STATE_BYTES_PER_RUNNING_JOB = 256  # an id in a worker's active_job_ids, master and copy
+STATE_BYTES_PER_BLOCK = 64  # a block hash, in a job's list or a worker's set
 STATE_BYTES_BASE = 4 * 1024 * 1024
 # Above this share of the cap after a call, the worker retires before it fails.
 MEMORY_PRESSURE = 0.85
@@ -81,6 +82,11 @@ class RunResult:
     metrics_dropped: int = 0
     refresh_requested: bool = False
     retire: bool = False
+
+
+def _column(table_from: Callable[..., object], values: Sequence[object]) -> object | None:
+    """A Lua array of the values, or nil when none is set."""
+    return table_from(list(values)) if any(values) else None
 
 
 class LuaSchedulerRuntime:
@@ -161,6 +167,8 @@ class LuaSchedulerRuntime:
         self._tenants(snap.tenants)
         self._metrics(snap.metrics)
         self._config(snap.config)
+        h.set_block_tokens(snap.prefix.block_tokens)
+        self._blocks(snap.prefix.held, add=True)
         h.commit()
 
     def apply_delta(self, delta: context_pb2.ContextDelta) -> None:
@@ -187,7 +195,22 @@ class LuaSchedulerRuntime:
         self._metrics(delta.metrics)
         if delta.HasField("config"):
             self._config(delta.config)
+        h.set_block_tokens(delta.block_tokens)
+        self._blocks(delta.remove_blocks, add=False)
+        self._blocks(delta.add_blocks, add=True)
         h.commit()
+
+    def _blocks(self, changes: Sequence[context_pb2.HeldBlocks], *, add: bool) -> None:
+        if not changes:
+            return
+        t = self.lua.table_from
+        self.host.put_blocks(
+            len(changes),
+            t([c.worker_id for c in changes]),
+            t([len(c.hashes) for c in changes]),
+            t([h for c in changes for h in c.hashes]),
+            add,
+        )
 
     def _jobs(self, columns: context_pb2.JobColumns) -> None:
         n = len(columns.id)
@@ -210,6 +233,14 @@ class LuaSchedulerRuntime:
             t(list(columns.retry_count)),
             t(list(columns.estimated_vram_bytes)),
             t(list(columns.estimated_duration_ms)),
+            # Prompt blocks (docs/ARCHITECTURE.md D29). A column with nothing in it
+            # (a decision log's from before them, or jobs without blocks) is not sent:
+            # at 30,000 jobs each one is a table the collector has to find later.
+            _column(t, columns.prompt_tokens),
+            _column(t, columns.block_counts),
+            # Sent whenever a job has blocks, whatever their values (a hash may be 0).
+            t(list(columns.block_hashes)) if any(columns.block_counts) else None,
+            _column(t, columns.session_worker),
         )
 
     def _pool_info(self, p: context_pb2.PoolInfo) -> None:
@@ -319,13 +350,14 @@ class LuaSchedulerRuntime:
 
     def _memory_cap(self) -> int:
         """The script's heap on top of what the context the worker holds now takes."""
-        jobs, workers, _gpus, models, tenants, running = self.host.counts()
+        jobs, workers, _gpus, models, tenants, running, blocks = self.host.counts()
         state = (
             STATE_BYTES_BASE
             + jobs * STATE_BYTES_PER_JOB
             + (workers + tenants) * STATE_BYTES_PER_WORKER
             + models * STATE_BYTES_PER_MODEL
             + running * STATE_BYTES_PER_RUNNING_JOB
+            + blocks * STATE_BYTES_PER_BLOCK
         )
         return int(state) + self.limits.lua_heap_bytes
 

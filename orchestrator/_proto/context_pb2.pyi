@@ -48,6 +48,10 @@ class JobColumns(_message.Message):
     RETRY_COUNT_FIELD_NUMBER: _builtins.int
     ESTIMATED_VRAM_BYTES_FIELD_NUMBER: _builtins.int
     ESTIMATED_DURATION_MS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    BLOCK_COUNTS_FIELD_NUMBER: _builtins.int
+    BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    SESSION_WORKER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -90,6 +94,20 @@ class JobColumns(_message.Message):
 
     @_builtins.property
     def estimated_duration_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def prompt_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Prompt blocks (issue 16, docs/ARCHITECTURE.md D29): the prompt's tokens, and the
+        chained hashes of its full blocks, job i's being block_hashes[offset + 1 ..
+        offset + block_counts[i]]. session_worker: the worker its session last ran on
+        when it was queued ("" for none).
+        """
+
+    @_builtins.property
+    def block_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def session_worker(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -107,10 +125,14 @@ class JobColumns(_message.Message):
         retry_count: _abc.Iterable[_builtins.int] | None = ...,
         estimated_vram_bytes: _abc.Iterable[_builtins.int] | None = ...,
         estimated_duration_ms: _abc.Iterable[_builtins.int] | None = ...,
+        prompt_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        block_counts: _abc.Iterable[_builtins.int] | None = ...,
+        block_hashes: _abc.Iterable[_builtins.int] | None = ...,
+        session_worker: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "estimated_duration_ms", b"estimated_duration_ms", "estimated_vram_bytes", b"estimated_vram_bytes", "id", b"id", "max_tokens", b"max_tokens", "model_ref", b"model_ref", "priority", b"priority", "prompt_hash", b"prompt_hash", "queued_at", b"queued_at", "retry_count", b"retry_count", "seed", b"seed", "session_id", b"session_id", "temperature", b"temperature", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_counts", b"block_counts", "block_hashes", b"block_hashes", "created_at", b"created_at", "estimated_duration_ms", b"estimated_duration_ms", "estimated_vram_bytes", b"estimated_vram_bytes", "id", b"id", "max_tokens", b"max_tokens", "model_ref", b"model_ref", "priority", b"priority", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "queued_at", b"queued_at", "retry_count", b"retry_count", "seed", b"seed", "session_id", b"session_id", "session_worker", b"session_worker", "temperature", b"temperature", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -377,6 +399,7 @@ class Model(_message.Message):
     FILE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     FILE_HASH_FIELD_NUMBER: _builtins.int
     MIN_COMPUTE_CAPABILITY_FIELD_NUMBER: _builtins.int
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
     model_ref: _builtins.str
     family: _builtins.str
     size: _builtins.str
@@ -389,6 +412,8 @@ class Model(_message.Message):
     file_hash: _builtins.str
     min_compute_capability: _builtins.str
     """"" when any GPU will do"""
+    kv_bytes_per_token: _builtins.int
+    """0 when the catalog does not say"""
     @_builtins.property
     def estimated_tokens_per_sec(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """by device name, plus "default" """
@@ -408,10 +433,11 @@ class Model(_message.Message):
         file_size_bytes: _builtins.int = ...,
         file_hash: _builtins.str = ...,
         min_compute_capability: _builtins.str = ...,
+        kv_bytes_per_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "estimated_tokens_per_sec", b"estimated_tokens_per_sec", "family", b"family", "file_hash", b"file_hash", "file_size_bytes", b"file_size_bytes", "min_compute_capability", b"min_compute_capability", "model_ref", b"model_ref", "quantization", b"quantization", "size", b"size", "supports_determinism", b"supports_determinism", "supports_streaming", b"supports_streaming", "vram_required_bytes", b"vram_required_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "estimated_tokens_per_sec", b"estimated_tokens_per_sec", "family", b"family", "file_hash", b"file_hash", "file_size_bytes", b"file_size_bytes", "kv_bytes_per_token", b"kv_bytes_per_token", "min_compute_capability", b"min_compute_capability", "model_ref", b"model_ref", "quantization", b"quantization", "size", b"size", "supports_determinism", b"supports_determinism", "supports_streaming", b"supports_streaming", "vram_required_bytes", b"vram_required_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,6 +788,62 @@ class Config(_message.Message):
 Global___Config: _TypeAlias = Config  # noqa: Y015
 
 @_typing.final
+class HeldBlocks(_message.Message):
+    """---------------------------------------------------------------- prompt prefixes
+    What the core believes a worker holds of one tenant's prompts (issue 16): block
+    hashes chained from the prompt's start and salted with the tenant.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    HASHES_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    tenant_id: _builtins.str
+    """"" for jobs without a tenant"""
+    @_builtins.property
+    def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        hashes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "tenant_id", b"tenant_id", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldBlocks: _TypeAlias = HeldBlocks  # noqa: Y015
+
+@_typing.final
+class PrefixIndex(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    block_tokens: _builtins.int
+    """tokens per block"""
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldBlocks]: ...
+    def __init__(
+        self,
+        *,
+        block_tokens: _builtins.int = ...,
+        held: _abc.Iterable[Global___HeldBlocks] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_tokens", b"block_tokens", "held", b"held"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefixIndex: _TypeAlias = PrefixIndex  # noqa: Y015
+
+@_typing.final
 class Context(_message.Message):
     """---------------------------------------------------------------- the whole context"""
 
@@ -774,6 +856,7 @@ class Context(_message.Message):
     TENANTS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
     now_ms: _builtins.int
     @_builtins.property
     def queue(self) -> Global___JobColumns:
@@ -789,6 +872,8 @@ class Context(_message.Message):
     def metrics(self) -> Global___Metrics: ...
     @_builtins.property
     def config(self) -> Global___Config: ...
+    @_builtins.property
+    def prefix(self) -> Global___PrefixIndex: ...
     def __init__(
         self,
         *,
@@ -799,10 +884,11 @@ class Context(_message.Message):
         tenants: Global___TenantSet | None = ...,
         metrics: Global___Metrics | None = ...,
         config: Global___Config | None = ...,
+        prefix: Global___PrefixIndex | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["catalog", b"catalog", "config", b"config", "metrics", b"metrics", "queue", b"queue", "tenants", b"tenants"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["catalog", b"catalog", "config", b"config", "metrics", b"metrics", "prefix", b"prefix", "queue", b"queue", "tenants", b"tenants"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalog", b"catalog", "config", b"config", "metrics", b"metrics", "now_ms", b"now_ms", "pools", b"pools", "queue", b"queue", "tenants", b"tenants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalog", b"catalog", "config", b"config", "metrics", b"metrics", "now_ms", b"now_ms", "pools", b"pools", "prefix", b"prefix", "queue", b"queue", "tenants", b"tenants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -849,7 +935,12 @@ class ContextDelta(_message.Message):
     TENANTS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
+    ADD_BLOCKS_FIELD_NUMBER: _builtins.int
+    REMOVE_BLOCKS_FIELD_NUMBER: _builtins.int
     now_ms: _builtins.int
+    block_tokens: _builtins.int
+    """the prefix index's, every time"""
     @_builtins.property
     def upsert_jobs(self) -> Global___JobColumns: ...
     @_builtins.property
@@ -884,6 +975,10 @@ class ContextDelta(_message.Message):
     def config(self) -> Global___Config:
         """present only when it changed"""
 
+    @_builtins.property
+    def add_blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldBlocks]: ...
+    @_builtins.property
+    def remove_blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldBlocks]: ...
     def __init__(
         self,
         *,
@@ -900,10 +995,13 @@ class ContextDelta(_message.Message):
         tenants: Global___TenantSet | None = ...,
         metrics: Global___Metrics | None = ...,
         config: Global___Config | None = ...,
+        block_tokens: _builtins.int = ...,
+        add_blocks: _abc.Iterable[Global___HeldBlocks] | None = ...,
+        remove_blocks: _abc.Iterable[Global___HeldBlocks] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_catalog", b"_catalog", "_config", b"_config", "_tenants", b"_tenants", "catalog", b"catalog", "config", b"config", "metrics", b"metrics", "tenants", b"tenants", "upsert_jobs", b"upsert_jobs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_catalog", b"_catalog", "_config", b"_config", "_tenants", b"_tenants", "catalog", b"catalog", "config", b"config", "metrics", b"metrics", "now_ms", b"now_ms", "remove_gpus", b"remove_gpus", "remove_jobs", b"remove_jobs", "remove_pools", b"remove_pools", "remove_workers", b"remove_workers", "tenants", b"tenants", "upsert_gpus", b"upsert_gpus", "upsert_jobs", b"upsert_jobs", "upsert_pools", b"upsert_pools", "upsert_workers", b"upsert_workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_catalog", b"_catalog", "_config", b"_config", "_tenants", b"_tenants", "add_blocks", b"add_blocks", "block_tokens", b"block_tokens", "catalog", b"catalog", "config", b"config", "metrics", b"metrics", "now_ms", b"now_ms", "remove_blocks", b"remove_blocks", "remove_gpus", b"remove_gpus", "remove_jobs", b"remove_jobs", "remove_pools", b"remove_pools", "remove_workers", b"remove_workers", "tenants", b"tenants", "upsert_gpus", b"upsert_gpus", "upsert_jobs", b"upsert_jobs", "upsert_pools", b"upsert_pools", "upsert_workers", b"upsert_workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__catalog: _TypeAlias = _typing.Literal["catalog"]  # noqa: Y015
     _WhichOneofArgType__catalog: _TypeAlias = _typing.Literal["_catalog", b"_catalog"]  # noqa: Y015

@@ -333,22 +333,36 @@ async def simulated(report: Report, cycles: int, one_worker_rate: float | None) 
     )  # fmt: skip
 
 
-async def trace_replay(report: Report) -> None:
-    """The public Azure code trace (8,819 requests, one hour), replayed in full."""
+async def trace_replay(report: Report, rounds: int) -> None:
+    """The public Azure code trace (8,819 requests, one hour), replayed in full
+    `rounds` times: wall time, and requests simulated per wall second."""
     if not TRACE.exists():
         return
     settings = SimSettings(
         trace=str(TRACE), trace_models="2048:llama-8b,8192:mistral-7b,inf:qwen-14b",
         tenants="a,b,c",
     )  # fmt: skip
-    sim = await simulate(None, "platform", settings)
-    speed = sim.simulated_s / sim.wall_s
+    runs = [await simulate(None, "platform", settings) for _ in range(rounds)]
+    walls = [sim.wall_s for sim in runs]
+    speeds = [sim.simulated_s / sim.wall_s for sim in runs]
+    per_second = [sim.jobs_submitted / sim.wall_s for sim in runs]
+    sim = runs[0]
     report.figures.append(
         Figure("Azure LLM code trace 2023 (CC-BY-4.0), 8,819 requests, replayed in full",
-               sim.wall_s, sim.wall_s, unit="s", ratio=f"{speed:.0f}x faster than real time",
-               note=f"{sim.jobs_completed} completed, {sim.cycles} cycles, platform scheduler, "
-               f"default cluster (2 pools x 4 workers); wait p99 "
-               f"{sim.wait_ms['all']['p99'] / 1000:.1f} s. Trace: Microsoft AzurePublicDataset")
+               statistics.median(walls), max(walls), unit="s",
+               ratio=f"{statistics.median(speeds):.0f}x faster than real time "
+               f"(rounds {min(speeds):.0f}x to {max(speeds):.0f}x)",
+               target=">= 200x real time", met=min(speeds) >= 200,
+               note=f"{sim.jobs_completed} completed, {sim.cycles} cycles "
+               f"({sim.cycles / max(1, sim.jobs_submitted):.2f} per request), platform "
+               f"scheduler in its sandbox, default cluster (2 pools x 4 batched workers of "
+               f"16 slots); TTFT p99 {sim.ttft_ms['all']['p99'] / 1000:.1f} s. {rounds} "
+               "rounds; 'p99' is the slowest round. Trace: Microsoft AzurePublicDataset")
+    )  # fmt: skip
+    report.figures.append(
+        Figure("requests simulated per wall second (the same replays)",
+               statistics.median(per_second), min(per_second), unit="req/s",
+               note=f"median of {rounds} rounds; 'p99' is the slowest round")
     )  # fmt: skip
 
 
@@ -760,7 +774,7 @@ async def run(quick: bool = False) -> Report:
     settle("simulated decisions per second at 10,000 jobs")
     await simulated(report, 2000, rate)
     settle("the Azure code trace, replayed in full")
-    await trace_replay(report)
+    await trace_replay(report, rounds=3)
     settle("Submit to dispatch at 1,000 queued jobs, real service")
     await submit_to_dispatch(report, 300)
     settle("what TLS and an API key add to a call")

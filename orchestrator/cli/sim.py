@@ -6,11 +6,13 @@ import argparse
 import json
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
 from orchestrator.config.settings import SchedulerConfig
 from orchestrator.domain.errors import ConfigError, InvalidRequestError, UsageError
+from orchestrator.domain.prefix import MAX_BLOCK_TOKENS, MIN_BLOCK_TOKENS
 from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import read_policy, to_lua
 from orchestrator.sim.compare import Policy, compare
@@ -18,6 +20,7 @@ from orchestrator.sim.replay import replay
 from orchestrator.sim.report import table, write_html
 from orchestrator.sim.run import Progress, simulate
 from orchestrator.sim.settings import MAX_JOBS, SimSettings
+from orchestrator.sim.workload import TRACE_FORMATS
 
 PLATFORM = "platform"  # as a policy argument: the built-in platform scheduler
 
@@ -30,7 +33,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers-per-pool",
         type=int,
         default=d.workers_per_pool,
-        help="workers ready at start in each pool (default %(default)s)",
+        help="workers ready at start in each pool, serving the workload's models in turn "
+        "(default %(default)s)",
     )
     cluster.add_argument(
         "--gpus-per-pool",
@@ -53,6 +57,14 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--evict-delay-ms", type=int, default=d.evict_delay_ms)
     cluster.add_argument(
         "--deadline-ms", type=int, default=d.deadline_ms, help="decision deadline, as in production"
+    )
+    cluster.add_argument(
+        "--drain-limit",
+        dest="drain_limit_s",
+        type=float,
+        default=d.drain_limit_s,
+        help="seconds after the last arrival that unfinished jobs get; the report then "
+        "lists what was left and why (default %(default)s)",
     )
     work = parser.add_argument_group("workload (generated)")
     work.add_argument(
@@ -108,11 +120,26 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--prompt-tokens", default=d.prompt_tokens, help="MIN-MAX, uniform")
     work.add_argument("--output-tokens", default=d.output_tokens, help="MIN-MAX, uniform")
     work.add_argument("--seed", type=int, default=d.seed, help="same seed, same workload")
+    work.add_argument(
+        "--conversation",
+        type=float,
+        default=d.conversation,
+        help="share of arrivals, 0..1, that continue an open conversation: the previous "
+        "turn's prompt and output plus a new message, so they share its prefix blocks "
+        "(default %(default)s: single requests, no sessions)",
+    )
+    work.add_argument(
+        "--block-tokens",
+        type=int,
+        default=d.block_tokens,
+        help=f"tokens of a prompt block for prefix caching, {MIN_BLOCK_TOKENS}.."
+        f"{MAX_BLOCK_TOKENS} (default %(default)s; a Mooncake trace needs 512)",
+    )
     trace = parser.add_argument_group("workload (trace replay)")
     trace.add_argument(
         "--trace",
-        help="Azure LLM trace CSV (TIMESTAMP, ContextTokens, "
-        "GeneratedTokens) or JSONL (timestamp, input_length, output_length)",
+        help="a trace file, its format detected from its content: "
+        + "; ".join(f"{name}: {what}" for name, what in TRACE_FORMATS.items()),
     )
     trace.add_argument("--speedup", type=float, default=1.0, help="replay time this much faster")
     trace.add_argument(
@@ -152,7 +179,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "seed (apart from the measured decision latency).",
     )
     simulate_.add_argument(
-        "--file", "-f", required=True, type=Path, help=f"the Lua or YAML policy, or {PLATFORM!r}"
+        "--file",
+        "-f",
+        required=True,
+        type=Path,
+        help=f"the Lua or YAML policy, {PLATFORM!r}, or a template's name (e.g. cache-aware)",
     )
     add_workload_arguments(simulate_)
     compare_ = sub.add_parser(
@@ -160,10 +191,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="A/B: two policies on the identical workload, side by side",
         description="Runs A and B on the same arrivals for --replicates seeds (seed, "
         "seed+1, ...). The table shows the first seed; rows marked * differ by more than "
-        "twice the standard error of the paired differences across seeds.",
+        "twice the standard error of the paired differences across seeds. On a --trace the "
+        "seeds draw only which requests are interactive and their tenants: the noise is "
+        "that of those draws.",
     )
-    compare_.add_argument("a", help=f"policy A (a file, or {PLATFORM!r})")
-    compare_.add_argument("b", help=f"policy B (a file, or {PLATFORM!r})")
+    compare_.add_argument("a", help=f"policy A (a file, {PLATFORM!r}, or a template's name)")
+    compare_.add_argument("b", help=f"policy B (a file, {PLATFORM!r}, or a template's name)")
     compare_.add_argument(
         "--replicates",
         type=int,
@@ -210,10 +243,15 @@ def settings_from_args(args: argparse.Namespace) -> SimSettings:
 
 
 def load_policy(spec: str) -> Policy:
-    """A policy argument: a Lua or YAML file, or "platform"."""
+    """A policy argument: a Lua or YAML file, "platform", or the name of a template
+    (schedulers/templates: "cache-aware" is its cache-aware.lua) when no such file
+    exists."""
     if spec == PLATFORM:
         return Policy(None, PLATFORM)
     path = Path(spec)
+    template = resources.files("schedulers").joinpath("templates", f"{spec}.lua")
+    if not path.exists() and "/" not in spec and template.is_file():
+        return Policy(template.read_text(), spec)
     text, language = read_policy(path)
     try:
         return Policy(to_lua(text, language, path.name), path.name)
@@ -290,17 +328,16 @@ async def run_compare(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.report:
         title = f"{a.name} against {b.name}"
-        page = write_html(result.reports, args.report, title, result.significant)
+        page = write_html(result.reports, args.report, title, result.significant, note=result.noise)
         print(f"report: {page}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(table(result.reports, result.significant))
-        seeds = ", ".join(str(x.seed) for x, _ in result.replicates)
         print(
-            f"\n* differs by more than twice the noise (and by 1% or more) across seeds {seeds}"
-            if args.replicates > 1
-            else "\n(one seed: no noise estimate; see --replicates)"
+            f"\n* differs by more than twice the noise (and by 1% or more) across {result.noise}"
+            if len(result.replicates) > 1
+            else f"\n({result.noise}; see --replicates)"
         )
     return 0
 

@@ -36,14 +36,29 @@ from orchestrator.domain.context import (
     estimate_job,
 )
 from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.prefix import HASH_BITS, MAX_PROMPT_BLOCKS
 
-_DERIVED = frozenset({"wait_time_ms", "heartbeat_age_ms", "uptime_ms", "timestamp_ms", "pool_id"})
+# Fields a script sees that are derived from others: accepted, and recomputed.
+# prompt_blocks is the count of a job's block_hashes (docs/RUNTIME-EXTENSIONS.md).
+_DERIVED = frozenset(
+    {"wait_time_ms", "heartbeat_age_ms", "uptime_ms", "timestamp_ms", "pool_id", "prompt_blocks"}
+)
 
 
 def _rewrite(data: Any, derived: str, base: str, now_ms: int) -> Any:
     if not isinstance(data, Mapping) or base in data or derived not in data:
         return data
     return {**data, base: now_ms - int(data[derived])}
+
+
+def _check_blocks(hashes: tuple[int, ...], path: str) -> None:
+    """Block hashes as the core makes them (domain/prefix.py): at most MAX_PROMPT_BLOCKS,
+    each of HASH_BITS bits, so that the sandbox's LuaJIT numbers hold them exactly."""
+    if len(hashes) > MAX_PROMPT_BLOCKS:
+        raise ConfigError(f"{path}: at most {MAX_PROMPT_BLOCKS} blocks, got {len(hashes)}")
+    for n, h in enumerate(hashes):
+        if not 0 <= h < 1 << HASH_BITS:
+            raise ConfigError(f"{path}[{n}]: must be between 0 and 2**{HASH_BITS} - 1, got {h}")
 
 
 def context_from_dict(data: Any, *, source: str = "context") -> Context:
@@ -70,6 +85,7 @@ def context_from_dict(data: Any, *, source: str = "context") -> Context:
     for i, raw in enumerate(data.get("queue") or []):
         job_data = _rewrite(raw, "wait_time_ms", "queued_at", now_ms)
         job = build(Job, job_data, f"{source}.queue[{i}]", ignore=_DERIVED)
+        _check_blocks(job.block_hashes, f"{source}.queue[{i}].block_hashes")
         if "estimated_vram_bytes" not in job_data:
             vram, duration = estimate_job(catalog, job.model_ref, job.max_tokens)
             job = dataclasses.replace(

@@ -78,7 +78,11 @@ def convert(hint: Any, value: Any, path: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {_kind(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            digits = len(str(value))
+            raise ConfigError(f"{path}: a number of {digits} digits is too large") from None
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{path}: expected int, got a boolean")
     if hint in (int, str, bool) and not isinstance(value, hint):

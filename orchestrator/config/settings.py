@@ -28,6 +28,12 @@ from orchestrator.domain.context import (
 )
 from orchestrator.domain.errors import ConfigError
 from orchestrator.domain.jobs import SubmitLimits, TenantLimits
+from orchestrator.domain.prefix import (
+    BLOCK_TOKENS,
+    MAX_BLOCK_TOKENS,
+    MAX_SESSIONS,
+    MIN_BLOCK_TOKENS,
+)
 
 DEPLOYMENT_MODES = ("home", "lab", "platform")
 # How sandbox workers start: forked from the pre-imported fork server (milliseconds),
@@ -253,6 +259,22 @@ class DecisionLogConfig:
 
 
 @dataclass(frozen=True)
+class PrefixCacheConfig:
+    """The core's index of prompt blocks held by workers (docs/ARCHITECTURE.md D29)."""
+
+    block_tokens: int = BLOCK_TOKENS  # tokens per block: Mooncake's traces use 512
+    max_sessions: int = MAX_SESSIONS  # sessions whose last worker is remembered
+
+    def __post_init__(self) -> None:
+        if not MIN_BLOCK_TOKENS <= self.block_tokens <= MAX_BLOCK_TOKENS:
+            raise ValueError(
+                f"block_tokens must be between {MIN_BLOCK_TOKENS} and {MAX_BLOCK_TOKENS}"
+            )
+        if not 0 <= self.max_sessions <= 10 * MAX_SESSIONS:
+            raise ValueError(f"max_sessions must be between 0 and {10 * MAX_SESSIONS}")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     deployment_mode: str = "lab"
     mode: str = "agentic"
@@ -272,6 +294,7 @@ class ServiceConfig:
     local_pool: LocalPoolConfig = LocalPoolConfig()
     pools: PoolsConfig = PoolsConfig()
     decision_log: DecisionLogConfig = DecisionLogConfig()
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
     catalog: Mapping[str, Any] = field(default_factory=dict)
     catalog_file: str | None = None
     tenants: Mapping[str, Any] = field(default_factory=dict)

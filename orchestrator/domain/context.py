@@ -16,6 +16,10 @@ from functools import cached_property
 from operator import attrgetter
 from types import MappingProxyType
 
+from orchestrator.domain.prefix import EMPTY as EMPTY_PREFIX
+from orchestrator.domain.prefix import PrefixState
+from orchestrator.domain.serving import ServingPerf
+
 PRIORITY_RANK: Mapping[str, int] = MappingProxyType({"interactive": 0, "batch": 1})
 PRIORITIES = tuple(PRIORITY_RANK)
 WORKER_STATUSES = ("ready", "busy", "starting", "failed")
@@ -44,6 +48,13 @@ class Job:
     retry_count: int = 0
     estimated_vram_bytes: int = 0
     estimated_duration_ms: int = 0
+    # Prompt blocks (issue 16, docs/ARCHITECTURE.md D29): the prompt's tokens, the
+    # chained hashes of its full blocks (domain/prefix.py), and the worker that last
+    # ran a job of its session when it was queued. A script sees `prompt_tokens` and
+    # the count of blocks; the hashes and the session's worker serve the built-ins.
+    prompt_tokens: int = 0
+    block_hashes: tuple[int, ...] = ()
+    session_worker: str | None = None
 
     def queue_key(self) -> tuple[int, int, str]:
         """Queue order: interactive before batch, then arrival, then id (runtime-spec 3.1)."""
@@ -158,6 +169,12 @@ class CatalogModel:
     file_size_bytes: int = 0
     file_hash: str = ""
     min_compute_capability: str = ""
+    # The KV cache one token takes (layers x KV heads x head size x 2 x bytes): with the
+    # GPU's VRAM it bounds the prefix index and the simulated batch (issue 16).
+    kv_bytes_per_token: int = 0
+    # The simulator's performance model of this model by device name, plus "default"
+    # (domain/serving.py, docs/SIMULATION.md). Not sent to schedulers.
+    performance: Mapping[str, ServingPerf] = field(default_factory=dict)
 
     def tokens_per_sec(self, device_name: str) -> float:
         """Catalog estimate for a device, else the model's default, else 0.
@@ -311,6 +328,7 @@ class Context:
     metrics: Metrics = Metrics()
     config: Config = Config()
     changes: JobChanges | None = field(default=None, compare=False, repr=False)
+    prefix: PrefixState = EMPTY_PREFIX  # what workers hold of prompts (domain/prefix.py)
 
     def changes_since(self, other: Context) -> JobChanges | None:
         """The job changes from `other` to this context, when they are known."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.policy.compile import CACHE_WEIGHT, LOAD_WEIGHT
 from orchestrator.policy.parse import (
     ACTIONS,
     ENUMS,
@@ -21,6 +22,18 @@ from orchestrator.policy.parse import (
     parse_policy,
 )
 
+# The worker selection menu's tooltips. Every selection takes a worker of the job's
+# model with a free slot that the rule's worker, pool and GPU conditions allow.
+SELECTION_HELP = {
+    "least-loaded": "smallest share of slots busy, then least utilized GPUs",
+    "most-vram-free": "most free VRAM on its GPUs",
+    "round-robin": "each in turn",
+    "ready": "the first ready worker",
+    "prefix-affinity": f"best {CACHE_WEIGHT} x share of the prompt already in its cache "
+    f"- {LOAD_WEIGHT} x share of its slots busy",
+    "session-affinity": "the worker the job's session last ran on, else least-loaded",
+}
+
 
 def vocabulary() -> dict[str, Any]:
     """What the builder's menus offer: exactly what the compiler accepts."""
@@ -29,6 +42,7 @@ def vocabulary() -> dict[str, Any]:
         "enums": {field: list(values) for field, values in ENUMS.items()},
         "operators": {kind: list(ops) for kind, ops in OPERATORS.items()},
         "selections": list(SELECTIONS),
+        "selection_help": {name: SELECTION_HELP[name] for name in SELECTIONS},
         "actions": list(ACTIONS),
         "evict_policies": ["lru", "lfu"],
     }

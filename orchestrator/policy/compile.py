@@ -139,8 +139,53 @@ local function place(ctx, model_ref, pool_id, ok)
   return best_pool, best_gpu
 end
 
-function schedule(ctx)
 """
+
+# The weights of the prefix-affinity score (issue 16): CACHE_WEIGHT x the share of the
+# prompt's tokens a worker is believed to hold, less LOAD_WEIGHT x the share of its slots
+# busy. After the Gateway API Inference Extension's default scheduling profile, which
+# weighs its prefix-cache scorer 3 against a queue scorer and a KV-cache-utilization
+# scorer of 2 each: both measure how busy a server is, which here is the one share of
+# slots busy, so the load weight is their sum. docs/RUNTIME-EXTENSIONS.md has the
+# citation and what the weights mean in practice.
+CACHE_WEIGHT = 3
+LOAD_WEIGHT = 4
+
+# Emitted only into policies whose rules use the selection.
+PREFIX_PICK = f"""-- Prefix affinity (docs/RUNTIME-EXTENSIONS.md): the candidate with the best
+-- CACHE_WEIGHT * (share of the prompt's tokens it holds) - LOAD_WEIGHT * (share of its
+-- slots busy), ties to the lowest id.
+local CACHE_WEIGHT, LOAD_WEIGHT = {CACHE_WEIGHT}, {LOAD_WEIGHT}
+local function prefix_pick(ctx, job, list)
+  local prompt = math.max(1, job.prompt_tokens)
+  local best, best_score = nil, nil
+  for _, worker in ipairs(list) do
+    local tokens = ctx.prefix_match(job, worker)
+    local score = CACHE_WEIGHT * (tokens / prompt) - LOAD_WEIGHT * (worker.slots_busy / worker.slots_total)
+    if best == nil or score > best_score or (score == best_score and worker.id < best.id) then
+      best, best_score = worker, score
+    end
+  end
+  return best
+end
+
+"""
+
+SESSION_PICK = """-- Session affinity (docs/RUNTIME-EXTENSIONS.md): the worker the job's session last
+-- ran on if it is a candidate, else the least loaded candidate.
+local function session_pick(ctx, job, list)
+  if #list == 0 then return nil end
+  local home = ctx.session_worker(job)
+  for _, worker in ipairs(list) do
+    if home and worker.id == home.id then return worker end
+  end
+  return pick(ctx, list, "least-loaded")
+end
+
+"""
+
+PICKERS = {"prefix-affinity": ("prefix_pick", PREFIX_PICK),
+           "session-affinity": ("session_pick", SESSION_PICK)}  # fmt: skip
 
 
 _LUA_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n"}
@@ -246,8 +291,9 @@ def compile_rule(rule: Rule) -> str:
         body += [line[2:] for line in _job_action(rule, action, place_cond, ok, ok_place)]
         body += ["  end", "end"]
         if action.kind in ("dispatch", "start_worker"):
-            # The worker (or start) a rule picks depends on the job's model only: look
-            # it up once per model per cycle, not once per queued job.
+            # The worker (or start) a rule picks depends on the job's model only, or for
+            # prefix and session affinity its candidates do: look them up once per model
+            # per cycle, not once per queued job.
             body = ["do", "  local per_model = {}", *("  " + line for line in body), "end"]
         lines += ["  " + line for line in body]
     else:
@@ -278,6 +324,16 @@ def _job_action(
     rule: Rule, action: Action, place_cond: Condition, ok: str, ok_place: str
 ) -> list[str]:
     i = "      "
+    if action.kind == "dispatch" and action.selection in PICKERS:
+        chooser = PICKERS[action.selection][0]
+        return [
+            f"{i}local ref = ctx.resolve_model(job.model_ref)",
+            f"{i}if per_model[ref] == nil then per_model[ref] = candidates(ctx, job, {ok}) end",
+            f"{i}local worker = {chooser}(ctx, job, per_model[ref])",
+            f"{i}if worker and ctx.can_job_fit(job, worker) and ctx.check_tenant_quota(job.tenant_id, job) then",
+            f'{i}  return {{ action = "dispatch", job_id = job.id, worker_id = worker.id, {_tag(rule)} }}',
+            f"{i}end",
+        ]
     if action.kind == "dispatch":
         if place_cond.kind == "always":
             finder = {
@@ -357,11 +413,12 @@ def _global_action(
 
 def compile_policy(policy: Policy) -> str:
     version = f"-- @version {policy.version}\n" if policy.version else ""
-    out = [
-        HEADER.format(
-            source=policy.source_name, sha=policy.sha256[:12], name=policy.name, version=version
-        )
-    ]
+    used = {rule.action.selection for rule in policy.rules if rule.action.kind == "dispatch"}
+    helpers = "".join(code for selection, (_, code) in PICKERS.items() if selection in used)
+    header = HEADER.format(
+        source=policy.source_name, sha=policy.sha256[:12], name=policy.name, version=version
+    )
+    out = [header + helpers + "function schedule(ctx)\n"]
     out += [compile_rule(rule) + "\n" for rule in policy.rules]
     out.append('  return { action = "wait", reason = "no_rule_matched" }\nend\n')
     return "\n".join(out)

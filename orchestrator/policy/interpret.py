@@ -14,7 +14,8 @@ from typing import Any
 
 from orchestrator.domain.context import CatalogModel, Context, Gpu, Job, Pool, Worker
 from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker, Wait
-from orchestrator.policy.compile import split
+from orchestrator.domain.prefix_queries import prefix_match, session_worker
+from orchestrator.policy.compile import CACHE_WEIGHT, LOAD_WEIGHT, split
 from orchestrator.policy.parse import Condition, Policy, Rule, Test
 from orchestrator.scheduling.validation import (
     check_gpu_compatibility,
@@ -47,6 +48,8 @@ class Scope:
                 return None
             if name == "wait_time_ms":
                 return ctx.now_ms - self.job.queued_at
+            if name == "prompt_blocks":  # scripts see the count, never the hashes
+                return len(self.job.block_hashes)
             return getattr(self.job, name, None)
         if scope == "tenant":
             tenant = ctx.tenants_by_id.get(self.job.tenant_id or "") if self.job else None
@@ -128,9 +131,28 @@ def _gpus_of(pool: Pool, worker: Worker) -> list[Gpu]:
     return [g for gpu_id in worker.gpu_ids if (g := pool.gpu(gpu_id)) is not None]
 
 
-def _choose(ctx: Context, found: list[tuple[Pool, Worker]], selection: str) -> Worker | None:
+def _choose(
+    ctx: Context, job: Job, found: list[tuple[Pool, Worker]], selection: str
+) -> Worker | None:
+    """The worker `selection` takes for `job` among the candidates `found`, as the
+    compiled Lua's built-in or helper does; None when there is none."""
     if not found:
         return None
+    if selection == "prefix-affinity":
+        # The same arithmetic, in the same order, as the compiled prefix_pick: equal
+        # doubles on both sides, so ties break alike (by id).
+        prompt = max(1, job.prompt_tokens)
+
+        def score(worker: Worker) -> float:
+            tokens = prefix_match(ctx, job, worker.id)[0]
+            busy = worker.slots_busy / worker.slots_total
+            return CACHE_WEIGHT * (tokens / prompt) - LOAD_WEIGHT * busy
+
+        return min((w for _, w in found), key=lambda w: (-score(w), w.id))
+    if selection == "session-affinity":
+        home = session_worker(ctx, job)
+        stay = [w for _, w in found if home is not None and w.id == home[1].id]
+        return stay[0] if stay else _choose(ctx, job, found, "least-loaded")
     if selection == "ready":
         return found[0][1]
     if selection == "round-robin":  # a fresh cursor: the lowest id
@@ -195,7 +217,7 @@ def _job_action(rule: Rule, ctx: Context, job: Job, place: Condition) -> Decisio
             and ctx.catalog.resolve(w.model_ref) == ref
             and holds(place, Scope(ctx, job, w, p, _first_gpu(p, w)))
         ]  # fmt: skip
-        worker = _choose(ctx, found, action.selection)
+        worker = _choose(ctx, job, found, action.selection)
         if worker is not None and check_job_fit(ctx, job, worker)[0] and _quota_ok(ctx, job):
             return Dispatch(job.id, worker.id, rule=rule.name)
         return None

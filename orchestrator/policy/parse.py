@@ -7,6 +7,7 @@ expected: `policy.yaml:12:9: rule 'batch-first': unknown field 'job.prioity'
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ FIELDS: dict[str, dict[str, str]] = {
         "model_ref": STRING, "prompt_hash": STRING, "max_tokens": NUMBER, "seed": NUMBER,
         "temperature": NUMBER, "created_at": NUMBER, "queued_at": NUMBER,
         "retry_count": NUMBER, "wait_time_ms": NUMBER, "estimated_vram_bytes": NUMBER,
-        "estimated_duration_ms": NUMBER,
+        "estimated_duration_ms": NUMBER, "prompt_tokens": NUMBER, "prompt_blocks": NUMBER,
     },
     "model": {
         "model_ref": STRING, "family": STRING, "size": STRING, "quantization": STRING,
@@ -101,7 +102,9 @@ ACTION_SCOPES = {
 JOB_SIDE = frozenset({"job", "model", "tenant"})
 PLACE_SIDE = frozenset({"worker", "pool", "gpu"})
 
-SELECTIONS = ("least-loaded", "most-vram-free", "round-robin", "ready")
+SELECTIONS = (
+    "least-loaded", "most-vram-free", "round-robin", "ready", "prefix-affinity", "session-affinity",
+)  # fmt: skip
 SIZE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -357,8 +360,11 @@ def _explain(error: jsonschema.ValidationError, path: tuple[Any, ...]) -> str:
             hint = "expected a field like job.priority, or all/any/not"
         return f"unexpected key {extra[0]!r} ({hint})" if extra else error.message
     if error.validator == "enum":
-        options = ", ".join(str(v) for v in list(error.validator_value))  # type: ignore[arg-type]
-        return f"{field} is {error.instance!r}, expected one of {options}"
+        values = [str(v) for v in list(error.validator_value)]  # type: ignore[arg-type]
+        message = f"{field} is {error.instance!r}, expected one of {', '.join(values)}"
+        # A near miss ("prefix_affinity", "least_loaded") is most often a typo: name it.
+        close = difflib.get_close_matches(str(error.instance), values, n=1, cutoff=0.75)
+        return message + (f" (did you mean {close[0]!r}?)" if close else "")
     if error.validator == "const":
         return f"{field} is {error.instance!r}, expected {error.validator_value!r}"
     if error.validator == "type":

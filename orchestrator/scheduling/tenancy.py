@@ -1,9 +1,9 @@
 """Per-tenant schedulers in platform mode (docs/ARCHITECTURE.md, D15). Pure.
 
 A tenant's scheduler runs in its own sandbox worker on its own view of the cluster:
-its queued jobs only, its own tenant record, the workers with other tenants' jobs
-and usage blanked out, and GPU free VRAM capped at what its quota has left. Its
-decision is validated on that view, so naming another tenant's job is an unknown
+its queued jobs only, its own tenant record, the workers with other tenants' jobs,
+usage and cached prompt blocks blanked out, and GPU free VRAM capped at what its
+quota has left. Its decision is validated on that view, so naming another tenant's job is an unknown
 job. The platform then arbitrates: the tenants' proposals and the platform
 scheduler's decision (made on the whole cluster: it provisions workers for every
 tenant, and dispatches for tenants without a scheduler) are interleaved one action
@@ -42,6 +42,10 @@ def tenant_view(ctx: Context, tenant_id: str, owners: Mapping[str, str | None]) 
         tenants=(tenant,),
         metrics=derive_metrics(queue, pools, ctx.now_ms),
         config=ctx.config,
+        # Only what its own prompts left in the workers' caches: block hashes are salted
+        # by tenant (domain/prefix.py), and each tenant's entries are evicted in an order
+        # of their own (state/prefix.py), so not even their number tells of another's.
+        prefix=ctx.prefix.for_tenant(tenant_id),
     )
 
 

@@ -34,7 +34,8 @@ MAX_SIMULATED_JOBS = 20_000  # a simulation in the service shares its CPU with s
 # Scheduling cycles per policy run: the policy, not the workload, decides how many
 # cycles a simulation takes (a 1 ms retry_after_ms, or workers started and evicted
 # with no delay, repeat cycles without end). Past this the run stops and reports what
-# it has, jobs_unfinished included; 20,000 jobs usually take 40,000 to 60,000.
+# it has, jobs_unfinished included; 20,000 jobs usually take about 20,000
+# (a cycle runs only when something can be placed: docs/SIMULATION.md).
 MAX_SIMULATED_CYCLES = 100_000
 
 

@@ -1,12 +1,40 @@
-"""The simulated cluster: pools, GPUs, workers and jobs on a simulated clock. Pure.
+"""The simulated cluster: pools, GPUs, and workers that are batched inference servers, on
+a simulated clock. Pure.
 
-It turns into a `Context` for each scheduling cycle (reusing unchanged records and
-saying what changed, like the live cluster state), applies decisions, and tells the
-event loop what happens next (a job finishing, a worker becoming ready or gone).
+Contract:
+- It turns into a `Context` for each scheduling cycle (reusing unchanged records and
+  saying what changed, like the live cluster state). `apply(decision, now)` carries out a
+  decision and `on(event, now)` an event; both return the events they schedule, and `on`
+  the jobs that finished too.
+- A worker is a batched server (docs/SIMULATION.md). A job dispatched to it waits inside
+  it, first come first served, until its prompt and output fit the KV cache next to the
+  running ones; then its prompt is prefilled, one prompt at a time with decoding stalled
+  meanwhile (no chunked prefill); then it decodes in the batch, one token a step, and
+  leaves when its output is done. Times come from the catalog's performance model for the
+  worker's GPU and model (sim/perf.py); workers busy on one GPU share it, each running as
+  many times slower as they are.
+- Between two changes to a worker (a job in, a prefill done, a job out) its batch is
+  fixed, so its progress is computed, not stepped: a worker has at most one pending event,
+  at its next change, whatever the number of tokens. An event carries the worker's
+  version when it was planned; a later plan makes it stale, and a stale event is ignored.
+- The KV cache (in tokens: the GPU's VRAM less the weights on it, shared evenly between
+  its workers, over the model's bytes per token, as domain/prefix.py computes it) holds
+  the running sequences and a prefix cache of prompt blocks. A running sequence pins its
+  prompt's blocks; the others go least recently used first, a prompt's last block before
+  its first. At admission (`SimJob.admitted_ms`), the prompt's leading blocks already
+  cached are not prefilled (`SimJob.cached_tokens`). When a worker joins or leaves a
+  GPU, the shares are recomputed and jobs waiting for room that now fit are admitted
+  at that instant.
+- The policy's view is the core's: a `PrefixIndex` records each dispatch and each
+  session's worker, as the live core does; it is approximate, the workers' caches are not.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.domain.context import (
@@ -19,20 +47,20 @@ from orchestrator.domain.context import (
     Tenant,
     Worker,
     derive_metrics,
+    estimate_job,
 )
 from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker, flatten
+from orchestrator.domain.prefix import BLOCK_TOKENS, NO_TENANT, capacity_blocks, id_blocks
+from orchestrator.domain.prefix_queries import kv_capacity_tokens
+from orchestrator.domain.serving import ServingPerf, perf_for
+from orchestrator.sim import perf
 from orchestrator.sim.workload import Arrival
 from orchestrator.state.jobqueue import JobQueue
+from orchestrator.state.prefix import PrefixIndex
 
 EPOCH_MS = 1_700_000_000_000  # simulated time 0, as Unix ms
-PREFILL_SPEEDUP = 20.0  # prompt tokens are processed this many times faster than generated
-# A batched worker running n sequences generates r * n**BATCH_EXPONENT tokens/s in all,
-# r being its single-stream rate: each sequence gets r * n**(BATCH_EXPONENT - 1), slower
-# as the batch grows while the sum grows. A stand-in, until issue 16's performance
-# model, for what batching does to decode, which is memory-bound: one pass over the
-# weights serves the whole batch, so the sum grows, but less than linearly. With one
-# slot n is 1 and the rate is r.
-BATCH_EXPONENT = 0.7
+# Progress is computed in float ms; a change due within this of a time has happened.
+EPSILON = 1e-6
 
 
 @dataclass(frozen=True)
@@ -45,7 +73,10 @@ class ClusterSpec:
     compute_capability: str = "8.0"
     start_delay_ms: int = 5000  # a worker starting: model load
     evict_delay_ms: int = 500
-    worker_slots: int = 1  # jobs one worker runs at once (docs/ARCHITECTURE.md D27)
+    # Jobs one worker holds at once, running or waiting inside it for KV room
+    # (docs/ARCHITECTURE.md D27): llama-server's --parallel, vLLM's max_num_seqs.
+    worker_slots: int = 16
+    block_tokens: int = BLOCK_TOKENS  # tokens of a prompt block, in caches and the index
 
 
 @dataclass
@@ -53,8 +84,214 @@ class SimJob:
     arrival: Arrival
     job: Job
     dispatched_ms: int = -1
+    # When its worker admitted it (found KV room for it and looked its prompt up in the
+    # prefix cache; its prefill follows); -1 while it waits inside the worker for room.
+    admitted_ms: int = -1
+    first_token_ms: int = -1  # when its first output token came out (TTFT's end)
     done_ms: int = -1
     worker: str = ""
+    cached_tokens: int = 0  # prompt tokens its worker found in its prefix cache, at admission
+
+
+@dataclass
+class Event:
+    """What the loop must do at a time: ready a worker, drop a worker, or bring a
+    worker's batch up to date (`batch`, valid while the worker's version is `version`)."""
+
+    kind: str  # ready, gone, batch
+    target: str  # the worker
+    version: int = 0
+
+
+@dataclass
+class _Seq:
+    """A job inside a worker."""
+
+    entry: SimJob
+    blocks: tuple[int, ...]  # its prompt's full blocks: held in the cache while it runs
+    extra: int  # KV tokens it holds beyond those blocks: the prompt's tail and the output
+    joined: float = 0.0  # the worker's decode step count when it joined the batch
+
+
+class _KvCache:
+    """A worker's KV cache, in tokens: prompt blocks (pinned while a running sequence
+    uses them, else least recently used first) and what running sequences hold beyond
+    their blocks."""
+
+    def __init__(self, block_tokens: int) -> None:
+        self.block_tokens = block_tokens
+        self.pinned: dict[int, int] = {}  # hash -> running sequences using it
+        self.free: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self.extra = 0
+
+    @property
+    def used(self) -> int:
+        return (len(self.pinned) + len(self.free)) * self.block_tokens + self.extra
+
+    def holds(self, block: int) -> bool:
+        return block in self.pinned or block in self.free
+
+    def matched(self, blocks: Sequence[int]) -> int:
+        """Leading blocks held: a server reuses a prefix up to its first missing block."""
+        n = 0
+        for block in blocks:
+            if not self.holds(block):
+                break
+            n += 1
+        return n
+
+    def take(self, seq: _Seq, capacity: int, force: bool) -> bool:
+        """Room for a sequence, evicting unpinned blocks as needed; False (and nothing
+        changed) if it does not fit, unless `force`."""
+        distinct = dict.fromkeys(seq.blocks)
+        new = sum(1 for b in distinct if not self.holds(b))
+        reused_free = sum(1 for b in distinct if b in self.free)
+        need = new * self.block_tokens + seq.extra
+        evictable = (len(self.free) - reused_free) * self.block_tokens
+        if not force and need > capacity - self.used + evictable:
+            return False
+        for block in seq.blocks:
+            self.free.pop(block, None)
+            self.pinned[block] = self.pinned.get(block, 0) + 1
+        # The sequence's new blocks are counted in `used` now: evict for the rest.
+        while self.free and capacity - self.used < seq.extra:
+            self.free.popitem(last=False)
+        self.extra += seq.extra
+        return True
+
+    def release(self, seq: _Seq) -> None:
+        self.extra -= seq.extra
+        # Last block first, so that the first, which more prompts share, goes last.
+        for block in reversed(seq.blocks):
+            count = self.pinned[block] - 1
+            if count:
+                self.pinned[block] = count
+            else:
+                del self.pinned[block]
+                self.free[block] = None
+
+
+class _Server:
+    """One worker's batch: jobs waiting for KV room, prompts to prefill (the first one
+    prefilling), sequences decoding; advanced in fluid time (module docstring)."""
+
+    def __init__(self, model: ServingPerf, block_tokens: int) -> None:
+        self.perf = model
+        self.cache = _KvCache(block_tokens)
+        self.waiting: deque[_Seq] = deque()
+        self.prefills: deque[_Seq] = deque()
+        self.prefill_left_ms = 0.0  # of the first prefill, at the GPU's full speed
+        self.decoding: dict[str, _Seq] = {}
+        self.ends: list[tuple[float, str]] = []  # (step its last token comes at, job)
+        self.firsts: list[tuple[float, str]] = []  # (step its first token comes at, job)
+        self.steps = 0.0  # decode steps done since the worker started
+        self.offset = 0.0  # total context = offset + len(decoding) * steps
+        self.clock = 0.0  # ms up to which progress is computed
+        self.share = 1  # busy workers on the GPU since `clock`
+        self.busy_ms = 0.0
+        self.version = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.prefills or self.decoding)
+
+    def add(self, seq: _Seq) -> None:
+        self.waiting.append(seq)
+
+    def advance(self, to_ms: float, capacity: int) -> list[tuple[_Seq, float]]:
+        """Progress up to `to_ms`; returns the sequences that finished, with when."""
+        done: list[tuple[_Seq, float]] = []
+        t = self.clock
+        while True:
+            self._admit(capacity, t)
+            if self.prefills:
+                need = self.prefill_left_ms * self.share
+                if t + need > to_ms + EPSILON:
+                    spent = max(0.0, to_ms - t)  # t may pass to_ms by EPSILON
+                    self.prefill_left_ms -= spent / self.share
+                    self.busy_ms += spent
+                    break
+                t += need
+                self.busy_ms += need
+                self._join(self.prefills.popleft())
+                if self.prefills:
+                    self._start_prefill(self.prefills[0])
+            elif self.decoding:
+                n = len(self.decoding)
+                context = self.offset + n * self.steps
+                due = self.ends[0][0] - self.steps
+                need = perf.decode_ms(self.perf, n, context, due) * self.share
+                last = t + need <= to_ms + EPSILON
+                if last:
+                    steps, elapsed = due, need
+                else:
+                    elapsed = max(0.0, to_ms - t)
+                    steps = perf.decode_steps(self.perf, n, context, elapsed / self.share)
+                self._first_tokens(t, n, context, steps)
+                self.steps += steps
+                t += elapsed
+                self.busy_ms += elapsed
+                if not last:
+                    break
+                while self.ends and self.ends[0][0] <= self.steps + EPSILON:
+                    seq = self.decoding.pop(heapq.heappop(self.ends)[1])
+                    self.offset -= seq.entry.arrival.prompt_tokens - seq.joined
+                    self.cache.release(seq)
+                    done.append((seq, t))
+            else:
+                break
+        self.clock = to_ms
+        return done
+
+    def next_change(self) -> float | None:
+        """When the batch next changes, at the current share; None if idle."""
+        if self.prefills:
+            return self.clock + self.prefill_left_ms * self.share
+        if self.decoding:
+            n = len(self.decoding)
+            context = self.offset + n * self.steps
+            due = self.ends[0][0] - self.steps
+            return self.clock + perf.decode_ms(self.perf, n, context, due) * self.share
+        return None
+
+    def _admit(self, capacity: int, t: float) -> None:
+        while self.waiting:
+            seq = self.waiting[0]
+            # A job too big for an empty server still runs, alone: it would wait forever.
+            alone = not (self.decoding or self.prefills)
+            matched = self.cache.matched(seq.blocks)
+            if not self.cache.take(seq, capacity, force=alone):
+                return
+            self.waiting.popleft()
+            prompt = seq.entry.arrival.prompt_tokens
+            # The last prompt token is always computed: its logits give the first token.
+            seq.entry.cached_tokens = max(0, min(matched * self.cache.block_tokens, prompt - 1))
+            seq.entry.admitted_ms = _ms(t)
+            self.prefills.append(seq)
+            if len(self.prefills) == 1:
+                self._start_prefill(seq)
+
+    def _start_prefill(self, seq: _Seq) -> None:
+        cached = seq.entry.cached_tokens
+        uncached = seq.entry.arrival.prompt_tokens - cached
+        self.prefill_left_ms = perf.prefill_ms(self.perf, uncached, cached)
+
+    def _join(self, seq: _Seq) -> None:
+        seq.joined = self.steps
+        self.offset += seq.entry.arrival.prompt_tokens - self.steps
+        self.decoding[seq.entry.job.id] = seq
+        output = max(1, seq.entry.arrival.output_tokens)
+        heapq.heappush(self.ends, (self.steps + output, seq.entry.job.id))
+        heapq.heappush(self.firsts, (self.steps + 1, seq.entry.job.id))
+
+    def _first_tokens(self, t: float, n: int, context: float, steps: float) -> None:
+        """Record the first tokens that come within the next `steps` steps from `t`."""
+        while self.firsts and self.firsts[0][0] <= self.steps + steps + EPSILON:
+            # A first token comes before the last, so its sequence is still decoding.
+            step, job_id = heapq.heappop(self.firsts)
+            ahead = max(0.0, step - self.steps)
+            at = t + perf.decode_ms(self.perf, n, context, ahead) * self.share
+            self.decoding[job_id].entry.first_token_ms = _ms(at)
 
 
 @dataclass
@@ -66,20 +303,15 @@ class SimWorker:
     vram: int
     status: str  # starting, ready (a slot is free), busy (none is), leaving
     started_ms: int
+    server: _Server
     slots: int = 1
-    running: dict[str, int] = field(default_factory=dict)  # job id -> start, oldest first
+    running: dict[str, int] = field(default_factory=dict)  # job id -> dispatch, oldest first
+    kv_tokens: int = 0  # its share of its GPU's KV cache
     last_used_ms: int = 0
     completed: int = 0
-    tokens: int = 0
+    tokens: int = 0  # output tokens of the jobs it completed
+    # Time it had a prompt to prefill or a batch to decode, as of its last completion.
     busy_ms: int = 0
-
-
-@dataclass
-class Event:
-    """What the loop must do at a time: finish a job, ready a worker, drop a worker."""
-
-    kind: str  # done, ready, gone
-    target: str  # the job (done) or the worker (ready, gone)
 
 
 @dataclass
@@ -93,11 +325,19 @@ class SimCluster:
     gpus: dict[tuple[str, int], tuple[str, int, str]] = field(default_factory=dict)
     starts: int = 0
     evictions: int = 0
+    index: PrefixIndex = field(init=False)
     _queue: JobQueue = field(default_factory=JobQueue)
     _pool_cache: dict[str, Pool] = field(default_factory=dict)
+    _worker_cache: dict[str, tuple[tuple[object, ...], Worker]] = field(default_factory=dict)
     _dirty: set[str] = field(default_factory=set)
     _last: Context | None = None
     _next_worker: int = 0
+    _finished: list[SimJob] = field(default_factory=list)  # since `on` last returned them
+    # The workers on each GPU: a change to one worker re-plans those, not the cluster.
+    _by_gpu: dict[tuple[str, int], list[SimWorker]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = PrefixIndex(self.spec.block_tokens)
 
     @property
     def pool_ids(self) -> list[str]:
@@ -126,24 +366,31 @@ class SimCluster:
                 self._add_worker(
                     pool_id, gpu, model.model_ref, model.vram_required_bytes, 0, status="ready"
                 )
+        for pool_id, gpu in self.gpus:
+            self._size_caches(pool_id, gpu)
 
     # ------------------------------------------------------------------ jobs
     def arrive(self, arrival: Arrival, now_ms: int) -> None:
         model = self.catalog.get(arrival.model)
         ref = model.model_ref if model else arrival.model
-        rate = model.tokens_per_sec("default") if model else 0.0
+        vram, duration = estimate_job(self.catalog, ref, arrival.output_tokens)
+        tenant = arrival.tenant_id
         job = Job(
             id=arrival.job_id,
             model_ref=ref,
             priority=arrival.priority,
-            tenant_id=arrival.tenant_id,
+            tenant_id=tenant,
+            session_id=arrival.session_id,
             prompt_hash=f"sha256:{arrival.job_id}",
             max_tokens=arrival.output_tokens,
             seed=arrival.seed,
             created_at=EPOCH_MS + now_ms,
             queued_at=EPOCH_MS + now_ms,
-            estimated_vram_bytes=model.vram_required_bytes if model else 0,
-            estimated_duration_ms=int(arrival.output_tokens / rate * 1000) if rate else 0,
+            estimated_vram_bytes=vram,
+            estimated_duration_ms=duration,
+            prompt_tokens=arrival.prompt_tokens,
+            block_hashes=id_blocks(arrival.prompt_block_ids, tenant or NO_TENANT),
+            session_worker=self.index.session_worker(tenant, arrival.session_id),
         )
         self.jobs[job.id] = SimJob(arrival, job)
         self._queue.insert(job)
@@ -157,6 +404,8 @@ class SimCluster:
         self, pool: str, gpu: int, model_ref: str, vram: int, now_ms: int, status: str
     ) -> SimWorker:
         self._next_worker += 1
+        server = _Server(self._perf(model_ref, self.gpus[(pool, gpu)][0]), self.spec.block_tokens)
+        server.clock = now_ms
         worker = SimWorker(
             f"{pool}-w{self._next_worker}",
             pool,
@@ -165,21 +414,45 @@ class SimCluster:
             vram,
             status,
             now_ms,
+            server,
             slots=self.spec.worker_slots,
             last_used_ms=now_ms,
         )
         self.workers[worker.id] = worker
+        self._by_gpu.setdefault((pool, gpu), []).append(worker)
         self._dirty.add(pool)
         return worker
 
+    def _perf(self, model_ref: str, device_name: str) -> ServingPerf:
+        """The catalog's performance model of a model on a GPU."""
+        model = self.catalog.get(model_ref)
+        if model is None:
+            return perf.fallback(0.0)
+        found = perf_for(model.performance, device_name)
+        return found or perf.fallback(model.tokens_per_sec(device_name))
+
     def free_vram(self, pool: str, gpu: int) -> int:
-        used = sum(w.vram for w in self.workers.values() if w.pool == pool and w.gpu == gpu)
-        return self.gpus[(pool, gpu)][1] - used
+        return self.gpus[(pool, gpu)][1] - sum(w.vram for w in self._on_gpu(pool, gpu))
 
     def vram_utilization(self) -> float:
         total = sum(g[1] for g in self.gpus.values())
         used = sum(w.vram for w in self.workers.values())
         return used / total if total else 0.0
+
+    def _on_gpu(self, pool: str, gpu: int) -> list[SimWorker]:
+        return self._by_gpu.get((pool, gpu), [])
+
+    def _size_caches(self, pool: str, gpu: int) -> None:
+        """The KV capacity of each worker on a GPU, by domain/prefix.py's rule (the one
+        the index uses): its VRAM less every worker's weights, evenly shared. Workers on
+        their way out still hold their weights, so they count."""
+        name, total, _ = self.gpus[(pool, gpu)]
+        here = self._on_gpu(pool, gpu)
+        records = [Worker(w.id, w.model_ref, gpu_ids=(gpu,), vram_bytes=w.vram) for w in here]
+        view = Pool(pool, gpus=(Gpu(gpu, name, total),), workers=tuple(records))
+        ctx = Context(now_ms=0, catalog=self.catalog)
+        for worker, record in zip(here, records, strict=True):
+            worker.kv_tokens = kv_capacity_tokens(ctx, view, record)
 
     # ------------------------------------------------------------------ decisions
     def apply(self, decision: Decision, now_ms: int) -> list[tuple[int, Event]]:
@@ -201,6 +474,8 @@ class SimCluster:
                     "starting",
                 )
                 self.starts += 1
+                # Its weights take room from the KV caches of the GPU's other workers.
+                events += self._resize(action.pool_id, action.gpu_id, now_ms)
                 events.append((now_ms + self.spec.start_delay_ms, Event("ready", started.id)))
             elif isinstance(action, EvictWorker):
                 leaving = self.workers.get(action.worker_id)
@@ -217,55 +492,106 @@ class SimCluster:
         worker = self.workers.get(action.worker_id)
         if entry is None or worker is None or worker.status != "ready" or entry.dispatched_ms >= 0:
             return []
-        self._queue.remove(entry.job.id)
+        job = entry.job
+        self._queue.remove(job.id)
         entry.dispatched_ms, entry.worker = now_ms, worker.id
-        worker.running[entry.job.id] = now_ms
+        worker.running[job.id] = now_ms
         worker.status = "busy" if len(worker.running) >= worker.slots else "ready"
         worker.last_used_ms = now_ms
         self._dirty.add(worker.pool)
-        model = self.catalog.get(worker.model_ref)
-        rate = model.tokens_per_sec(self.gpus[(worker.pool, worker.gpu)][0]) if model else 0.0
-        # Workers on one GPU share its compute: the rate is split between those running
-        # a job when this one starts, and a worker's rate between the sequences in its
-        # batch (BATCH_EXPONENT); neither is re-timed as jobs come and go.
-        sharing = sum(
-            1
-            for w in self.workers.values()
-            if w.pool == worker.pool and w.gpu == worker.gpu and w.running
-        )
-        rate = (rate or 10.0) / max(1, sharing) * len(worker.running) ** (BATCH_EXPONENT - 1)
-        service = entry.arrival.prompt_tokens / (rate * PREFILL_SPEEDUP) + (
-            entry.arrival.output_tokens / rate
-        )
-        return [(now_ms + max(1, int(service * 1000)), Event("done", entry.job.id))]
+        # What the core learns from a dispatch, as the live core records it.
+        room = capacity_blocks(worker.kv_tokens, self.index.block_tokens)
+        self.index.record(worker.id, job.tenant_id, job.block_hashes, room)
+        self.index.route(job.tenant_id, job.session_id, worker.id)
+        block_tokens = self.spec.block_tokens
+        full = job.block_hashes[: entry.arrival.prompt_tokens // block_tokens]
+        extra = entry.arrival.prompt_tokens - len(full) * block_tokens
+        seq = _Seq(entry, full, extra + max(1, entry.arrival.output_tokens))
+        return self._touch(worker, now_ms, seq)
 
-    def on(self, event: Event, now_ms: int) -> SimJob | None:
-        """An event happens; returns the job it finished, if any."""
-        if event.kind == "done":
-            return self._finish(event.target, now_ms)
+    # ------------------------------------------------------------------ events
+    def current(self, event: Event) -> bool:
+        """Whether an event still stands: a `batch` event is superseded once its worker
+        is re-planned (a newer version) or gone; `ready` and `gone` always stand."""
+        if event.kind != "batch":
+            return True
         worker = self.workers.get(event.target)
-        if worker is None:
-            return None
-        self._dirty.add(worker.pool)
-        if event.kind == "ready" and worker.status == "starting":
-            worker.status = "ready"
-        elif event.kind == "gone":
-            del self.workers[worker.id]
-        return None
+        return worker is not None and event.version == worker.server.version
 
-    def _finish(self, job_id: str, now_ms: int) -> SimJob | None:
-        entry = self.jobs[job_id]
-        worker = self.workers.get(entry.worker)
-        if worker is None or job_id not in worker.running:
-            return None
-        self._dirty.add(worker.pool)
-        entry.done_ms = now_ms
-        worker.completed += 1
-        worker.tokens += entry.arrival.output_tokens
-        worker.busy_ms += now_ms - worker.running.pop(job_id)
-        worker.status = "ready"  # the slot it held is free
-        worker.last_used_ms = now_ms
-        return entry
+    def on(self, event: Event, now_ms: int) -> tuple[list[SimJob], list[tuple[int, Event]]]:
+        """An event happens; returns the jobs that finished and the events it schedules."""
+        events: list[tuple[int, Event]] = []
+        worker = self.workers.get(event.target)
+        if worker is not None:
+            if event.kind == "batch" and self.current(event):
+                events = self._touch(worker, now_ms)
+            elif event.kind == "ready" and worker.status == "starting":
+                worker.status = "ready"
+                self._dirty.add(worker.pool)
+            elif event.kind == "gone":
+                del self.workers[worker.id]
+                self._worker_cache.pop(worker.id, None)
+                self._by_gpu[(worker.pool, worker.gpu)].remove(worker)
+                self.index.forget(worker.id)
+                self._dirty.add(worker.pool)
+                events = self._resize(worker.pool, worker.gpu, now_ms)
+        finished, self._finished = self._finished, []
+        return finished, events
+
+    def _resize(self, pool: str, gpu: int, now_ms: int) -> list[tuple[int, Event]]:
+        """The GPU's workers changed: new KV shares, which may admit waiting jobs now."""
+        here = self._on_gpu(pool, gpu)
+        for worker in here:
+            self._advance(worker, now_ms)  # up to now, at the old shares
+        self._size_caches(pool, gpu)
+        for worker in here:
+            self._advance(worker, now_ms)  # admits at now what the new shares fit
+        return self._plan(pool, gpu, now_ms) if here else []
+
+    def _touch(
+        self, worker: SimWorker, now_ms: int, seq: _Seq | None = None
+    ) -> list[tuple[int, Event]]:
+        """Bring the worker's GPU up to `now_ms`, add `seq` to the worker, and plan the
+        next change of every worker on the GPU (their shares may have changed)."""
+        for other in self._on_gpu(worker.pool, worker.gpu):
+            self._advance(other, now_ms)
+        if seq is not None:
+            worker.server.add(seq)
+            self._advance(worker, now_ms)  # admits it, if it fits
+        return self._plan(worker.pool, worker.gpu, now_ms)
+
+    def _advance(self, worker: SimWorker, now_ms: int) -> None:
+        server = worker.server
+        for seq, at in server.advance(now_ms, worker.kv_tokens):
+            entry = seq.entry
+            entry.done_ms = _ms(at)
+            del worker.running[entry.job.id]
+            worker.completed += 1
+            worker.tokens += entry.arrival.output_tokens
+            worker.status = "ready"  # the slot it held is free
+            worker.last_used_ms = entry.done_ms
+            # Read at completions only, as the live core's WorkerStats is: a worker's
+            # record then changes when a job comes or goes, not at every advance, and a
+            # cycle's delta carries only the workers that did.
+            worker.busy_ms = round(server.busy_ms)
+            self._dirty.add(worker.pool)
+            self._finished.append(entry)
+
+    def _plan(self, pool: str, gpu: int, now_ms: int) -> list[tuple[int, Event]]:
+        """The next change of each worker on a GPU, at the GPU's new share."""
+        here = self._on_gpu(pool, gpu)
+        share = max(1, sum(1 for w in here if w.server.active))
+        events = []
+        for worker in here:
+            server = worker.server
+            server.share = share
+            server.version += 1
+            when = server.next_change()
+            if when is not None:
+                # Whole ms, after now: a change within this ms is handled when it comes.
+                at = max(now_ms + 1, math.ceil(when - EPSILON))
+                events.append((at, Event("batch", worker.id, server.version)))
+        return events
 
     # ------------------------------------------------------------------ the context
     def _pool(self, pool_id: str, at: int) -> Pool:
@@ -275,7 +601,7 @@ class SimCluster:
         mine = sorted((w for w in self.workers.values() if w.pool == pool_id), key=_by_id)
         # Workers on their way out are hidden, as in the live state; their VRAM is not
         # free until they are gone.
-        workers = tuple(_worker(w) for w in mine if w.status != "leaving")
+        workers = tuple(self._worker_record(w) for w in mine if w.status != "leaving")
         gpus = []
         for (pid, gid), (name, total, capability) in sorted(self.gpus.items()):
             if pid != pool_id:
@@ -288,6 +614,17 @@ class SimCluster:
         pool = Pool(pool_id, f"sim://{pool_id}", "healthy", EPOCH_MS + at, tuple(gpus), workers)
         self._pool_cache[pool_id] = pool
         return pool
+
+    def _worker_record(self, w: SimWorker) -> Worker:
+        """The worker as the context shows it: the same object while nothing it shows
+        changed, so that a delta skips it by identity."""
+        key = (w.status, w.completed, w.busy_ms, w.last_used_ms, tuple(w.running))
+        cached = self._worker_cache.get(w.id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        record = _worker(w)
+        self._worker_cache[w.id] = (key, record)
+        return record
 
     def context(self, now_ms: int) -> Context:
         pools = tuple(self._pool(p, now_ms) for p in self.pool_ids)
@@ -302,9 +639,15 @@ class SimCluster:
             metrics=derive_metrics(queue, pools, EPOCH_MS + now_ms, totals=self._queue.totals()),
             config=self.config,
             changes=self._queue.take_changes(self._last),
+            prefix=self.index.state(),
         )
         self._last = ctx
         return ctx
+
+
+def _ms(at: float) -> int:
+    """A simulated time as whole ms: the ms within which it falls, counted up."""
+    return math.ceil(at - EPSILON)
 
 
 def _by_id(worker: SimWorker) -> str:

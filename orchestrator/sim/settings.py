@@ -14,10 +14,13 @@ from orchestrator.config.records import build
 from orchestrator.config.settings import MAX_WORKER_SLOTS
 from orchestrator.domain.context import INT64_MAX, Catalog
 from orchestrator.domain.errors import ConfigError, InvalidRequestError
+from orchestrator.domain.prefix import BLOCK_TOKENS, MAX_BLOCK_TOKENS, MIN_BLOCK_TOKENS
 from orchestrator.sim.cluster import ClusterSpec
 from orchestrator.sim.workload import (
+    MAX_SPAN_S,
     Arrival,
     WorkloadSpec,
+    detect_format,
     from_trace,
     generate,
     model_map,
@@ -26,7 +29,6 @@ from orchestrator.sim.workload import (
 )
 
 MAX_JOBS = 1_000_000  # jobs of a generated workload, even locally (the service allows fewer)
-MAX_SPAN_S = 86_400.0  # simulated seconds of arrivals
 MAX_TEXT = 4096  # characters of a text setting (mixes, token ranges)
 MAX_MIX = 100  # entries of a tenant or model mix
 # (lowest, highest) of every numeric setting. The cluster's size, the arrivals and the
@@ -50,6 +52,9 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "seed": (-INT64_MAX - 1, INT64_MAX),
     "speedup": (0, 1_000_000),
     "trace_limit": (0, MAX_JOBS),
+    "conversation": (0, 1),
+    "block_tokens": (MIN_BLOCK_TOKENS, MAX_BLOCK_TOKENS),
+    "drain_limit_s": (0, MAX_SPAN_S),
 }
 POSITIVE = frozenset({"speedup"})  # a float bound whose lowest value is excluded
 MIN_BURST_EVERY_S = 0.001  # the simulated clock counts milliseconds
@@ -65,6 +70,9 @@ class SimSettings:
     start_delay_ms: int = ClusterSpec.start_delay_ms
     evict_delay_ms: int = ClusterSpec.evict_delay_ms
     deadline_ms: int = 50
+    # After the last arrival, unfinished jobs get this long; then the run stops and the
+    # report says what was left and why.
+    drain_limit_s: float = 600.0
     # the workload
     queue_depth: int = 0  # jobs queued at t = 0
     rate: float = 2.0  # Poisson arrivals per second
@@ -78,6 +86,10 @@ class SimSettings:
     prompt_tokens: str = "100-2000"
     output_tokens: str = "20-400"
     seed: int = 1
+    conversation: float = 0.0  # share of arrivals that continue an earlier conversation
+    # Tokens of a prompt block: of a conversation's prompt_block_ids, and what the
+    # simulated prefix caches count in. A Mooncake trace's blocks are 512 tokens.
+    block_tokens: int = BLOCK_TOKENS
     # trace replay instead of generated arrivals (CLI only: it reads a local file)
     trace: str | None = None
     speedup: float = 1.0
@@ -133,6 +145,7 @@ class SimSettings:
             worker_slots=self.worker_slots,
             start_delay_ms=self.start_delay_ms,
             evict_delay_ms=self.evict_delay_ms,
+            block_tokens=self.block_tokens,
         )
 
     def expected_jobs(self) -> int:
@@ -155,13 +168,17 @@ class SimSettings:
         return self.queue_depth + poisson + bursts
 
     def arrivals(self, catalog: Catalog) -> list[Arrival]:
+        """The generated arrivals, or the trace's. ConfigError names what is wrong: an
+        unknown model, a bad trace line (file:line), or block_tokens other than 512 for
+        a trace any row of which has hash_ids (its block ids would stand for blocks
+        of another size)."""
         tenants = weighted(self.tenants, "tenants")
         if self.trace:
             aliases = sorted(catalog.aliases) or sorted(catalog.models)
             mapping = model_map(self.trace_models or f"inf:{aliases[0]}")
             for _, model in mapping:
                 _known(catalog, model, "trace_models")
-            return from_trace(
+            arrivals = from_trace(
                 Path(self.trace),
                 models=mapping,
                 tenants=tenants,
@@ -169,7 +186,16 @@ class SimSettings:
                 limit=self.trace_limit,
                 interactive=self.interactive,
                 seed=self.seed,
+                time_unit=self.trace_time_unit,
             )
+            # Any row's hash_ids, not only the first's: the ids stand for 512-token blocks.
+            blocks = any(a.prompt_block_ids for a in arrivals)
+            if blocks and self.block_tokens != BLOCK_TOKENS:
+                raise ConfigError(
+                    f"block_tokens: a trace's hash_ids are blocks of {BLOCK_TOKENS} tokens "
+                    f"(Mooncake's), got {self.block_tokens}"
+                )
+            return arrivals
         models = weighted(self.models, "models")
         for model, _ in models:
             _known(catalog, model, "models")
@@ -187,11 +213,14 @@ class SimSettings:
             queue_depth=self.queue_depth,
             seed=self.seed,
             ceiling=self.expected_jobs(),
+            conversation=self.conversation,
+            block_tokens=self.block_tokens,
         )
         return generate(spec, tuple(sorted(catalog.aliases) or sorted(catalog.models)))
 
     def workload(self) -> dict[str, Any]:
-        """The workload half, for the report."""
+        """The workload half, for the report; a trace's with its detected format
+        (trace_format), read from the file's first lines."""
         skip = {
             "pools",
             "workers_per_pool",
@@ -200,11 +229,14 @@ class SimSettings:
             "start_delay_ms",
             "evict_delay_ms",
             "deadline_ms",
+            "drain_limit_s",
         }
         trace_only = {"trace", "speedup", "trace_models", "trace_limit", "trace_time_unit"}
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         if not self.trace:
             out = {k: v for k, v in out.items() if k not in trace_only}
+        else:
+            out["trace_format"] = detect_format(Path(self.trace))
         return out
 
     def with_seed(self, seed: int) -> SimSettings:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from operator import is_not
 from typing import Protocol
 
 from orchestrator.config.settings import ServiceConfig
@@ -25,6 +26,7 @@ from orchestrator.domain.context import (
     Context,
     Gpu,
     HostReading,
+    Job,
     Pool,
     ProcessInfo,
     Tenant,
@@ -32,7 +34,10 @@ from orchestrator.domain.context import (
     derive_metrics,
 )
 from orchestrator.domain.jobs import JobRecord
+from orchestrator.domain.prefix import NO_TENANT, capacity_blocks, text_blocks
+from orchestrator.domain.prefix_queries import kv_capacity_tokens
 from orchestrator.state.jobqueue import JobQueue
+from orchestrator.state.prefix import PrefixIndex
 from orchestrator.state.remote_pools import RemotePool, RemotePools
 from orchestrator.support.clock import now_ms
 
@@ -107,6 +112,9 @@ class ClusterState:
         self.completions: deque[int] = deque()
         self._pool_cache: dict[str, tuple[tuple[object, ...], Pool]] = {}
         self._context_config = config.context_config()
+        self.prefix = PrefixIndex(
+            config.prefix_cache.block_tokens, config.prefix_cache.max_sessions
+        )
         self._changes = 0
 
     @property
@@ -130,18 +138,39 @@ class ClusterState:
         self._changes += 1
 
     def _insert(self, record: JobRecord) -> None:
-        self._queue.insert(record.to_job())
+        tenant, index = record.tenant_id, self.prefix
+        self._queue.insert(
+            replace(
+                record.to_job(),
+                prompt_tokens=record.input_tokens,
+                block_hashes=text_blocks(record.prompt, tenant or NO_TENANT, index.block_tokens),
+                session_worker=index.session_worker(tenant, record.session_id),
+            )
+        )
 
     def _unqueue(self, job_id: str) -> None:
         self._queue.remove(job_id)
 
-    def start(self, record: JobRecord) -> None:
-        """The job was dispatched."""
-        self._unqueue(record.id)
+    def start(self, record: JobRecord) -> tuple[int, int]:
+        """The job was dispatched. Returns its prompt tokens, and how many of them the
+        prefix index believed its worker held (what the routing expects to reuse)."""
+        job = self._queue.remove(record.id)
         self._uncount_queued(record.id)
         self.records[record.id] = record
         self.in_flight[record.id] = record
         self._changes += 1
+        if job is None or not record.worker_id:
+            return (0, 0)
+        return self._remember_prefix(job, record.worker_id)
+
+    def attempt_failed(self, record: JobRecord) -> None:
+        """An attempt of the job failed. Before its first token, the worker never
+        processed the prompt: the index stops believing it holds the prompt's blocks,
+        so that retries and jobs sharing the prefix are not drawn back to it."""
+        if record.worker_id and record.first_token_at is None:
+            tenant = record.tenant_id
+            hashes = text_blocks(record.prompt, tenant or NO_TENANT, self.prefix.block_tokens)
+            self.prefix.discard(record.worker_id, tenant, hashes)
 
     def update(self, record: JobRecord) -> None:
         """A change that keeps the job where it is (e.g. dispatched -> running)."""
@@ -232,6 +261,25 @@ class ClusterState:
     def forget_worker(self, worker_id: str) -> None:
         """The worker was evicted: what the core knew of it goes too."""
         self.stats.pop(worker_id, None)
+        self.prefix.forget(worker_id)
+
+    def _remember_prefix(self, job: Job, worker_id: str) -> tuple[int, int]:
+        """The worker now holds the job's prompt blocks, and runs its session. Returns
+        the prompt's tokens and those the worker was believed to hold already."""
+        index = self.prefix
+        index.route(job.tenant_id, job.session_id, worker_id)
+        ctx = self._last_context
+        found = ctx.workers_by_id.get(worker_id) if ctx is not None else None
+        if ctx is None or found is None or not job.block_hashes:
+            return job.prompt_tokens, 0
+        held = min(
+            job.prompt_tokens,
+            index.matched(worker_id, job.tenant_id, job.block_hashes) * index.block_tokens,
+        )
+        pool, worker = found
+        room = capacity_blocks(kv_capacity_tokens(ctx, pool, worker), index.block_tokens)
+        index.record(worker_id, job.tenant_id, job.block_hashes, room)
+        return job.prompt_tokens, held
 
     # ------------------------------------------------------------------ pools
     def expire_pools(self, at_ms: int) -> list[RemotePool]:
@@ -384,6 +432,11 @@ class ClusterState:
             self.completions.popleft()
         queue = self._queue.jobs()
         pools = self.pools(at, fresh=fresh)
+        last = self._last_context
+        if last is None or len(pools) != len(last.pools) or any(map(is_not, pools, last.pools)):
+            # Workers that stopped without an eviction (a crash, a pool gone) leave
+            # nothing behind in the index either.
+            self.prefix.retain({w.id for pool in pools for w in pool.workers})
         ctx = Context(
             now_ms=at,
             queue=queue,
@@ -399,6 +452,7 @@ class ClusterState:
             ),
             config=self._context_config,
             changes=self._queue.take_changes(self._last_context),
+            prefix=self.prefix.state(),
         )
         self._last_context = ctx
         return ctx

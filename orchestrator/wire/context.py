@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from operator import attrgetter
+from types import MappingProxyType
 
 from orchestrator._proto import context_pb2 as pb
 from orchestrator.domain.context import (
@@ -28,6 +29,7 @@ from orchestrator.domain.context import (
     TimeoutConfig,
     Worker,
 )
+from orchestrator.domain.prefix import BLOCK_TOKENS, PrefixState
 
 _JOB_COLUMNS = tuple(
     (name, attrgetter(name))
@@ -49,6 +51,10 @@ def jobs_to_columns(jobs: Sequence[Job], columns: pb.JobColumns) -> pb.JobColumn
     columns.tenant_id.extend([j.tenant_id or "" for j in jobs])
     columns.session_id.extend([j.session_id or "" for j in jobs])
     columns.seed.extend([-1 if j.seed is None else j.seed for j in jobs])
+    columns.prompt_tokens.extend([j.prompt_tokens for j in jobs])
+    columns.block_counts.extend([len(j.block_hashes) for j in jobs])
+    columns.block_hashes.extend([h for j in jobs for h in j.block_hashes])
+    columns.session_worker.extend([j.session_worker or "" for j in jobs])
     return columns
 
 
@@ -134,6 +140,7 @@ def catalog_to_proto(catalog: Catalog) -> pb.Catalog:
                 file_size_bytes=m.file_size_bytes,
                 file_hash=m.file_hash,
                 min_compute_capability=m.min_compute_capability,
+                kv_bytes_per_token=m.kv_bytes_per_token,
             )
             for m in catalog.models.values()
         ],
@@ -201,7 +208,31 @@ def to_proto(ctx: Context) -> pb.Context:
     jobs_to_columns(ctx.queue, msg.queue)
     for pool in ctx.pools:
         pool_to_proto(pool, msg.pools.add())
+    msg.prefix.block_tokens = ctx.prefix.block_tokens
+    for (worker_id, tenant_id), hashes in ctx.prefix.held.items():
+        msg.prefix.held.add(worker_id=worker_id, tenant_id=tenant_id, hashes=sorted(hashes))
     return msg
+
+
+def _prefix_diff(old: PrefixState, new: PrefixState, delta: pb.ContextDelta) -> None:
+    """Blocks added and removed, for the (worker, tenant) entries whose set changed:
+    an unchanged entry is the same object (state/prefix.py), and costs nothing."""
+    delta.block_tokens = new.block_tokens
+    if old is new:
+        return
+    before, after = old.held, new.held
+    for key, hashes in after.items():
+        had = before.get(key)
+        if had is hashes:
+            continue
+        had = had or frozenset()
+        if added := hashes - had:
+            delta.add_blocks.add(worker_id=key[0], tenant_id=key[1], hashes=sorted(added))
+        if removed := had - hashes:
+            delta.remove_blocks.add(worker_id=key[0], tenant_id=key[1], hashes=sorted(removed))
+    for key, had in before.items():
+        if key not in after and had:
+            delta.remove_blocks.add(worker_id=key[0], tenant_id=key[1], hashes=sorted(had))
 
 
 def _pool_header(pool: Pool) -> tuple[object, ...]:
@@ -270,12 +301,22 @@ def diff(old: Context, new: Context) -> pb.ContextDelta:
         delta.tenants.CopyFrom(tenants_to_proto(new.tenants))
     if old.config != new.config:
         delta.config.CopyFrom(config_to_proto(new.config))
+    _prefix_diff(old.prefix, new.prefix, delta)
     return delta
 
 
 # ---------------------------------------------------------------- and back
 def jobs_from_columns(columns: pb.JobColumns) -> list[Job]:
     c = columns
+    n = len(c.id)
+    # Columns written before prompt blocks (a decision log's) are empty: no blocks.
+    tokens = c.prompt_tokens if len(c.prompt_tokens) == n else [0] * n
+    counts = c.block_counts if len(c.block_counts) == n else [0] * n
+    sessions = c.session_worker if len(c.session_worker) == n else [""] * n
+    blocks, offset = [], 0
+    for count in counts:
+        blocks.append(tuple(c.block_hashes[offset : offset + count]))
+        offset += count
     return [
         Job(
             id=c.id[i],
@@ -292,8 +333,11 @@ def jobs_from_columns(columns: pb.JobColumns) -> list[Job]:
             retry_count=c.retry_count[i],
             estimated_vram_bytes=c.estimated_vram_bytes[i],
             estimated_duration_ms=c.estimated_duration_ms[i],
+            prompt_tokens=tokens[i],
+            block_hashes=blocks[i],
+            session_worker=sessions[i] or None,
         )
-        for i in range(len(c.id))
+        for i in range(n)
     ]
 
 
@@ -346,6 +390,7 @@ def catalog_from_proto(c: pb.Catalog) -> Catalog:
                 estimated_tokens_per_sec=dict(m.estimated_tokens_per_sec),
                 file_size_bytes=m.file_size_bytes, file_hash=m.file_hash,
                 min_compute_capability=m.min_compute_capability,
+                kv_bytes_per_token=m.kv_bytes_per_token,
             )
             for m in c.models
         },
@@ -385,6 +430,11 @@ def config_from_proto(c: pb.Config) -> Config:
     )  # fmt: skip
 
 
+def prefix_from_proto(msg: pb.PrefixIndex) -> PrefixState:
+    held = {(h.worker_id, h.tenant_id): frozenset(h.hashes) for h in msg.held}
+    return PrefixState(msg.block_tokens or BLOCK_TOKENS, MappingProxyType(held))
+
+
 def from_proto(msg: pb.Context) -> Context:
     """A full snapshot back into a Context (the decision log's replay reads these)."""
     return Context(
@@ -403,7 +453,18 @@ def from_proto(msg: pb.Context) -> Context:
         tenants=tenants_from_proto(msg.tenants),
         metrics=metrics_from_proto(msg.metrics),
         config=config_from_proto(msg.config),
+        prefix=prefix_from_proto(msg.prefix),
     )
+
+
+def _apply_prefix(prefix: PrefixState, delta: pb.ContextDelta) -> PrefixState:
+    held = {key: set(hashes) for key, hashes in prefix.held.items()}
+    for change in delta.add_blocks:
+        held.setdefault((change.worker_id, change.tenant_id), set()).update(change.hashes)
+    for change in delta.remove_blocks:
+        held.get((change.worker_id, change.tenant_id), set()).difference_update(change.hashes)
+    frozen = {key: frozenset(hashes) for key, hashes in held.items() if hashes}
+    return PrefixState(delta.block_tokens or prefix.block_tokens, MappingProxyType(frozen))
 
 
 def apply_delta(ctx: Context, delta: pb.ContextDelta) -> Context:
@@ -448,4 +509,5 @@ def apply_delta(ctx: Context, delta: pb.ContextDelta) -> Context:
         tenants=tenants_from_proto(delta.tenants) if delta.HasField("tenants") else ctx.tenants,
         metrics=metrics_from_proto(delta.metrics),
         config=config_from_proto(delta.config) if delta.HasField("config") else ctx.config,
+        prefix=_apply_prefix(ctx.prefix, delta),
     )

@@ -30,6 +30,13 @@ return function(P, proxies)
   local tenant_ids = {}
   local metrics = {}
   local config = {}
+  -- Prompt prefixes (docs/ARCHITECTURE.md D29). Kept beside the job masters, not in
+  -- them: a script sees a job's token and block counts, never its hashes.
+  local job_blocks = {}   -- job id -> array of chained block hashes
+  local job_session = {}  -- job id -> the worker its session last ran on
+  local held = {}         -- worker id -> { [hash] = true }: what it is believed to hold
+  local prefix = { block_tokens = 512 }
+  local n_job_blocks, n_held = 0, 0  -- for the memory cap (counts)
 
   local function job_before(a, b)
     local ra = PRIORITY_RANK[a.priority] or 2
@@ -54,11 +61,23 @@ return function(P, proxies)
     empty(pools); empty(pool_ids); empty(worker_pool)
     empty(models); empty(model_list); empty(aliases); empty(base_refs)
     empty(tenants); empty(tenant_ids); empty(metrics); empty(config)
+    empty(job_blocks); empty(job_session); empty(held)
+    n_job_blocks, n_held = 0, 0
   end
 
-  -- n jobs as columns (Lua arrays); "" and -1 stand for unset values.
+  local function forget_blocks(id)
+    local old = job_blocks[id]
+    if old then n_job_blocks = n_job_blocks - #old end
+    job_blocks[id], job_session[id] = nil, nil
+  end
+
+  -- n jobs as columns (Lua arrays); "" and -1 stand for unset values. Job i's block
+  -- hashes are block_flat[offset + 1 .. offset + block_counts[i]]. The four prefix
+  -- columns are nil when nothing in them is set.
   local function put_jobs(n, ids, tenant_col, session_col, priorities, model_refs, hashes,
-                          max_tokens, seeds, temperatures, created, queued, retries, vram, duration)
+                          max_tokens, seeds, temperatures, created, queued, retries, vram, duration,
+                          prompt_tokens, block_counts, block_flat, session_workers)
+    local offset = 0
     for i = 1, n do
       local id = ids[i]
       local tenant, session, seed = tenant_col[i], session_col[i], seeds[i]
@@ -71,7 +90,20 @@ return function(P, proxies)
         seed = seed, temperature = temperatures[i], created_at = created[i],
         queued_at = queued[i], retry_count = retries[i], estimated_vram_bytes = vram[i],
         estimated_duration_ms = duration[i],
+        prompt_tokens = prompt_tokens and prompt_tokens[i] or 0,
+        prompt_blocks = block_counts and block_counts[i] or 0,
       }, job_master_mt)
+      forget_blocks(id)
+      local count = block_counts and block_counts[i] or 0
+      if count > 0 then
+        local list = new_table(count, 0)
+        for j = 1, count do list[j] = block_flat[offset + j] end
+        job_blocks[id] = list
+        n_job_blocks = n_job_blocks + count
+      end
+      offset = offset + count
+      local session_worker = session_workers and session_workers[i] or ""
+      if session_worker ~= "" then job_session[id] = session_worker end
       local proxy = jobs[id]
       if proxy then  -- keep the proxy (a script may hold it), point it at the new master
         repoint(proxy, master)
@@ -90,6 +122,7 @@ return function(P, proxies)
   local function remove_jobs(n, ids)
     for i = 1, n do
       local proxy = jobs[ids[i]]
+      forget_blocks(ids[i])
       if proxy then
         jobs[ids[i]] = nil
         release(proxy)
@@ -301,6 +334,33 @@ return function(P, proxies)
     config.eviction = copy_flat(eviction_cfg)
   end
 
+  -- Blocks a worker is believed to hold, added or removed: worker i's are
+  -- flat[offset + 1 .. offset + counts[i]].
+  local function put_blocks(n, worker_ids, block_counts, flat, add)
+    local offset = 0
+    for i = 1, n do
+      local id = worker_ids[i]
+      local set = held[id]
+      if set == nil and add then set = {}; held[id] = set end
+      if set ~= nil then
+        for j = offset + 1, offset + block_counts[i] do
+          local h = flat[j]
+          if add and not set[h] then
+            set[h] = true; n_held = n_held + 1
+          elseif not add and set[h] then
+            set[h] = nil; n_held = n_held - 1
+          end
+        end
+        if not add and next(set) == nil then held[id] = nil end
+      end
+      offset = offset + block_counts[i]
+    end
+  end
+
+  local function set_block_tokens(n)
+    if n > 0 then prefix.block_tokens = n end
+  end
+
   -- The records the worker holds, for its memory cap; running jobs are the ids in
   -- the workers' active_job_ids (up to every slot of every worker).
   local function counts()
@@ -311,7 +371,7 @@ return function(P, proxies)
       n_gpus = n_gpus + #pools[id].gpus
       for _, w in ipairs(workers) do n_running = n_running + #w.active_job_ids end
     end
-    return #queue, n_workers, n_gpus, #model_list, #tenant_ids, n_running
+    return #queue, n_workers, n_gpus, #model_list, #tenant_ids, n_running, n_job_blocks + n_held
   end
 
   return {
@@ -320,12 +380,14 @@ return function(P, proxies)
     remove_gpu = remove_gpu, remove_worker = remove_worker, put_workers = put_workers,
     clear_catalog = clear_catalog, put_model = put_model, put_alias = put_alias,
     clear_tenants = clear_tenants, put_tenant = put_tenant, set_metrics = set_metrics,
-    set_config = set_config, counts = counts,
+    set_config = set_config, counts = counts, put_blocks = put_blocks,
+    set_block_tokens = set_block_tokens,
     -- What the built-ins and ctx.lua read. They never write to these tables.
     view = {
       jobs = jobs, pools = pools, pool_ids = pool_ids, worker_pool = worker_pool,
       models = models, model_list = model_list, aliases = aliases, base_refs = base_refs,
       tenants = tenants, tenant_ids = tenant_ids, metrics = metrics, config = config,
+      job_blocks = job_blocks, job_session = job_session, held = held, prefix = prefix,
       current_queue = function() return queue end,
     },
   }

@@ -20,6 +20,7 @@ return function(P, text, calls, context, ctx, env, read_decision, platform, B, s
     put_alias = context.put_alias, clear_tenants = context.clear_tenants,
     put_tenant = context.put_tenant, set_metrics = context.set_metrics,
     set_config = context.set_config, set_now = set_now, counts = context.counts,
+    set_block_tokens = context.set_block_tokens, put_blocks = context.put_blocks,
     is_luajit = P.IS_LUAJIT,
   }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.cli.sim import load_policy
 from tests.conftest import REPO
 
 EXAMPLES = REPO / "schedulers" / "examples"
@@ -152,3 +153,14 @@ def test_platform_source_command_prints_platform_lua() -> None:
     """`scheduler platform-source` prints schedulers/platform.lua."""
     proc = run("scheduler", "platform-source")
     assert proc.stdout == (REPO / "schedulers" / "platform.lua").read_text()
+
+
+def test_a_template_name_stands_for_its_file_where_no_such_file_exists(tmp_path: Path) -> None:
+    """`scheduler compare platform cache-aware` names the template; a file of that name
+    in the working directory would win, and an unknown name is a clear error."""
+    policy = load_policy("cache-aware")
+    assert policy.name == "cache-aware"
+    assert policy.lua == (REPO / "schedulers" / "templates" / "cache-aware.lua").read_text()
+    assert load_policy("platform").lua is None
+    done = run("scheduler", "simulate", "--file", "no-such-template", "--jobs", "1")
+    assert done.returncode != 0 and "no-such-template" in done.stderr

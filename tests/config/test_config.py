@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.records import convert
 from orchestrator.config.settings import load_catalog, load_config, load_tenants
 from orchestrator.domain.context import Tenant
 from orchestrator.domain.errors import ConfigError
@@ -71,3 +72,9 @@ def test_tenant_limits_load_beside_the_quotas_and_stay_out_of_ctx(tmp_path: Path
     path.write_text("tenants:\n  acme:\n    limits: {max_queued_jobs: 0}\n")
     with pytest.raises(ConfigError, match=r"\['acme'\].limits: max_queued_jobs must be positive"):
         load_tenants(load_config(path))
+
+
+def test_a_number_too_large_for_a_float_is_a_config_error_naming_the_field() -> None:
+    """A catalog's performance figure of 400 digits (YAML reads it as an int)."""
+    with pytest.raises(ConfigError, match=r"x\.y: a number of 401 digits is too large"):
+        convert(float, 10**400, "x.y")

@@ -205,7 +205,15 @@ policy_actions = st.one_of(
                     {},
                     optional={
                         "worker_selection": st.sampled_from(
-                            ["least-loaded", "most-vram-free", "round-robin", "ready", "fastest"]
+                            [
+                                "least-loaded",
+                                "most-vram-free",
+                                "round-robin",
+                                "ready",
+                                "fastest",
+                                "prefix-affinity",
+                                "session-affinity",
+                            ]
                         ),
                         "model_match": st.just("required"),
                     },

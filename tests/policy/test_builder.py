@@ -46,6 +46,8 @@ def test_what_the_builder_cannot_show_it_says() -> None:
     vocab = builder.vocabulary()
     assert vocab["fields"].keys() == FIELDS.keys()
     assert "least-loaded" in vocab["selections"] and "exists" in vocab["operators"]["number"]
+    assert list(vocab["selection_help"]) == vocab["selections"]  # a tooltip for each
+    assert {"prefix-affinity", "session-affinity"} <= set(vocab["selections"])
     assert (
         builder.rule_at_line(
             (REPO / "schedulers/examples/programmable-3.2-determinism-first.yaml").read_text(), 16
@@ -67,7 +69,7 @@ async def test_builder_endpoints_and_the_guard(tmp_path: Path) -> None:
             assert r.status == 401
         async with http.get(base + "/templates", headers=auth) as r:
             names = [t["name"] for t in (await r.json())["templates"]]
-            assert "clone-platform" in names and len(names) == 6
+            assert "clone-platform" in names and len(names) == 7
         policy = {
             "name": "p",
             "rules": [{"name": "w", "tests": [], "action": {"type": "wait", "duration_ms": -5}}],

@@ -5,20 +5,22 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.domain import decision as decisions
-from orchestrator.domain.context import Context
-from orchestrator.domain.samples import GiB, sample_context
+from orchestrator.domain.context import Context, Job
+from orchestrator.domain.prefix import PrefixState
+from orchestrator.domain.samples import LLAMA_8B, GiB, sample_context
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.interpret import decide
-from orchestrator.policy.parse import PolicyError, parse_policy
+from orchestrator.policy.parse import SELECTIONS, PolicyError, parse_policy, schema
 from orchestrator.wire import decision as decision_codec
 from tests.conftest import REPO, InProcessRuntime
-from tests.slotted import slotted_context
+from tests.slotted import running, slotted_context
 
 SCHEDULERS = REPO / "schedulers"
 GOLDEN = Path(__file__).parent / "golden"
@@ -249,6 +251,12 @@ MALFORMED = [
         "expected one of least-loaded, most-vram-free, round-robin, ready",
     ),
     (
+        "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: always\n      action:\n        dispatch: {worker_selection: prefix_affinity}\n",
+        7,
+        "expected one of least-loaded, most-vram-free, round-robin, ready, prefix-affinity, "
+        "session-affinity (did you mean 'prefix-affinity'?)",
+    ),
+    (
         "scheduler:\n  name: x\n  rules:\n    - name: r\n      condition: always\n      action: {dispatch_now: {}}\n",
         6,
         "unknown action 'dispatch_now' (expected one of dispatch, wait, evict",
@@ -378,9 +386,7 @@ def random_rule(draw: st.DrawFn, index: int) -> str:
     job_tests = draw(st.lists(FIELD_TESTS, max_size=2, unique=True))
     place_tests = draw(st.lists(PLACE_TESTS, max_size=1))
     if kind == "dispatch":
-        selection = draw(
-            st.sampled_from(["least-loaded", "most-vram-free", "ready", "round-robin"])
-        )
+        selection = draw(st.sampled_from(SELECTIONS))
         action = f"{{dispatch: {{worker_selection: {selection}}}}}"
     elif kind == "wait":
         action, place_tests = "{wait: {duration_ms: 100}}", []
@@ -398,14 +404,42 @@ def random_rule(draw: st.DrawFn, index: int) -> str:
     return rule(f"r{index}", condition, action, draw(st.integers(0, 3)))
 
 
+# Two prompts' chained block hashes: a job's blocks are a prefix of one of them, and a
+# worker holds any subset of all of them (the index may have lost a prompt's head).
+CHAINS = ((101, 102, 103, 104), (201, 202, 203))
+HASHES = tuple(h for chain in CHAINS for h in chain)
+
+
+@st.composite
+def prompt_of(draw: st.DrawFn, job: Job) -> Job:
+    """`job` with a random seed, prompt blocks, token count (consistent with the blocks
+    or not) and session worker (maybe one that is gone)."""
+    chain = draw(st.sampled_from(((), *CHAINS)))
+    return dataclasses.replace(
+        job,
+        seed=draw(st.sampled_from([None, 1, 99])),
+        block_hashes=chain[: draw(st.integers(0, len(chain)))],
+        prompt_tokens=draw(st.integers(0, 2500)),
+        session_worker=draw(st.sampled_from([None, "worker-1", "worker-3", "worker-4", "gone"])),
+    )
+
+
+@st.composite
+def prefix_state(draw: st.DrawFn, worker_ids: list[str]) -> PrefixState:
+    held = {
+        (worker_id, draw(st.sampled_from(["", "tenant-1"]))): draw(
+            st.frozensets(st.sampled_from(HASHES))
+        )
+        for worker_id in worker_ids
+    }
+    return PrefixState(draw(st.sampled_from([16, 512])), MappingProxyType(held))
+
+
 @st.composite
 def random_context(draw: st.DrawFn) -> Context:
     ctx = sample_context(platform_mode=draw(st.booleans()))
     keep = draw(st.lists(st.sampled_from([j.id for j in ctx.queue]), unique=True))
-    queue = tuple(
-        dataclasses.replace(j, seed=draw(st.sampled_from([None, 1, 99])))
-        for j in ctx.queue if j.id in keep
-    )  # fmt: skip
+    queue = tuple(draw(prompt_of(j)) for j in ctx.queue if j.id in keep)
     pools = []
     for pool in ctx.pools:
         # Slots in any combination with the status, consistent or not: the two sides
@@ -423,7 +457,8 @@ def random_context(draw: st.DrawFn) -> Context:
         )  # fmt: skip
         status = draw(st.sampled_from(["healthy", "healthy", "degraded", "offline"]))
         pools.append(dataclasses.replace(pool, workers=workers, gpus=gpus, status=status))
-    return dataclasses.replace(ctx, queue=queue, pools=tuple(pools))
+    prefix = draw(prefix_state([w.id for p in pools for w in p.workers]))
+    return dataclasses.replace(ctx, queue=queue, pools=tuple(pools), prefix=prefix)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -470,3 +505,129 @@ def test_slot_fields_are_conditions_and_api_values_are_checked() -> None:
     assert both(text, ctx)["worker_id"] == "worker-1"
     with pytest.raises(PolicyError, match="expected one of llamacpp, openai"):
         parse_policy(policy(rule("x", "{worker.api: vllm}", LEAST_LOADED)), "t.yaml")
+
+
+# ---------------------------------------------------------------- prompt prefixes (issue 16)
+def test_the_schema_and_the_compiler_offer_the_same_selections() -> None:
+    """The schema's enum is the compiler's list, which the builder's menu shows."""
+    dispatch = schema()["$defs"]["action"]["oneOf"][0]["properties"]["dispatch"]["oneOf"][1]
+    assert tuple(dispatch["properties"]["worker_selection"]["enum"]) == SELECTIONS
+
+
+PREFIX_AFFINITY = "{dispatch: {worker_selection: prefix-affinity}}"
+SESSION_AFFINITY = "{dispatch: {worker_selection: session-affinity}}"
+PROMPT = (11, 12, 13)
+
+
+def cached(
+    ctx: Context, held: dict[str, tuple[int, ...]], session_worker: str | None = None
+) -> Context:
+    """`ctx` with job-1's prompt three full blocks of 512 tokens, its session last on
+    `session_worker`, and `held` the blocks each worker holds."""
+    queue = tuple(
+        dataclasses.replace(j, block_hashes=PROMPT, prompt_tokens=1536,
+                            session_worker=session_worker)
+        if j.id == "job-1" else j
+        for j in ctx.queue
+    )  # fmt: skip
+    state = {(w, ""): frozenset(hashes) for w, hashes in held.items()}
+    return dataclasses.replace(ctx, queue=queue, prefix=PrefixState(512, MappingProxyType(state)))
+
+
+@pytest.mark.parametrize("condition", ["always", "{worker.slots_total: {gte: 1}}"])
+def test_prefix_affinity_weighs_the_cached_share_against_the_busy_share(condition: str) -> None:
+    """Score 3 x cached share - 4 x busy share. worker-1, two of four slots busy, holds
+    all of job-1's prompt (1) and beats the idle worker-4 (0); holding one block of
+    three (-1), it does not. With nothing cached, the smaller busy share wins, and on
+    equal shares the lower id (not the cooler GPU, as least-loaded would)."""
+    text = policy(rule("p", condition, PREFIX_AFFINITY))
+    busy = slotted_context(slots=4, busy={"worker-1": 2})
+    assert both(text, cached(busy, {"worker-1": PROMPT}))["worker_id"] == "worker-1"
+    assert both(text, cached(busy, {"worker-1": PROMPT[:1]}))["worker_id"] == "worker-4"
+    assert both(text, cached(busy, {}))["worker_id"] == "worker-4"
+    assert both(text, cached(slotted_context(slots=4), {}))["worker_id"] == "worker-1"
+
+
+def test_a_match_stops_at_the_first_block_a_worker_lacks() -> None:
+    """worker-1 holds blocks 2 and 3 but not 1: no prefix of the prompt, no match."""
+    text = policy(rule("p", "always", PREFIX_AFFINITY))
+    ctx = cached(slotted_context(slots=4, busy={"worker-4": 1}), {"worker-1": PROMPT[1:]})
+    assert both(text, ctx)["worker_id"] == "worker-1"  # the smaller busy share, not the cache
+    ctx = cached(slotted_context(slots=4, busy={"worker-1": 1}), {"worker-1": PROMPT[1:]})
+    assert both(text, ctx)["worker_id"] == "worker-4"
+
+
+def test_session_affinity_keeps_a_session_on_its_worker_while_it_can() -> None:
+    """job-1's session ran on worker-1: it goes back there though worker-4 is cooler;
+    when worker-1 is full or gone, or the rule excludes it, least-loaded decides."""
+    text = policy(rule("s", "always", SESSION_AFFINITY))
+    free = slotted_context(slots=4)
+    assert both(text, cached(free, {}, "worker-1"))["worker_id"] == "worker-1"
+    full = slotted_context(slots=4, busy={"worker-1": 4})
+    assert both(text, cached(full, {}, "worker-1"))["worker_id"] == "worker-4"
+    assert both(text, cached(free, {}, "worker-9"))["worker_id"] == "worker-4"
+    excluded = policy(rule("s", "{worker.id: {ne: worker-1}}", SESSION_AFFINITY))
+    assert both(excluded, cached(free, {}, "worker-1"))["worker_id"] == "worker-4"
+
+
+def test_prompt_fields_are_conditions() -> None:
+    """job.prompt_tokens and job.prompt_blocks (a count: scripts never see the hashes)."""
+    ctx = cached(sample_context(), {})
+    for condition in ("{job.prompt_blocks: {gte: 3}}", "{job.prompt_tokens: {gt: 1000}}"):
+        assert both(policy(rule("r", condition, PREFIX_AFFINITY)), ctx)["job_id"] == "job-1"
+    decision = both(policy(rule("r", "{job.prompt_blocks: 0}", LEAST_LOADED)), ctx)
+    assert decision["job_id"] == "job-4"  # the next in queue order, after job-1
+
+
+def test_affinity_selections_decide_alike_on_lua54() -> None:
+    """The compiled helpers' arithmetic gives the same choices on Lua 5.4 (integers and
+    floats apart) as on LuaJIT (doubles only)."""
+    text = (SCHEDULERS / "templates" / "cache-aware.yaml").read_text()
+    busy = slotted_context(slots=4, busy={"worker-1": 2})
+    for ctx in (cached(busy, {"worker-1": PROMPT}), cached(busy, {}, "worker-1")):
+        assert run_lua(text, ctx, "lua54") == run_lua(text, ctx, "luajit")
+
+
+@st.composite
+def cache_context(draw: st.DrawFn) -> Context:
+    """The slotted sample with a third llama-8b worker (worker-5, on worker-4's GPU, so
+    that GPU load ties), random busy slots, prompts, sessions and cache contents: many
+    candidates for every llama-8b job."""
+    slots = draw(st.integers(1, 4))
+    ctx = slotted_context(slots=slots, extra_jobs=draw(st.integers(0, 3)))
+    pool_1, pool_2 = ctx.pools
+    worker_5 = dataclasses.replace(pool_2.workers[0], id="worker-5")
+    pools = tuple(
+        dataclasses.replace(pool, workers=tuple(
+            running(w, draw(st.integers(0, w.slots_total))) if w.model_ref == LLAMA_8B else w
+            for w in workers
+        ))
+        for pool, workers in ((pool_1, pool_1.workers), (pool_2, (*pool_2.workers, worker_5)))
+    )  # fmt: skip
+    queue = tuple(draw(prompt_of(j)) for j in ctx.queue)
+    prefix = draw(prefix_state([w.id for p in pools for w in p.workers]))
+    return dataclasses.replace(ctx, queue=queue, pools=pools, prefix=prefix)
+
+
+AFFINITY_RULE = st.tuples(
+    st.sampled_from(["prefix-affinity", "session-affinity"]),
+    st.sampled_from(["always", "{job.prompt_blocks: {gt: 0}}", "{job.priority: batch}",
+                     "{worker.slots_busy: {lt: 2}}", "{gpu.utilization_percent: {lt: 50}}"]),
+)  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(AFFINITY_RULE, min_size=1, max_size=3), cache_context())
+def test_affinity_selections_decide_like_the_interpreter(
+    rules: list[tuple[str, str]], ctx: Context
+) -> None:
+    """prefix-affinity and session-affinity, where most jobs have several candidates:
+    the compiled Lua (ctx.prefix_match, ctx.session_worker) and the interpreter
+    (domain/prefix.py) agree, ties and all."""
+    text = policy(*(
+        rule(f"r{i}", condition, f"{{dispatch: {{worker_selection: {selection}}}}}")
+        for i, (selection, condition) in enumerate(rules)
+    ))  # fmt: skip
+    expected = decide(parse_policy(text, "t.yaml"), ctx)
+    assert expected is not None
+    assert run_lua(text, ctx) == decisions.to_dict(expected)

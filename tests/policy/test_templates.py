@@ -21,11 +21,12 @@ NAMES = [
     "gpu-affinity",
     "vram-aware-eviction",
     "fair-share",
+    "cache-aware",
 ]
 
 
 def test_every_template_exists_in_both_languages_with_a_description() -> None:
-    """Six templates, each as .yaml and .lua, each described in the README and the YAML."""
+    """Seven templates, each as .yaml and .lua, each described in the README and the YAML."""
     readme = (TEMPLATES / "README.md").read_text()
     for name in NAMES:
         assert (TEMPLATES / f"{name}.lua").exists() and f"`{name}`" in readme

@@ -348,8 +348,10 @@ def test_job_records_are_read_only_and_complete(lua: InProcessRuntime) -> None:
     fields = lua.eval(
         "(function() local t = {} for k, v in pairs(ctx.queue[1]) do t[k] = v end return t end)()"
     )
-    expected = {f.name for f in dataclasses.fields(Job)} | {"wait_time_ms"}
-    assert set(fields) == expected - {"tenant_id"}  # nil in lab mode
+    expected = {f.name for f in dataclasses.fields(Job)} | {"wait_time_ms", "prompt_blocks"}
+    # tenant_id is nil in lab mode; the block hashes and the session's worker serve the
+    # prefix built-ins, and a script sees the count of blocks instead (D29).
+    assert set(fields) == expected - {"tenant_id", "block_hashes", "session_worker"}
     assert fields["seed"] == 42
     result = lua.error_of("function schedule(ctx) ctx.queue[1].priority = 'batch' end")
     assert "ctx is read-only" in result.error_message

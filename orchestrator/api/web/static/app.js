@@ -139,7 +139,8 @@ function actionEditor(rule) {
       el("select", { class: "action-selection", "aria-label": "worker selection",
         onchange: (event) => set("worker_selection", event.target.value || null) },
       el("option", { value: "" }, "any worker"),
-      state.vocab.selections.map((s) => el("option", { value: s, selected: s === action.worker_selection }, s))),
+      state.vocab.selections.map((s) => el("option", { value: s, selected: s === action.worker_selection,
+        title: state.vocab.selection_help[s] }, s))),
       el("label", {}, el("input", { type: "checkbox", class: "action-model-match", checked: !!action.model_match,
         onchange: (event) => set("model_match", event.target.checked) }), " model must match"),
     );
@@ -515,12 +516,32 @@ async function simulate() {
   }
 }
 
+// How a simulation ended and what it left, by reason (sim/report.py, `unfinished`).
+const UNFINISHED = {
+  not_arrived: "not arrived", queued_no_worker: "queued, no worker for its model",
+  queued_no_slot: "queued, no free slot", queued_policy_waited: "queued, the policy waited",
+  queued_scheduler_failed: "queued, the scheduler failed",
+  queued_not_decided: "queued, the cycle budget ran out", running: "running",
+};
+function unfinishedText(u) {
+  if (!u || !u.count) return "none";
+  const reasons = Object.entries(u.by_reason).map(([k, n]) => `${UNFINISHED[k] || k} ${n}`).join(", ");
+  return `${u.count} (${u.stopped === "drain_limit" ? "drain limit" : u.stopped}): ${reasons}`;
+}
+
 function renderSimulation(reports) {
   const rows = [
     ["jobs completed / submitted", (r) => `${r.jobs_completed} / ${r.jobs_submitted}`],
     ["throughput (jobs/s)", (r) => r.throughput_jobs_per_s.toFixed(3)],
     ["wait p50 / p95 / p99 (ms)", (r) => ["p50", "p95", "p99"].map((q) => r.wait_ms.all[q].toFixed(0)).join(" / ")],
     ["end-to-end p99 (ms)", (r) => r.end_to_end_ms.all.p99.toFixed(0)],
+    ["TTFT p50 / p90 / p99 (ms)", (r) => (r.ttft_ms?.all?.count
+      ? ["p50", "p90", "p99"].map((q) => r.ttft_ms.all[q].toFixed(0)).join(" / ") : "-")],
+    ["TPOT p50 / p99 (ms)", (r) => (r.tpot_ms?.all?.count
+      ? ["p50", "p99"].map((q) => r.tpot_ms.all[q].toFixed(1)).join(" / ") : "-")],
+    ["prefix-cache hit rate", (r) => `${((r.prefix_cache?.hit_rate || 0) * 100).toFixed(1)}%`],
+    ["output tokens/s per GPU", (r) => (r.output_tokens_per_s_per_gpu?.mean ?? 0).toFixed(1)],
+    ["unfinished", (r) => unfinishedText(r.unfinished)],
     ["worker starts / evictions", (r) => `${r.worker_starts} / ${r.worker_evictions}`],
     ["fallbacks (timeouts)", (r) => `${r.fallbacks} (${r.timeouts})`],
     ["decision latency p50 / p99 (ms)", (r) => `${r.decision_latency_ms.p50} / ${r.decision_latency_ms.p99}`],
