@@ -1,7 +1,8 @@
 """Context dataclasses to protobuf: full snapshots, and deltas between two contexts.
 
 A delta carries what changed from one context to the next (docs/ARCHITECTURE.md, D1): jobs added
-or removed, and pools, GPUs and workers changed. Unchanged records are skipped by
+or removed, pools, GPUs and workers changed, and the prompt blocks workers gained or
+lost (D29). Unchanged records are skipped by
 identity first, so a state store that reuses its unchanged objects makes a cycle
 cost what changed. Pure: no I/O.
 """
