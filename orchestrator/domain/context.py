@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 from orchestrator.domain.prefix import EMPTY as EMPTY_PREFIX
 from orchestrator.domain.prefix import PrefixState
-from orchestrator.domain.serving import ServingPerf
+from orchestrator.domain.serving import ServingPerf, for_device
 
 PRIORITY_RANK: Mapping[str, int] = MappingProxyType({"interactive": 0, "batch": 1})
 PRIORITIES = tuple(PRIORITY_RANK)
@@ -177,19 +177,9 @@ class CatalogModel:
     performance: Mapping[str, ServingPerf] = field(default_factory=dict)
 
     def tokens_per_sec(self, device_name: str) -> float:
-        """Catalog estimate for a device, else the model's default, else 0.
-
-        A catalog name matches a longer NVML name it starts ("NVIDIA A100" for
-        "NVIDIA A100-SXM4-80GB"); the longest such name wins. Must agree with
-        `tokens_per_sec` in sandbox_worker/lua/builtins/common.lua.
-        """
-        table = self.estimated_tokens_per_sec
-        if device_name in table:
-            return float(table[device_name])
-        prefixes = [n for n in table if n != "default" and device_name.startswith(n)]
-        if prefixes:
-            return float(table[max(prefixes, key=len)])
-        return float(table.get("default", 0.0))
+        """Catalog estimate for a device (`for_device`: a catalog name matches a longer
+        NVML name it starts), else the model's default, else 0."""
+        return float(for_device(self.estimated_tokens_per_sec, device_name) or 0.0)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,10 @@ class ServingPerf:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-def perf_for(table: Mapping[str, ServingPerf], device_name: str) -> ServingPerf | None:
-    """The entry for a device: its exact name, else the longest catalog name it
-    starts with ("NVIDIA A100" for "NVIDIA A100-SXM4-80GB"), else "default"."""
+def for_device(table: Mapping[str, T], device_name: str) -> T | None:
+    """A catalog table's entry for a device: its exact name, else the longest catalog
+    name it starts with ("NVIDIA A100" for "NVIDIA A100-SXM4-80GB"), else "default".
+    Must agree with `tokens_per_sec` in sandbox_worker/lua/builtins/common.lua."""
     if device_name in table:
         return table[device_name]
     prefixes = [n for n in table if n != "default" and device_name.startswith(n)]

@@ -52,7 +52,7 @@ from orchestrator.domain.context import (
 from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker, flatten
 from orchestrator.domain.prefix import BLOCK_TOKENS, NO_TENANT, capacity_blocks, id_blocks
 from orchestrator.domain.prefix_queries import kv_capacity_tokens
-from orchestrator.domain.serving import ServingPerf, perf_for
+from orchestrator.domain.serving import ServingPerf, for_device
 from orchestrator.sim import perf
 from orchestrator.sim.workload import Arrival
 from orchestrator.state.jobqueue import JobQueue
@@ -428,7 +428,7 @@ class SimCluster:
         model = self.catalog.get(model_ref)
         if model is None:
             return perf.fallback(0.0)
-        found = perf_for(model.performance, device_name)
+        found = for_device(model.performance, device_name)
         return found or perf.fallback(model.tokens_per_sec(device_name))
 
     def free_vram(self, pool: str, gpu: int) -> int:

@@ -21,7 +21,7 @@ import pytest
 from orchestrator.config.settings import load_catalog, load_config
 from orchestrator.domain.context import Config
 from orchestrator.domain.decision import Decision, Dispatch, EvictWorker
-from orchestrator.domain.serving import ServingPerf, perf_for
+from orchestrator.domain.serving import ServingPerf, for_device
 from orchestrator.sim import perf
 from orchestrator.sim.cluster import ClusterSpec, Event, SimCluster, SimJob
 from orchestrator.sim.run import simulate
@@ -35,7 +35,7 @@ TOLERANCE = 0.05  # the largest error docs/SIMULATION.md reports is under this
 def entry(model: str, device: str) -> ServingPerf:
     found = CATALOG.get(model)
     assert found is not None
-    table = perf_for(found.performance, device)
+    table = for_device(found.performance, device)
     assert table is not None
     return table
 

@@ -24,7 +24,12 @@ TRACE = REPO / "tests" / "data" / "traces" / "azure-llm-inference-2023-code.csv"
 EXAMPLES = REPO / "schedulers" / "examples"
 PRIORITY = (EXAMPLES / "runtime-7.1-simple-priority.lua").read_text()
 THROWS = 'function schedule(ctx) error("always broken") end\n'
-SMALL = SimSettings(rate=3.0, duration_s=10.0, queue_depth=5, tenants="a:1,b:1", seed=11)
+# A decision deadline far above any cycle's: the tests below count which source decided
+# each cycle, and a loaded machine must not turn a slow cycle into a fallback there.
+SLACK_MS = 2000
+SMALL = SimSettings(
+    rate=3.0, duration_s=10.0, queue_depth=5, tenants="a:1,b:1", seed=11, deadline_ms=SLACK_MS
+)
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -110,7 +115,9 @@ async def test_a_scheduler_that_always_throws_gives_the_platform_results() -> No
 async def test_priority_scheduler_serves_interactive_jobs_first() -> None:
     """Runtime-spec 7.1 on a mixed, oversubscribed workload (one slot a worker, the
     runtime spec's worker): interactive p99 wait is lower."""
-    settings = SimSettings(rate=4.0, duration_s=40.0, interactive=0.3, seed=5, worker_slots=1)
+    settings = SimSettings(
+        rate=4.0, duration_s=40.0, interactive=0.3, seed=5, worker_slots=1, deadline_ms=SLACK_MS
+    )
     report = await simulate(PRIORITY, "priority.lua", settings)
     waits = report.wait_ms["by_priority"]
     assert waits["interactive"]["count"] > 20 and waits["batch"]["count"] > 50

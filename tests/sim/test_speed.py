@@ -27,7 +27,8 @@ async def test_an_idle_cluster_takes_one_cycle_per_arrival_instant() -> None:
 async def test_a_policy_of_one_action_a_cycle_places_a_burst_at_once() -> None:
     """After a decision that acted, cycles go on at the same instant while a waiting job
     could be placed: twelve single dispatches at t=0, and not one cycle more."""
-    settings = SimSettings(rate=0.0, queue_depth=12, models="llama-8b", seed=2)
+    # A deadline no loaded machine misses: the test counts the cycles the script decided.
+    settings = SimSettings(rate=0.0, queue_depth=12, models="llama-8b", seed=2, deadline_ms=2000)
     report = await simulate(ONE_AT_A_TIME, "priority.lua", settings)
     assert report.jobs_completed == 12 and report.wait_ms["all"]["p99"] == 0.0
     assert report.cycles == 12 and report.decisions_by_source == {"user": 12}
@@ -67,7 +68,7 @@ async def test_a_policy_that_starts_and_evicts_forever_with_no_delay_lets_time_p
     with no cycle budget, at most MAX_CYCLES_PER_INSTANT cycles a tick."""
     settings = SimSettings(pools=1, workers_per_pool=1, gpus_per_pool=1, rate=0.0,
                            queue_depth=1, models="llama-8b", start_delay_ms=0,
-                           evict_delay_ms=0, drain_limit_s=1.0)  # fmt: skip
+                           evict_delay_ms=0, drain_limit_s=1.0, deadline_ms=2000)  # fmt: skip
     report = await simulate(FLAPS, "flaps.lua", settings)
     assert report.unfinished["stopped"] == "drain_limit" and report.simulated_s == 1.0
     assert report.decisions_by_source == {"user": report.cycles}
