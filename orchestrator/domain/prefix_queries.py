@@ -9,21 +9,28 @@ domain/context.py imports, so that neither imports the other.
 
 from __future__ import annotations
 
-from orchestrator.domain.context import Context, Job, Pool, Worker
+from orchestrator.domain.context import Catalog, Context, Job, Pool, Worker
 from orchestrator.domain.prefix import DEFAULT_KV_BYTES_PER_TOKEN, matched_blocks
 
 
-def kv_capacity_tokens(ctx: Context, pool: Pool, worker: Worker) -> int:
-    """How many tokens of KV cache a worker has room for: its GPUs' VRAM less the
-    weights of every worker on them, shared evenly between those workers, over the
-    catalog's bytes per token for its model."""
-    model = ctx.catalog.get(worker.model_ref)
+def kv_share_tokens(
+    catalog: Catalog, model_ref: str, vram_bytes: int, weights_bytes: int, sharing: int
+) -> int:
+    """How many tokens of KV cache a worker of `model_ref` has room for: `vram_bytes`
+    of GPU less the `weights_bytes` of every worker on it, shared evenly between those
+    `sharing` workers, over the catalog's bytes per token for the model."""
+    model = catalog.get(model_ref)
     per_token = (model.kv_bytes_per_token if model else 0) or DEFAULT_KV_BYTES_PER_TOKEN
+    return max(0, vram_bytes - weights_bytes) // max(1, sharing) // per_token
+
+
+def kv_capacity_tokens(ctx: Context, pool: Pool, worker: Worker) -> int:
+    """kv_share_tokens of a worker in a context: its GPUs, and the workers on them."""
     gpus = set(worker.gpu_ids)
     total = sum(g.vram_total_bytes for g in pool.gpus if g.id in gpus)
     sharing = [w for w in pool.workers if gpus & set(w.gpu_ids)] or [worker]
     weights = sum(w.vram_bytes for w in sharing)
-    return max(0, total - weights) // len(sharing) // per_token
+    return kv_share_tokens(ctx.catalog, worker.model_ref, total, weights, len(sharing))
 
 
 PREFIX_STATUSES = ("ready", "busy")  # workers find_workers_by_prefix offers

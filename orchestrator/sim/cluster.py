@@ -18,7 +18,7 @@ Contract:
   at its next change, whatever the number of tokens. An event carries the worker's
   version when it was planned; a later plan makes it stale, and a stale event is ignored.
 - The KV cache (in tokens: the GPU's VRAM less the weights on it, shared evenly between
-  its workers, over the model's bytes per token, as domain/prefix.py computes it) holds
+  its workers, over the model's bytes per token, as domain/prefix_queries.py computes it) holds
   the running sequences and a prefix cache of prompt blocks. A running sequence pins its
   prompt's blocks; the others go least recently used first, a prompt's last block before
   its first. At admission (`SimJob.admitted_ms`), the prompt's leading blocks already
@@ -34,7 +34,6 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.domain.context import (
@@ -50,8 +49,14 @@ from orchestrator.domain.context import (
     estimate_job,
 )
 from orchestrator.domain.decision import Decision, Dispatch, EvictWorker, StartWorker, flatten
-from orchestrator.domain.prefix import BLOCK_TOKENS, NO_TENANT, capacity_blocks, id_blocks
-from orchestrator.domain.prefix_queries import kv_capacity_tokens
+from orchestrator.domain.prefix import (
+    BLOCK_TOKENS,
+    NO_TENANT,
+    capacity_blocks,
+    id_blocks,
+    matched_blocks,
+)
+from orchestrator.domain.prefix_queries import kv_share_tokens
 from orchestrator.domain.serving import ServingPerf, for_device
 from orchestrator.sim import perf
 from orchestrator.sim.workload import Arrival
@@ -128,23 +133,14 @@ class _KvCache:
     def used(self) -> int:
         return (len(self.pinned) + len(self.free)) * self.block_tokens + self.extra
 
-    def holds(self, block: int) -> bool:
+    def __contains__(self, block: object) -> bool:
         return block in self.pinned or block in self.free
-
-    def matched(self, blocks: Sequence[int]) -> int:
-        """Leading blocks held: a server reuses a prefix up to its first missing block."""
-        n = 0
-        for block in blocks:
-            if not self.holds(block):
-                break
-            n += 1
-        return n
 
     def take(self, seq: _Seq, capacity: int, force: bool) -> bool:
         """Room for a sequence, evicting unpinned blocks as needed; False (and nothing
         changed) if it does not fit, unless `force`."""
         distinct = dict.fromkeys(seq.blocks)
-        new = sum(1 for b in distinct if not self.holds(b))
+        new = sum(1 for b in distinct if b not in self)
         reused_free = sum(1 for b in distinct if b in self.free)
         need = new * self.block_tokens + seq.extra
         evictable = (len(self.free) - reused_free) * self.block_tokens
@@ -259,7 +255,7 @@ class _Server:
             seq = self.waiting[0]
             # A job too big for an empty server still runs, alone: it would wait forever.
             alone = not (self.decoding or self.prefills)
-            matched = self.cache.matched(seq.blocks)
+            matched = matched_blocks(self.cache, seq.blocks)
             if not self.cache.take(seq, capacity, force=alone):
                 return
             self.waiting.popleft()
@@ -439,20 +435,32 @@ class SimCluster:
         used = sum(w.vram for w in self.workers.values())
         return used / total if total else 0.0
 
+    def models_served(self) -> tuple[set[str], set[str]]:
+        """The models some worker serves (not on its way out), and those of which a
+        worker has a free slot now."""
+        served: set[str] = set()
+        free: set[str] = set()
+        for worker in self.workers.values():
+            if worker.status != "leaving":
+                served.add(worker.model_ref)
+            if worker.status == "ready":
+                free.add(worker.model_ref)
+        return served, free
+
     def _on_gpu(self, pool: str, gpu: int) -> list[SimWorker]:
         return self._by_gpu.get((pool, gpu), [])
 
     def _size_caches(self, pool: str, gpu: int) -> None:
-        """The KV capacity of each worker on a GPU, by domain/prefix.py's rule (the one
-        the index uses): its VRAM less every worker's weights, evenly shared. Workers on
-        their way out still hold their weights, so they count."""
-        name, total, _ = self.gpus[(pool, gpu)]
+        """The KV capacity of each worker on a GPU, by the rule the index uses
+        (domain/prefix_queries.py): its VRAM less every worker's weights, evenly shared.
+        Workers on their way out still hold their weights, so they count."""
+        total = self.gpus[(pool, gpu)][1]
         here = self._on_gpu(pool, gpu)
-        records = [Worker(w.id, w.model_ref, gpu_ids=(gpu,), vram_bytes=w.vram) for w in here]
-        view = Pool(pool, gpus=(Gpu(gpu, name, total),), workers=tuple(records))
-        ctx = Context(now_ms=0, catalog=self.catalog)
-        for worker, record in zip(here, records, strict=True):
-            worker.kv_tokens = kv_capacity_tokens(ctx, view, record)
+        weights = sum(w.vram for w in here)
+        for worker in here:
+            worker.kv_tokens = kv_share_tokens(
+                self.catalog, worker.model_ref, total, weights, len(here)
+            )
 
     # ------------------------------------------------------------------ decisions
     def apply(self, decision: Decision, now_ms: int) -> list[tuple[int, Event]]:

@@ -256,8 +256,7 @@ def _unfinished(
     """How the run ended and why each job left was not done (UNFINISHED), with examples;
     a queued job's reason is the cluster's state at the end and the last cycle's source,
     or, by a free slot when a cycle budget stopped the run, that no cycle decided it."""
-    served = {w.model_ref for w in cluster.workers.values() if w.status != "leaving"}
-    free = {w.model_ref for w in cluster.workers.values() if w.status == "ready"}
+    served, free = cluster.models_served()
     ids: dict[str, list[str]] = defaultdict(list)
     for job in jobs:
         if job.done_ms >= 0:

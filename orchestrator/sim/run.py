@@ -119,13 +119,7 @@ class Openings:
         wanted = self.waiting.keys() if models is None else models & self.waiting.keys()
         if not wanted:
             return False
-        free: set[str] = set()
-        served: set[str] = set()
-        for worker in self.cluster.workers.values():
-            if worker.status != "leaving":
-                served.add(worker.model_ref)
-            if worker.status == "ready":
-                free.add(worker.model_ref)
+        served, free = self.cluster.models_served()
         return any(m in free or m not in served for m in wanted)
 
     def freed(self, jobs: list[SimJob]) -> bool:

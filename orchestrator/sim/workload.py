@@ -286,7 +286,9 @@ def from_trace(
     rng = random.Random(seed)
     start = rows[0].seconds
     sessions = _Sessions()
-    for row in rows:
+    session_tenants: dict[str, str | None] = {}
+    out = []
+    for index, row in enumerate(rows):
         # Simulated seconds from the first request: bounded, so at_ms is a small int
         # (a far-off or overflowing timestamp would otherwise crash the run later).
         offset = (row.seconds - start) / speedup
@@ -296,9 +298,6 @@ def from_trace(
                 f"request ({rows[0].where}); a replay spans at most {MAX_SPAN_S:.0f} "
                 f"simulated seconds (after --speedup {speedup:g})"
             )
-    session_tenants: dict[str, str | None] = {}
-    out = []
-    for index, row in enumerate(rows):
         model = next((m for ceiling, m in models if row.prompt <= ceiling), models[-1][1])
         priority = "interactive" if rng.random() < interactive else "batch"
         tenant = _pick(rng, tenants) if tenants else None
@@ -307,7 +306,7 @@ def from_trace(
             tenant = session_tenants.setdefault(session, tenant)
         out.append(
             Arrival(
-                at_ms=int((row.seconds - start) / speedup * 1000),
+                at_ms=int(offset * 1000),
                 job_id=f"trace-{index:06d}",
                 model=model,
                 priority=priority,
