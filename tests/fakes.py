@@ -101,7 +101,7 @@ class FakeCompletions:
         self, record: JobRecord, worker: WorkerEndpoint, timeout_s: float, progress: Progress
     ) -> Outcome:
         self.calls.append((record.id, worker.uri))
-        await progress.first_token()
+        progress.first_token()
         if self.outcome.output:
             progress.text(self.outcome.output, self.outcome.tokens)
         await self.release.wait()

@@ -40,6 +40,13 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Calls open at once on one connection; a Watch per job of a caller fits well within.
 MAX_STREAMS_PER_CONNECTION = 256
 HEALTH_CHECK_S = 1.0  # how often gRPC health follows the cycles' health
+# The collector's thresholds once serving. Every request allocates hundreds of objects
+# and leaves reference cycles (a task and its futures, an exception and its traceback):
+# at a few hundred requests a second the default (700) collects the young generation
+# every few requests and the oldest every two seconds, 4 to 10% of the event loop's
+# time (orchestrator/cli/bench_service.py). At 10,000, a few times a second, for a few
+# hundred KB more held between collections.
+GC_THRESHOLDS = (10_000, 10, 10)
 SERVICE_NAMES = (
     orchestrator_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     orchestrator_pb2.DESCRIPTOR.services_by_name["PoolService"].full_name,
@@ -70,6 +77,7 @@ class Server:
         self.http_port = 0
         self._stopped = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
+        self._gc_thresholds: tuple[int, int, int] | None = None  # before start set ours
 
     async def start(self) -> None:
         o = self.orchestrator
@@ -131,6 +139,8 @@ class Server:
         # What start-up built lives as long as the process: keep the collector off it.
         gc.collect()
         gc.freeze()
+        self._gc_thresholds = gc.get_threshold()
+        gc.set_threshold(*GC_THRESHOLDS)
         notify("READY=1", f"STATUS=serving on {self.config.listen.grpc}")
 
     async def stop(self) -> None:
@@ -143,6 +153,8 @@ class Server:
         if self.http is not None:
             await self.http.cleanup()
         log.info("service.stopped")
+        if self._gc_thresholds is not None:
+            gc.set_threshold(*self._gc_thresholds)
         self._stopped.set()
 
     async def _set_health(self, status: int) -> None:

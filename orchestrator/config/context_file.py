@@ -2,12 +2,14 @@
 
 The file mirrors `ctx` as a script sees it (runtime-spec section 3): `queue`,
 `pools` with their `gpus` and `workers`, `catalog` with `models` and `aliases`,
-`tenants`, `metrics` and `config`, plus `now_ms`. Derived fields are accepted in
+`tenants`, `metrics` and `config`, plus `now_ms`. The context is evaluated at its own
+time: `now_ms`, or `metrics.timestamp_ms` (section 3.5, what a dump of ctx carries);
+the wall clock only when the file gives neither. Derived fields are accepted in
 place of the ones they come from (`wait_time_ms` for `queued_at`, `uptime_ms` for
-`started_at_ms`, `heartbeat_age_ms` for `last_heartbeat_ms`). Omitted metrics are
-computed from the queue and pools. Unknown fields are errors that name their path.
-A worker's slots (docs/ARCHITECTURE.md D27) default to the spec's worker: one slot,
-none busy, no active jobs, the llama.cpp API.
+`started_at_ms`, `heartbeat_age_ms` for `last_heartbeat_ms`). Omitted metrics (or
+metrics that give only `timestamp_ms`) are computed from the queue and pools. Unknown
+fields are errors that name their path. A worker's slots (docs/ARCHITECTURE.md D27)
+default to the spec's worker: one slot, none busy, no active jobs, the llama.cpp API.
 """
 
 from __future__ import annotations
@@ -61,6 +63,28 @@ def _check_blocks(hashes: tuple[int, ...], path: str) -> None:
             raise ConfigError(f"{path}[{n}]: must be between 0 and 2**{HASH_BITS} - 1, got {h}")
 
 
+def _now_ms(data: Mapping[str, Any], source: str) -> int:
+    """The time the file's context is at: its `now_ms`, else its `metrics.timestamp_ms`.
+
+    Replaying a dump of ctx at the wall clock's time would make every wait, uptime and
+    heartbeat age what it is now, not what the script saw.
+    """
+    metrics = data.get("metrics")
+    stamp = metrics.get("timestamp_ms") if isinstance(metrics, Mapping) else None
+    now = data.get("now_ms")
+    if now is not None:
+        now_ms = convert(int, now, f"{source}.now_ms")
+        if stamp is not None and convert(int, stamp, f"{source}.metrics.timestamp_ms") != now_ms:
+            raise ConfigError(
+                f"{source}.metrics.timestamp_ms: {stamp} is not now_ms ({now}); "
+                "they are the same time, give one of them"
+            )
+        return int(now_ms)
+    if stamp is not None:
+        return int(convert(int, stamp, f"{source}.metrics.timestamp_ms"))
+    return int(time.time() * 1000)
+
+
 def context_from_dict(data: Any, *, source: str = "context") -> Context:
     """Build a Context; errors name the offending field, e.g. `context.pools[0].gpus[1].id`."""
     if not isinstance(data, Mapping):
@@ -69,7 +93,7 @@ def context_from_dict(data: Any, *, source: str = "context") -> Context:
     for key in data:
         if key not in known:
             raise ConfigError(f"{source}.{key}: unknown field (expected one of {sorted(known)})")
-    now_ms = int(data.get("now_ms", time.time() * 1000))
+    now_ms = _now_ms(data, source)
 
     catalog_data = data.get("catalog") or {}
     models = {
@@ -115,9 +139,11 @@ def context_from_dict(data: Any, *, source: str = "context") -> Context:
     tenants = tuple(build(Tenant, t, f"{source}.tenants[{i}]") for i, t in enumerate(raw_tenants))
     config = build(Config, data.get("config") or {}, f"{source}.config")
     pools_tuple = tuple(pools)
+    # Metrics that give only their time (timestamp_ms) are computed like omitted ones.
+    raw_metrics = data.get("metrics")
     metrics = (
-        build(Metrics, data["metrics"], f"{source}.metrics", ignore=_DERIVED)
-        if data.get("metrics")
+        build(Metrics, raw_metrics, f"{source}.metrics", ignore=_DERIVED)
+        if raw_metrics and not (isinstance(raw_metrics, Mapping) and raw_metrics.keys() <= _DERIVED)
         else derive_metrics(queue, pools_tuple, now_ms)
     )
     return Context(

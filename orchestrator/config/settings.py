@@ -154,12 +154,18 @@ class SchedulerConfig:
     # (a few ms); "exec" starts each as a new interpreter (~300 ms of CPU, but every
     # worker gets its own address-space layout).
     spawn: str = "fork-server"
+    # A user scheduler slow to answer gets the platform scheduler started beside it, so
+    # that a fallback is ready at the deadline: this long, plus the platform's recent
+    # call latency, before the deadline. null: no hedge.
+    hedge_margin_ms: int | None = 10
     breaker: BreakerConfig = BreakerConfig()
     tenant_sandbox: TenantSandboxConfig = TenantSandboxConfig()
 
     def __post_init__(self) -> None:
         if self.spawn not in SPAWN_METHODS:
             raise ValueError(f"spawn must be one of {list(SPAWN_METHODS)}, not {self.spawn!r}")
+        if self.hedge_margin_ms is not None and self.hedge_margin_ms < 0:
+            raise ValueError(f"hedge_margin_ms must be 0 or more, not {self.hedge_margin_ms}")
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,14 @@ in `orchestrator/wire/context.py`, loading from files in
 from __future__ import annotations
 
 import weakref
+from abc import abstractmethod
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from operator import attrgetter
 from types import MappingProxyType
+from typing import NamedTuple, overload
 
 from orchestrator.domain.prefix import EMPTY as EMPTY_PREFIX
 from orchestrator.domain.prefix import PrefixState
@@ -295,10 +297,10 @@ class Config:
 class JobChanges:
     """How a context's queue differs from an earlier context's.
 
-    A hint from whoever built the context (the live cluster state knows what it
-    changed), so that a cycle costs what changed: the snapshot diff and the job
-    index use it instead of walking every queued job. The parent is held weakly;
-    without it, everything falls back to the full walk.
+    Recorded by whoever built the context as the changes happened (the live cluster
+    state's queue logs every arrival and departure), so that a cycle costs what
+    changed: the delta sent to the sandbox is exactly these changes. The parent is
+    held weakly; without it, the snapshot diff falls back to walking every job.
     """
 
     parent: weakref.ref[Context]
@@ -306,12 +308,130 @@ class JobChanges:
     removed: frozenset[str] = frozenset()
 
 
+class QueueView(Sequence[Job]):
+    """A queue that answers what a cycle needs without being built in full.
+
+    The live queue changes between cycles, and copying it for each context would
+    make every cycle cost the queue's length (issue 17). A view answers its length,
+    its totals for ctx.metrics and single lookups from what the queue keeps up to
+    date; the ordered tuple is built only when something reads the queue in full
+    (a full snapshot for a resync, a decision-log snapshot, a report), then kept.
+    """
+
+    __slots__ = ("__weakref__", "_jobs")
+
+    def __init__(self) -> None:
+        self._jobs: tuple[Job, ...] | None = None
+
+    @abstractmethod
+    def lookup(self, job_id: str) -> Job | None:
+        """The job as this view saw it, or None."""
+
+    @abstractmethod
+    def totals(self, tenant_id: str | None = None) -> QueueTotals:
+        """What ctx.metrics needs of the queue (of one tenant's jobs when given)."""
+
+    @abstractmethod
+    def _build(self) -> tuple[Job, ...]:
+        """Every job, in queue order."""
+
+    def materialized(self) -> tuple[Job, ...]:
+        if self._jobs is None:
+            self._jobs = self._build()
+        return self._jobs
+
+    def for_tenant(self, tenant_id: str) -> QueueView:
+        return TenantQueue(self, tenant_id)
+
+    def __len__(self) -> int:
+        return self.totals().count
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Job, ...]: ...
+    def __getitem__(self, index: int | slice) -> Job | tuple[Job, ...]:
+        return self.materialized()[index]
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.materialized())
+
+    def __contains__(self, job: object) -> bool:
+        return isinstance(job, Job) and self.lookup(job.id) == job
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, QueueView):
+            return other is self or self.materialized() == other.materialized()
+        if isinstance(other, tuple):
+            return self.materialized() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.materialized())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {len(self)} jobs>"
+
+
+class TenantQueue(QueueView):
+    """One tenant's jobs of a view: what its own scheduler sees (D15)."""
+
+    __slots__ = ("_parent", "_tenant_id")
+
+    def __init__(self, parent: QueueView, tenant_id: str) -> None:
+        super().__init__()
+        self._parent = parent
+        self._tenant_id = tenant_id
+
+    def lookup(self, job_id: str) -> Job | None:
+        job = self._parent.lookup(job_id)
+        return job if job is not None and job.tenant_id == self._tenant_id else None
+
+    def totals(self, tenant_id: str | None = None) -> QueueTotals:
+        if tenant_id is not None and tenant_id != self._tenant_id:
+            return QueueTotals(0, 0, 0, 0)
+        return self._parent.totals(self._tenant_id)
+
+    def _build(self) -> tuple[Job, ...]:
+        tenant = self._tenant_id
+        return tuple(job for job in self._parent if job.tenant_id == tenant)
+
+
+class _JobLookup(Mapping[str, Job]):
+    """ctx.jobs_by_id over a view: single lookups cost nothing; iterating builds it."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, view: QueueView) -> None:
+        self._view = view
+
+    def __getitem__(self, job_id: str) -> Job:
+        job = self._view.lookup(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
+    def get(self, job_id: str, default: Job | None = None) -> Job | None:  # type: ignore[override]
+        job = self._view.lookup(job_id)
+        return default if job is None else job
+
+    def __contains__(self, job_id: object) -> bool:
+        return isinstance(job_id, str) and self._view.lookup(job_id) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (job.id for job in self._view)
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+
 @dataclass(frozen=True)
 class Context:
     """One scheduling cycle's view of the world."""
 
     now_ms: int
-    queue: tuple[Job, ...] = ()
+    # A tuple, or a view of the live queue (QueueView) built in full only when read so.
+    queue: Sequence[Job] = ()
     pools: tuple[Pool, ...] = ()
     catalog: Catalog = Catalog()
     tenants: tuple[Tenant, ...] = ()
@@ -319,6 +439,8 @@ class Context:
     config: Config = Config()
     changes: JobChanges | None = field(default=None, compare=False, repr=False)
     prefix: PrefixState = EMPTY_PREFIX  # what workers hold of prompts (domain/prefix.py)
+    # The context a view was made from (a tenant's view, scheduling/tenancy.py).
+    source: weakref.ref[Context] | None = field(default=None, compare=False, repr=False)
 
     def changes_since(self, other: Context) -> JobChanges | None:
         """The job changes from `other` to this context, when they are known."""
@@ -329,6 +451,8 @@ class Context:
 
     @cached_property
     def jobs_by_id(self) -> Mapping[str, Job]:
+        if isinstance(self.queue, QueueView):
+            return _JobLookup(self.queue)
         changes = self.changes
         parent = changes.parent() if changes is not None else None
         if changes is not None and parent is not None and "jobs_by_id" in parent.__dict__:
@@ -342,7 +466,23 @@ class Context:
 
     @cached_property
     def workers_by_id(self) -> Mapping[str, tuple[Pool, Worker]]:
-        return {w.id: (pool, w) for pool in self.pools for w in pool.workers}
+        changes = self.changes
+        parent = changes.parent() if changes is not None else None
+        if parent is None or "workers_by_id" not in parent.__dict__:
+            return {w.id: (pool, w) for pool in self.pools for w in pool.workers}
+        # Pools are rebuilt only when something in them changed: start from the
+        # parent's index, and redo the pools that are not the parent's objects.
+        workers = dict(parent.workers_by_id)
+        before, after = parent.pools_by_id, self.pools_by_id
+        changed = [pool for pool in self.pools if before.get(pool.id) is not pool]
+        for pool_id, old in before.items():
+            if after.get(pool_id) is not old:
+                for w in old.workers:
+                    workers.pop(w.id, None)
+        for pool in changed:
+            for w in pool.workers:
+                workers[w.id] = (pool, w)
+        return workers
 
     @cached_property
     def pools_by_id(self) -> Mapping[str, Pool]:
@@ -376,50 +516,95 @@ class QueueTotals:
     queued_at_sum: int
 
     @classmethod
-    def of(cls, queue: tuple[Job, ...]) -> QueueTotals:
+    def of(cls, queue: Sequence[Job]) -> QueueTotals:
         """Walks the queue (in C: map, Counter, sum) when nobody kept the totals."""
+        if isinstance(queue, QueueView):
+            return queue.totals()
         priorities = Counter(map(attrgetter("priority"), queue))
         return cls(len(queue), priorities["interactive"], priorities["batch"],
                    sum(map(attrgetter("queued_at"), queue)))  # fmt: skip
 
 
 def derive_metrics(
-    queue: tuple[Job, ...],
+    queue: Sequence[Job],
     pools: tuple[Pool, ...],
     now_ms: int,
     *,
     jobs_completed_last_minute: int = 0,
     totals: QueueTotals | None = None,
 ) -> Metrics:
-    """ctx.metrics computed from the queue and pool state (runtime-spec 3.5)."""
-    workers = [w for pool in pools for w in pool.workers]
-    gpus = [g for pool in pools for g in pool.gpus]
-    rates = [w.avg_tokens_per_sec for w in workers if w.avg_tokens_per_sec > 0]
+    """ctx.metrics computed from the queue and pool state (runtime-spec 3.5).
+
+    A pool's part is tallied once per pool record (they are reused while nothing in
+    them changes), so a cycle costs the pools that changed, not every worker and GPU."""
     q = totals or QueueTotals.of(queue)
     waited = q.count * now_ms - q.queued_at_sum
-    statuses = Counter(w.status for w in workers)
+    tallies = [_tally(pool) for pool in pools]
+    tally = _PoolTally(*map(sum, zip(*tallies, strict=True))) if tallies else _NO_TALLY
     pool_statuses = Counter(p.status for p in pools)
+    gpus = tally.gpus
     return Metrics(
         queue_depth=q.count,
         queue_depth_interactive=q.interactive,
         queue_depth_batch=q.batch,
-        avg_wait_time_ms=waited / q.count if q.count else 0.0,
-        total_workers=len(workers),
-        ready_workers=statuses["ready"],
-        busy_workers=statuses["busy"],
-        failed_workers=statuses["failed"],
+        # Never negative: a context may be evaluated before its jobs' queue times.
+        avg_wait_time_ms=max(0.0, waited / q.count) if q.count else 0.0,
+        total_workers=tally.workers,
+        ready_workers=tally.ready,
+        busy_workers=tally.busy,
+        failed_workers=tally.failed,
         total_pools=len(pools),
         healthy_pools=pool_statuses["healthy"],
         degraded_pools=pool_statuses["degraded"],
         offline_pools=pool_statuses["offline"],
-        total_gpus=len(gpus),
-        total_vram_bytes=_int64(sum(g.vram_total_bytes for g in gpus)),
-        allocated_vram_bytes=_int64(sum(g.vram_allocated_bytes for g in gpus)),
-        free_vram_bytes=_int64(sum(g.vram_free_bytes for g in gpus)),
-        avg_gpu_utilization=(sum(g.utilization_percent for g in gpus) / len(gpus) if gpus else 0.0),
+        total_gpus=gpus,
+        total_vram_bytes=_int64(tally.vram_total),
+        allocated_vram_bytes=_int64(tally.vram_allocated),
+        free_vram_bytes=_int64(tally.vram_free),
+        avg_gpu_utilization=tally.utilization / gpus if gpus else 0.0,
         jobs_completed_last_minute=jobs_completed_last_minute,
-        avg_tokens_per_sec=sum(rates) / len(rates) if rates else 0.0,
+        avg_tokens_per_sec=tally.rate_sum / tally.rates if tally.rates else 0.0,
     )
+
+
+class _PoolTally(NamedTuple):
+    workers: int
+    ready: int
+    busy: int
+    failed: int
+    rates: int
+    rate_sum: float
+    gpus: int
+    vram_total: int
+    vram_allocated: int
+    vram_free: int
+    utilization: float
+
+
+_NO_TALLY = _PoolTally(0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0.0)
+# id(pool) -> (pool, its tally). The pool is kept to check identity (an id can be
+# reused once its object is gone); bounded, since old pools are never asked again.
+_TALLIES: dict[int, tuple[Pool, _PoolTally]] = {}
+_MAX_TALLIES = 4096
+
+
+def _tally(pool: Pool) -> _PoolTally:
+    cached = _TALLIES.get(id(pool))
+    if cached is not None and cached[0] is pool:
+        return cached[1]
+    workers, gpus = pool.workers, pool.gpus
+    statuses = Counter(w.status for w in workers)
+    rates = [w.avg_tokens_per_sec for w in workers if w.avg_tokens_per_sec > 0]
+    tally = _PoolTally(
+        len(workers), statuses["ready"], statuses["busy"], statuses["failed"],
+        len(rates), sum(rates), len(gpus),
+        sum(g.vram_total_bytes for g in gpus), sum(g.vram_allocated_bytes for g in gpus),
+        sum(g.vram_free_bytes for g in gpus), sum(g.utilization_percent for g in gpus),
+    )  # fmt: skip
+    if len(_TALLIES) >= _MAX_TALLIES:
+        _TALLIES.clear()
+    _TALLIES[id(pool)] = (pool, tally)
+    return tally
 
 
 def _int64(total: int) -> int:

@@ -291,7 +291,7 @@ def churn(ctx: Context, step: int, fraction: float = 0.01) -> Context:
         flipped = "busy" if workers[j].status == "ready" else "ready"
         workers[j] = dataclasses.replace(workers[j], status=flipped)
         pools[index] = dataclasses.replace(pools[index], workers=tuple(workers))
-    queue, pools_t, now = kept + arrived, tuple(pools), ctx.now_ms + 100
+    queue, pools_t, now = tuple(kept) + arrived, tuple(pools), ctx.now_ms + 100
     return dataclasses.replace(
         ctx, now_ms=now, queue=queue, pools=pools_t, metrics=derive_metrics(queue, pools_t, now),
         changes=JobChanges(weakref.ref(ctx), arrived, frozenset(j.id for j in gone)),

@@ -46,8 +46,8 @@ class Scope:
         if scope == "job":
             if self.job is None:
                 return None
-            if name == "wait_time_ms":
-                return ctx.now_ms - self.job.queued_at
+            if name == "wait_time_ms":  # never negative, as in the sandbox
+                return max(0, ctx.now_ms - self.job.queued_at)
             if name == "prompt_blocks":  # scripts see the count, never the hashes
                 return len(self.job.block_hashes)
             return getattr(self.job, name, None)

@@ -20,8 +20,11 @@ phrase, an exception's type) but never carries the bytes that came back, which e
 up in `job.error` for the client to read.
 
 A job's task is cancelled when its client cancels it or goes away: leaving the
-response's context then closes the connection (the session's connector has
-`force_close`, so it is never kept for reuse), and the server stops generating.
+response's context before the response's end then closes the connection (aiohttp
+pools only a connection whose response was read to its end), and the server stops
+generating. A connection whose response ended is kept for the worker's next job, for
+IDLE_KEEP_S at most: opening one per job costs the core a connect and a close, and
+the worker an accept, for every request.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ TEMPLATE_TOKENS = 256
 MAX_PROPS_BYTES = 1 << 20
 # The paths that answer 200 once a worker serves (probe_health).
 HEALTH_PATHS = {"llamacpp": "/health", "openai": "/v1/models"}
+# How long an idle connection to a worker is kept for the next job: well within the
+# idle timeouts of the servers (llama-server's and uvicorn's 5 s, aiohttp's 75 s), so
+# that the core closes an idle connection before a server would, never sending a job
+# on a connection the server is closing.
+IDLE_KEEP_S = 1.0
 # llama-server's `stop_type` as OpenAI's finish_reason ("none": it did not stop).
 LLAMACPP_STOP_TYPES = {"limit": "length", "word": "stop", "eos": "stop"}
 
@@ -77,9 +85,10 @@ class WorkerEndpoint:
 
 
 class Progress(Protocol):
-    """What the client reports while a job streams (service/running.py)."""
+    """What the client reports while a job streams (service/running.py). Neither call
+    may hold the stream up: what they write is the callee's to await."""
 
-    async def first_token(self) -> None: ...
+    def first_token(self) -> None: ...
     def text(self, text: str, tokens: int) -> None: ...  # new text; tokens so far
 
 
@@ -100,11 +109,9 @@ class CompletionClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             # No overall timeout here: the caller bounds each job by its own timeout.
-            # force_close: a connection is closed, never pooled, when its response is
-            # left, which is how a cancelled job stops the generation on the server.
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=IDLE_KEEP_S),
             )
         return self._session
 
@@ -130,7 +137,7 @@ class CompletionClient:
                         line = raw.strip()
                         if not line.startswith(b"data:"):
                             continue  # SSE comments (keep-alives), event names, blank lines
-                        outcome = await stream.take(parse(line[5:].strip()))
+                        outcome = stream.take(parse(line[5:].strip()))
                         if outcome is not None:
                             return outcome
             return stream.at_end()
@@ -250,7 +257,7 @@ class _Stream:
     finished: bool = False
     finish_reason: str = ""
 
-    async def take(self, event: _Event) -> Outcome | None:
+    def take(self, event: _Event) -> Outcome | None:
         """The outcome when this event ends the stream, None while it goes on."""
         record = self.record
         self.events += 1
@@ -265,7 +272,7 @@ class _Stream:
             return Outcome(False, error="the worker sent more than max_tokens")
         if event.text:
             if not self.parts:
-                await self.progress.first_token()
+                self.progress.first_token()
             self.parts.append(event.text)
             self.progress.text(event.text, min(self.counted, record.max_tokens))
         if event.tokens is not None:

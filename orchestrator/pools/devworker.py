@@ -878,8 +878,9 @@ class DevWorker:
                     await response.write(b"".join(_sse(event) for event in opening))
                 async for pieces in seq.pieces():
                     await response.write(b"".join(_sse(dialect.piece(seq, p)) for p in pieces))
-                await response.write(b"".join(_sse(event) for event in dialect.closing(seq)))
-                await response.write_eof()
+                # The last events and the response's end in one write: a client then
+                # sees the end with them, and may keep the connection for another.
+                await response.write_eof(b"".join(_sse(event) for event in dialect.closing(seq)))
             except ConnectionError:
                 pass  # the client went away; leaving `sequence` frees the slot
             return response

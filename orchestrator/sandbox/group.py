@@ -1,8 +1,10 @@
 """The workers that run one scheduler: one active, the rest warm spares.
 
-Runs in the core. Spares are spawned, loaded and kept in sync with the context in
-the background, so that replacing a killed or crashed worker is a promotion, never
-a spawn on the hot path. Respawning happens in background tasks.
+Runs in the core. Spares are spawned, loaded and kept in sync with the journal in
+the background (a new spare as soon as it is up, the others after each cycle), so
+that replacing a killed or crashed worker is a promotion that costs at most the
+latest deltas: never a spawn, nor a full snapshot, on the hot path. Respawning
+happens in background tasks.
 """
 
 from __future__ import annotations
@@ -39,10 +41,14 @@ SYNC_TIMEOUT_S = 10.0
 
 
 class GroupMetrics(Protocol):
-    """What a group counts: spawns, promotions, retirements (labels: scheduler, event)."""
+    """What a group counts: spawns, promotions, retirements (labels: scheduler, event),
+    and full snapshots sent in the background (labels: scheduler, when)."""
 
     @property
     def worker_events(self) -> Counter: ...
+
+    @property
+    def resyncs(self) -> Counter: ...
 
 
 class WorkerGroup:
@@ -54,16 +60,21 @@ class WorkerGroup:
         *,
         spares: int,
         metrics: GroupMetrics,
+        journal: SnapshotJournal,
+        spare_lag: int = 1,
     ) -> None:
         self.role = role  # "user" or "platform": the label on metrics and logs
         self.spec = spec
         self.runtime_dir = runtime_dir
         self.target_spares = spares
         self.metrics = metrics
+        self.journal = journal  # what background syncs bring workers up to
+        self.spare_lag = spare_lag  # spares are synced once this many cycles behind
         self.active: WorkerProcess | None = None
         self.spares: deque[WorkerProcess] = deque()
         self.load_error: SchedulerLoadError | None = None
         self._spawning: set[asyncio.Task[None]] = set()
+        self._syncing: set[asyncio.Task[None]] = set()
         self._load_timeouts = 0
         self._spare_ready = asyncio.Event()
         self._closed = False
@@ -95,7 +106,7 @@ class WorkerGroup:
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._spawning):
+        for task in (*self._spawning, *self._syncing):
             task.cancel()
         for worker in self.workers():
             worker.kill()
@@ -124,15 +135,20 @@ class WorkerGroup:
     async def acquire(self, timeout_s: float) -> WorkerProcess:
         """The worker to serve this cycle: the active one, else a promoted spare.
 
-        Only when no spare is warm (everything died at once) does this wait for a
-        spawn, bounded by `timeout_s`.
+        A call still in flight on it (a background sync, a discarded hedge) is let
+        finish first, within `timeout_s`, so that the call that follows does not race
+        it; whatever it did not bring, that call sends. Only when no spare is warm
+        (everything died at once) does this wait for a spawn, bounded by `timeout_s`.
         """
         if self.load_error is not None:
             raise self.load_error
-        if self.active is not None and self.active.alive:
-            return self.active
-        if self.active is not None:
-            self.retire(self.active, "exited")
+        active = self.active
+        if active is not None and active.alive:
+            if active.busy:
+                await active.settle(timeout_s)
+            return active
+        if active is not None:
+            self.retire(active, "exited")
         deadline = time.monotonic() + timeout_s
         while True:
             while self.spares:
@@ -142,7 +158,7 @@ class WorkerGroup:
                     continue
                 self.active = spare
                 self.metrics.worker_events.labels(self.role, "promoted").inc()
-                await self._settle(spare, deadline)
+                await spare.settle(deadline - time.monotonic())
                 return spare
             self._replenish()
             remaining = deadline - time.monotonic()
@@ -154,23 +170,6 @@ class WorkerGroup:
             with contextlib.suppress(asyncio.TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._spare_ready.wait()
-
-    @staticmethod
-    async def _settle(spare: WorkerProcess, deadline: float) -> None:
-        """Let a background sync to the spare finish (bounded), so the call that follows
-        does not race it. Whatever it did not bring, the Schedule call sends."""
-        task = spare.sync_task
-        if task is None or task.done():
-            return
-        try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await asyncio.shield(task)
-        except TimeoutError:
-            pass
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not task.cancelled() or (current is not None and current.cancelling()):
-                raise  # we are being cancelled ourselves: never swallow that
 
     def retire(self, worker: WorkerProcess, event: str) -> None:
         """Kill a worker (timeout, crash, violation...) and start its replacement."""
@@ -216,6 +215,8 @@ class WorkerGroup:
             return
         self.spares.append(worker)
         self._spare_ready.set()
+        # Now, not after the next cycle: a crash before then would find it empty.
+        self._sync_later(worker)
 
     def _respawn(self) -> None:
         """From a failed spawn: replace it now. This task no longer counts as spawning;
@@ -225,25 +226,56 @@ class WorkerGroup:
             self._spawning.discard(task)
         self._replenish()
 
-    # ------------------------------------------------------------------ spares
-    def sync_spares(self, journal: SnapshotJournal) -> None:
-        """Push the latest context to idle spares in the background."""
+    # ------------------------------------------------------------------ syncing
+    def sync(self, *, active: bool = False) -> None:
+        """Bring workers up to the journal's current cycle in the background: the spares
+        once they are `spare_lag` cycles behind, and with `active` the active worker
+        too. After a cycle: that cycle's deltas."""
+        if active and self.active is not None:
+            self._sync_later(self.active)
         for spare in self.spares:
-            busy = spare.sync_task is not None and not spare.sync_task.done()
-            if busy or (spare.epoch == journal.epoch and spare.seq == journal.seq):
-                continue
-            request = journal.request_for(spare.epoch, spare.seq)
-            request.sync_only = True
-            spare.sync_task = asyncio.get_running_loop().create_task(self._sync(spare, request))
+            if self._due(spare):
+                self._sync_later(spare)
 
-    async def _sync(self, spare: WorkerProcess, request: object) -> None:
+    def _due(self, spare: WorkerProcess) -> bool:
+        journal = self.journal
+        return spare.epoch != journal.epoch or journal.seq - spare.seq >= self.spare_lag
+
+    def _needs_sync(self, worker: WorkerProcess) -> bool:
+        """Behind the journal, and free: a call in flight brings it up to date itself,
+        or leaves it to the next sync."""
+        journal = self.journal
+        behind = (worker.epoch, worker.seq) != (journal.epoch, journal.seq)
+        return behind and journal.seq > 0 and not worker.busy and not worker.killed
+
+    def _sync_later(self, worker: WorkerProcess) -> None:
+        if self._needs_sync(worker):
+            task = asyncio.get_running_loop().create_task(self._sync(worker))
+            self._syncing.add(task)
+            task.add_done_callback(self._syncing.discard)
+
+    async def _sync(self, worker: WorkerProcess) -> None:
+        # Checked and built when the task runs, not when it was created: a call made in
+        # between (the next cycle's) has moved the worker on, or is still in flight.
+        if not self._needs_sync(worker):
+            return
+        request = self.journal.request_for(worker.epoch, worker.seq)
+        request.sync_only = True
+        if request.HasField("snapshot"):
+            self.metrics.resyncs.labels(self.role, "background").inc()
         try:
-            reply = await spare.schedule(request, SYNC_TIMEOUT_S)  # type: ignore[arg-type]
+            reply = await worker.schedule(request, SYNC_TIMEOUT_S)
         except aio.AioRpcError as exc:
+            if worker.killed:
+                return  # retired meanwhile, and counted then
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                spare.epoch = 0  # the next sync sends a full snapshot
+                worker.epoch = 0  # the next sync sends a full snapshot
             else:
-                self.retire(spare, "crashed")
+                self.retire(worker, "crashed")
             return
         if reply.retire:
-            self.retire(spare, "retired")
+            self.retire(worker, "retired")
+        elif worker in self.spares and self._due(worker):
+            # Cycles that ended meanwhile skipped it (busy): catch up now, not after the
+            # next cycle. Not once promoted: the cycle that promoted it calls it next.
+            self._sync_later(worker)

@@ -43,6 +43,8 @@ log = get_logger("sandbox")
 Reply = TypeVar("Reply")
 
 LANGUAGES = {"luajit": sandbox_pb2.LANGUAGE_LUAJIT, "lua54": sandbox_pb2.LANGUAGE_LUA54}
+# gRPC's own deadline, a backstop behind the event loop's timer (schedule()).
+DEADLINE_SLACK_S = 0.02
 # The socket file appears at bind(), a moment before listen(): a connection refused
 # then must be retried in milliseconds, not after gRPC's default 1 s backoff.
 CHANNEL_OPTIONS = (
@@ -122,7 +124,8 @@ class WorkerProcess:
         # What the core knows the worker holds (SnapshotJournal coordinates).
         self.epoch = 0
         self.seq = 0
-        self.sync_task: asyncio.Task[None] | None = None
+        # Done when the Schedule call in flight has answered (see `busy`).
+        self._answered: asyncio.Future[None] | None = None
         self.killed = False
 
     @property
@@ -272,13 +275,40 @@ class WorkerProcess:
                 f"{self.label}: worker does not answer: {exc}; {self.log_tail()}"
             ) from None
 
+    @property
+    def busy(self) -> bool:
+        """A Schedule call is in flight: a request built now from (epoch, seq) would
+        start from a state the worker is about to leave, and be refused."""
+        return self._answered is not None and not self._answered.done()
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait, at most `timeout_s`, for the call in flight (a spare's background sync,
+        the platform's discarded hedge) to answer, so that the next request follows it."""
+        answered = self._answered
+        if answered is not None and not answered.done():
+            await asyncio.wait((answered,), timeout=max(0.0, timeout_s))
+
     async def schedule(
         self, request: sandbox_pb2.ScheduleRequest, timeout_s: float
     ) -> sandbox_pb2.ScheduleReply:
+        """One Schedule call; past `timeout_s` it fails with DEADLINE_EXCEEDED.
+
+        The event loop's timer cancels the call: it fires ~1 ms late, where gRPC's own
+        deadline (kept as a backstop) is ~3 ms late, and costs less than wrapping the
+        call in asyncio.timeout. Callers build `request` from (epoch, seq) in the same
+        step as they call this (no await between), so `busy` covers it from the start.
+        """
         assert self.stub is not None
-        reply: sandbox_pb2.ScheduleReply = await self._rpc(
-            self.stub.Schedule(request, timeout=timeout_s)
-        )
+        loop = asyncio.get_running_loop()
+        call = self.stub.Schedule(request, timeout=timeout_s + DEADLINE_SLACK_S)
+        deadline = loop.time() + timeout_s
+        expiry = loop.call_at(deadline, call.cancel)
+        answered = self._answered = loop.create_future()
+        try:
+            reply: sandbox_pb2.ScheduleReply = await self._rpc(call, deadline)
+        finally:
+            expiry.cancel()
+            answered.set_result(None)
         self.epoch, self.seq = request.epoch, reply.seq
         return reply
 
@@ -289,14 +319,15 @@ class WorkerProcess:
         )
         return reply
 
-    async def _rpc(self, call: Awaitable[Reply]) -> Reply:
+    async def _rpc(self, call: Awaitable[Reply], deadline: float | None = None) -> Reply:
         """Await a call on this worker's channel.
 
         Killing the worker closes its channel, and grpc.aio then cancels the calls in
         flight: whoever awaits one gets a CancelledError that nobody aimed at it. Left
         alone, that ended the service's scheduling loop for good (found by the soak).
         Unless the awaiting task is itself being cancelled, it is reported as the
-        worker's failure, UNAVAILABLE, like any other crash.
+        worker's failure, UNAVAILABLE, like any other crash; or, past the event loop's
+        `deadline` (the timer of schedule() cancelled it), as DEADLINE_EXCEEDED.
         """
         try:
             return await call
@@ -304,11 +335,15 @@ class WorkerProcess:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+            else:
+                code, details = grpc.StatusCode.UNAVAILABLE, "the worker was killed"
             raise aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
+                code,
                 aio.Metadata(),
                 aio.Metadata(),
-                details=f"{self.label}: the call was cancelled (the worker was killed)",
+                details=f"{self.label}: the call was cancelled ({details})",
             ) from None
 
     def kill(self) -> None:
@@ -316,8 +351,7 @@ class WorkerProcess:
         if self.killed:
             return
         self.killed = True
-        if self.sync_task is not None:
-            self.sync_task.cancel()
+        # A call in flight fails on its own: the kernel closes a dead worker's socket.
         if self.pidfd is not None:
             kill_pidfd(self.pidfd)
         elif self.process is not None and self.process.returncode is None:

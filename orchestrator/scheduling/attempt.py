@@ -9,8 +9,9 @@ to fall back to.
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 from grpc import aio
@@ -40,11 +41,20 @@ ERROR_KINDS = {
     ErrorKind.ERROR_KIND_INTERNAL: "internal",
 }
 
-DEADLINE_SLACK_S = 0.02
 # A full snapshot sent before the timed call: ~60 ms at 10,000 jobs, ~0.6 s at 100,000.
 RESYNC_TIMEOUT_S = 2.0
 # ctx.refresh_pool_state(): the caller's way to read the pools now instead of from cache.
 Refresh = Callable[[], Awaitable[Context]]
+
+
+class CallWatch(Protocol):
+    """Told when a timed Schedule call on the cycle's context starts and ends: the
+    clock a hedge runs on (orchestrator/scheduling/hedge.py). A resync before the call
+    is our cost, not the script's, and does not count."""
+
+    def call_started(self) -> None: ...
+
+    def call_ended(self) -> None: ...
 
 
 class SandboxCaller:
@@ -62,8 +72,15 @@ class SandboxCaller:
         self.metrics = metrics
         self.tenant = tenant  # whose scheduler, for the metrics ("" for the main one)
 
-    async def attempt(self, group: WorkerGroup, ctx: Context, refresh: Refresh | None) -> Attempt:
-        """Run `group`'s scheduler on `ctx` once; the outcome, never an exception."""
+    async def attempt(
+        self,
+        group: WorkerGroup,
+        ctx: Context,
+        refresh: Refresh | None,
+        watch: CallWatch | None = None,
+    ) -> Attempt:
+        """Run `group`'s scheduler on `ctx` once; the outcome, never an exception.
+        `watch` hears of the timed calls on `ctx` (not of one on a refreshed context)."""
         budget_s = self.limits.deadline_ms / 1000
         attempt = Attempt(context=ctx)
         try:
@@ -75,20 +92,22 @@ class SandboxCaller:
             attempt.failure = Failure("unavailable", str(exc))
             return attempt
         attempt.worker_pid = worker.pid
-        if self.journal.deltas_since(worker.epoch, worker.seq) is None:
-            await self._resync(worker)
         fresh = False
         resent_full = False
         while True:
             request = self.journal.request_for(worker.epoch, worker.seq)
+            if request.HasField("snapshot"):
+                await self._resync(group, worker, request)
+                request = self.journal.request_for(worker.epoch, worker.seq)
             request.refresh_available = refresh is not None and not fresh
             request.pool_state_fresh = fresh
-            reply = await self._call(group, worker, request, budget_s, attempt)
+            reply = await self._call(
+                group, worker, request, budget_s, attempt, None if fresh else watch
+            )
             if reply is None:
                 if attempt.failure is None and not resent_full:
                     resent_full = True  # FAILED_PRECONDITION: resend as a full snapshot
                     worker.epoch = 0
-                    await self._resync(worker)
                     continue
                 attempt.failure = attempt.failure or Failure(
                     "internal", "the worker refused a full snapshot"
@@ -132,23 +151,25 @@ class SandboxCaller:
         attempt.decision = decision
         return attempt
 
-    async def _resync(self, worker: WorkerProcess) -> None:
-        """Bring a worker that needs a full snapshot up to date before the timed call.
+    async def _resync(
+        self, group: WorkerGroup, worker: WorkerProcess, request: sandbox_pb2.ScheduleRequest
+    ) -> None:
+        """Bring a worker that needs a full snapshot (`request`) up to date before the
+        timed call.
 
         Converting a big context costs more than the budget (about 60 ms at 10,000
         jobs), and it is our cost, not the script's: billing it to the deadline would
         kill a healthy worker, and its spare would pay the same. The sync runs no user
         code; the Schedule call that follows carries no context and keeps the deadline.
         """
-        request = self.journal.request_for(0, 0)
         request.sync_only = True
+        self.metrics.resyncs.labels(group.role, "cycle").inc()
         try:
-            async with asyncio.timeout(RESYNC_TIMEOUT_S):
-                await worker.schedule(request, RESYNC_TIMEOUT_S + DEADLINE_SLACK_S)
-        except (TimeoutError, aio.AioRpcError) as exc:
-            code = exc.code().name if isinstance(exc, aio.AioRpcError) else "timeout"
+            await worker.schedule(request, RESYNC_TIMEOUT_S)
+        except aio.AioRpcError as exc:
+            code = exc.code().name
             log.warning("sandbox.resync_failed", pid=worker.pid, code=code)
-            if code in ("timeout", "DEADLINE_EXCEEDED"):
+            if code == "DEADLINE_EXCEEDED":
                 worker.kill()  # stopped or wedged: the timed call then fails fast
 
     async def _call(
@@ -158,20 +179,16 @@ class SandboxCaller:
         request: sandbox_pb2.ScheduleRequest,
         budget_s: float,
         attempt: Attempt,
+        watch: CallWatch | None,
     ) -> sandbox_pb2.ScheduleReply | None:
         """One Schedule RPC. None with `attempt.failure` unset means: resend in full."""
+        if watch is not None:
+            watch.call_started()
+        started = time.perf_counter()
         try:
-            # The event loop's timer is tighter than gRPC's deadline (~1 ms against
-            # ~3 ms late); the gRPC deadline stays as a backstop. asyncio.timeout, not
-            # wait_for: on 3.11 wait_for can swallow a cancellation of the caller.
-            async with asyncio.timeout(budget_s):
-                return await worker.schedule(request, budget_s + DEADLINE_SLACK_S)
-        except (TimeoutError, aio.AioRpcError) as exc:
-            code = (
-                exc.code()
-                if isinstance(exc, aio.AioRpcError)
-                else grpc.StatusCode.DEADLINE_EXCEEDED
-            )
+            return await worker.schedule(request, budget_s)
+        except aio.AioRpcError as exc:
+            code = exc.code()
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 return None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -189,3 +206,7 @@ class SandboxCaller:
                     f"({code.name}): {worker.log_tail(500)}",
                 )
             return None
+        finally:
+            attempt.call_s += time.perf_counter() - started
+            if watch is not None:
+                watch.call_ended()

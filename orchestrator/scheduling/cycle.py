@@ -47,6 +47,7 @@ class Attempt:
     metrics: list[tuple[str, float]] = field(default_factory=list)
     worker_pid: int = 0
     context: Context | None = None
+    call_s: float = 0.0  # in timed Schedule calls, resyncs excluded (hedge.py's lead)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ Each cycle:
 3. the decision is validated against the context;
 4. on any failure (error, timeout, crash, sandbox violation, invalid or rejected
    decision, open circuit) the platform scheduler, in its own sandbox, serves the
-   cycle; if even that fails, the cycle answers `wait`, which loses nothing.
+   cycle; if even that fails, the cycle answers `wait`, which loses nothing. When the
+   user's call runs close to its deadline, the platform scheduler has already started
+   on the same context, in parallel (a hedge: `orchestrator/scheduling/hedge.py`).
 
 The engine only decides: it returns a `CycleResult` (`orchestrator/scheduling/cycle.py`).
 Applying a decision is the caller's job.
@@ -37,12 +39,16 @@ from orchestrator.scheduling.accounting import ScriptLogRate, ScriptLogRelay, ac
 from orchestrator.scheduling.attempt import Refresh, SandboxCaller
 from orchestrator.scheduling.breaker import CircuitBreaker
 from orchestrator.scheduling.cycle import Attempt, CycleResult, Failure, Source
+from orchestrator.scheduling.hedge import Hedge, HedgeTiming
 from orchestrator.scheduling.metrics import EngineMetrics
 from orchestrator.state.decision_log import DecisionLog
 from orchestrator.state.journal import SnapshotJournal
 from orchestrator.support.log import get_logger
 
 log = get_logger("engine")
+
+# While hedging, the platform's spares are brought up to date every this many cycles.
+PLATFORM_SPARE_LAG = 8
 
 
 def platform_source() -> str:
@@ -65,6 +71,9 @@ class EngineOptions:
     clock: Callable[[], float] = time.monotonic  # the breaker's; the simulator's is simulated
     systemd: SystemdLaunch | None = None  # user-scheduler workers as systemd units (tenants)
     script_logs: ScriptLogRate = field(default_factory=ScriptLogRate)  # into the service log
+    # The hedge's margin (hedge.py); None: no hedge, and the platform's active worker
+    # is brought up to date only when it serves.
+    hedge_margin_ms: float | None = 10.0
 
     @classmethod
     def from_config(
@@ -82,15 +91,21 @@ class EngineOptions:
     ) -> EngineOptions:
         """The options of `scheduler` (the config's `scheduler` section), with overrides:
         `deadline_ms`, `spares` (both groups; `platform_spares` for the platform's
-        alone) and `breaker_threshold` replace the configured values."""
+        alone) and `breaker_threshold` replace the configured values.
+
+        A hedge keeps the platform's active worker in sync every cycle, as its spares
+        are: an engine whose platform scheduler keeps no spare (the simulator, replays,
+        shadows, dry runs: latency after a failure is not what they measure) does not
+        hedge either."""
         breaker = scheduler.breaker
         spares = scheduler.spares if spares is None else spares
+        platform_spares = spares if platform_spares is None else platform_spares
         return cls(
             limits=SandboxLimits(
                 deadline_ms=scheduler.deadline_ms if deadline_ms is None else deadline_ms
             ),
             user_spares=spares,
-            platform_spares=spares if platform_spares is None else platform_spares,
+            platform_spares=platform_spares,
             breaker_threshold=breaker.threshold if breaker_threshold is None else breaker_threshold,
             breaker_base_backoff_s=breaker.base_backoff_s,
             breaker_max_backoff_s=breaker.max_backoff_s,
@@ -100,6 +115,7 @@ class EngineOptions:
             runtime_dir=runtime_dir,
             clock=clock,
             systemd=systemd,
+            hedge_margin_ms=scheduler.hedge_margin_ms if platform_spares > 0 else None,
         )
 
 
@@ -128,6 +144,13 @@ class SchedulingEngine:
         self.journal = SnapshotJournal()
         self.caller = SandboxCaller(self.journal, options.limits, self.metrics, tenant)
         self.breaker = self._new_breaker()
+        self.hedge_timing: HedgeTiming | None = None
+        if options.hedge_margin_ms is not None:
+            self.hedge_timing = HedgeTiming(
+                options.limits.deadline_ms / 1000, options.hedge_margin_ms / 1000
+            )
+        # Platform attempts begun as hedges, kept until they end (discarded ones too).
+        self._hedges: set[asyncio.Task[Attempt]] = set()
         spec = SchedulerSpec(
             name="platform.lua",
             source=self.platform_source,
@@ -139,9 +162,15 @@ class SchedulingEngine:
             spawn=options.spawn,
         )
         self.language = language
+        # While hedging, the platform's active worker takes every cycle's delta, so
+        # that a hedge sends it one. Its spares serve only once the platform scheduler
+        # itself has crashed (a bug, not a script's doing): a few deltas more then are
+        # a fair price for not paying a second background call every cycle.
         self.platform = WorkerGroup(
-            "platform", spec, self.runtime_dir, spares=options.platform_spares, metrics=self.metrics
-        )
+            "platform", spec, self.runtime_dir, spares=options.platform_spares,
+            metrics=self.metrics, journal=self.journal,
+            spare_lag=1 if self.hedge_timing is None else PLATFORM_SPARE_LAG,
+        )  # fmt: skip
         self.user: WorkerGroup | None = None
         if user_source is not None:
             self.user = self._user_group(user_source, user_name)
@@ -172,8 +201,9 @@ class SchedulingEngine:
             systemd=self.options.systemd,
         )
         return WorkerGroup(
-            "user", spec, self.runtime_dir, spares=self.options.user_spares, metrics=self.metrics
-        )
+            "user", spec, self.runtime_dir, spares=self.options.user_spares,
+            metrics=self.metrics, journal=self.journal,
+        )  # fmt: skip
 
     async def replace_user(self, source: str | None, name: str = "scheduler.lua") -> None:
         """Put another user scheduler in charge (None: the platform scheduler alone).
@@ -215,6 +245,8 @@ class SchedulingEngine:
             raise results[1]
 
     async def close(self) -> None:
+        for task in self._hedges:
+            task.cancel()
         for group in (self.user, self.platform):
             if group is not None:
                 await group.close()
@@ -245,19 +277,25 @@ class SchedulingEngine:
             # While the circuit is open the user's spares would be synced for nothing;
             # when it half-opens, the journal's deltas (or a full snapshot) catch them up.
             if self.user is not None and self.breaker.state != "open":
-                self.user.sync_spares(self.journal)
-            self.platform.sync_spares(self.journal)
+                self.user.sync()
+            # A hedge then sends the platform's active worker the next cycle's delta alone.
+            self.platform.sync(active=self.hedge_timing is not None and self.user is not None)
             return result
 
     async def _cycle(self, ctx: Context, refresh: Refresh | None, started: float) -> CycleResult:
         if self.user is None:
-            attempt = await self.caller.attempt(self.platform, ctx, refresh)
+            attempt = await self._platform_attempt(ctx, refresh)
             if attempt.failure is None:
                 return self._result(attempt, "platform", started)
             return self._wait_result(attempt, ctx, started)
 
+        hedge = None
         if self.breaker.allow():
-            attempt = await self.caller.attempt(self.user, ctx, refresh)
+            if self.hedge_timing is not None:
+                hedge = Hedge(
+                    lambda: self._start_hedge(ctx), self.hedge_timing.delay_s, self.metrics.hedges
+                )
+            attempt = await self.caller.attempt(self.user, ctx, refresh, hedge)
         else:
             attempt = Attempt(
                 failure=Failure(
@@ -268,16 +306,45 @@ class SchedulingEngine:
                 context=ctx,
             )
         if attempt.failure is None:
+            if hedge is not None:
+                hedge.discard()
             self.breaker.record_success()
             return self._result(attempt, "user", started)
         if attempt.failure.kind != "circuit_open":
             self.breaker.record_failure()
-        fallback = await self.caller.attempt(self.platform, attempt.context or ctx, None)
+        fallback = await self._fallback(ctx, attempt.context or ctx, hedge)
         if fallback.failure is None:
             result = self._result(fallback, "platform-fallback", started, attempt.failure)
             # The user script's own logs explain its failure; keep them.
             return _with_logs(result, attempt)
         return self._wait_result(fallback, attempt.context or ctx, started, attempt.failure)
+
+    async def _fallback(self, ctx: Context, context: Context, hedge: Hedge | None) -> Attempt:
+        """The platform's attempt on `context` (the cycle's `ctx`, or a refreshed one)."""
+        # A hedge decided on the cycle's context: after a refresh it is stale.
+        if hedge is None or not hedge.started or context is not ctx:
+            if hedge is not None:
+                hedge.discard()
+            return await self._platform_attempt(context, None)
+        fallback = await hedge.use()
+        failure = fallback.failure
+        if failure is not None and failure.kind in ("timeout", "worker_crash"):
+            # Started beside a script that may have been burning a CPU, the hedge may
+            # have starved: a hedge must not leave the cycle worse off than none would.
+            return await self._platform_attempt(context, None)
+        return fallback
+
+    async def _platform_attempt(self, ctx: Context, refresh: Refresh | None) -> Attempt:
+        attempt = await self.caller.attempt(self.platform, ctx, refresh)
+        if attempt.failure is None and self.hedge_timing is not None:
+            self.hedge_timing.record(attempt.call_s)
+        return attempt
+
+    def _start_hedge(self, ctx: Context) -> asyncio.Task[Attempt]:
+        task = asyncio.get_running_loop().create_task(self._platform_attempt(ctx, None))
+        self._hedges.add(task)
+        task.add_done_callback(self._hedges.discard)
+        return task
 
     def _result(
         self, attempt: Attempt, source: Source, started: float, error: Failure | None = None

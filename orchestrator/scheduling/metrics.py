@@ -78,6 +78,21 @@ class EngineMetrics:
             ["scheduler", "event"],
             registry=r,
         )
+        self.resyncs = Counter(
+            "sandbox_resync",
+            "Full snapshots sent to sandbox workers, by scheduler and when: in a cycle, "
+            "before the timed call, or in the background (a new spare, one that fell "
+            "behind).",
+            ["scheduler", "when"],
+            registry=r,
+        )
+        self.hedges = Counter(
+            "scheduler_hedge",
+            "Platform decisions computed beside a user scheduler slow to answer, by what "
+            "became of them: started, used (the cycle fell back to it), discarded.",
+            ["event"],
+            registry=r,
+        )
         self.circuit_open = Gauge(
             "scheduler_circuit_open",
             "1 while the circuit breaker keeps the user scheduler out.",

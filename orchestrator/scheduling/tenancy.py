@@ -15,21 +15,45 @@ dropped and counted; the dropped jobs stay queued for the next cycle.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from orchestrator.domain.context import Context, Gpu, Pool, Tenant, Worker, derive_metrics
+from orchestrator.domain.context import (
+    Context,
+    Gpu,
+    Job,
+    JobChanges,
+    Pool,
+    QueueView,
+    Tenant,
+    Worker,
+    derive_metrics,
+)
 from orchestrator.domain.decision import Batch, Decision, Dispatch, EvictWorker, Wait, flatten
 from orchestrator.scheduling.validation import accept_in_order
 
 PLATFORM = ""  # the proposer key of the platform scheduler's decision
 
 
-def tenant_view(ctx: Context, tenant_id: str, owners: Mapping[str, str | None]) -> Context:
+def tenant_view(
+    ctx: Context,
+    tenant_id: str,
+    owners: Mapping[str, str | None],
+    previous: Context | None = None,
+) -> Context:
     """What tenant `tenant_id`'s scheduler sees. `owners` maps running job ids to
-    their tenants (a worker's running jobs are only shown to their owners)."""
+    their tenants (a worker's running jobs are only shown to their owners).
+
+    `previous` is the tenant's view of the last cycle: when it was made from the
+    context `ctx` changed from, the view's job changes are `ctx`'s filtered to the
+    tenant, so that its delta costs what changed rather than the queue's length."""
     tenant = ctx.tenants_by_id.get(tenant_id) or Tenant(id=tenant_id)
-    queue = tuple(job for job in ctx.queue if job.tenant_id == tenant_id)
+    queue: Sequence[Job]
+    if isinstance(ctx.queue, QueueView):
+        queue = ctx.queue.for_tenant(tenant_id)
+    else:
+        queue = tuple(job for job in ctx.queue if job.tenant_id == tenant_id)
     headroom = None
     if tenant.quota_vram_bytes is not None:
         headroom = max(0, tenant.quota_vram_bytes - tenant.vram_used_bytes)
@@ -42,10 +66,28 @@ def tenant_view(ctx: Context, tenant_id: str, owners: Mapping[str, str | None]) 
         tenants=(tenant,),
         metrics=derive_metrics(queue, pools, ctx.now_ms),
         config=ctx.config,
+        changes=_tenant_changes(ctx, tenant_id, previous),
+        source=weakref.ref(ctx),
         # Only what its own prompts left in the workers' caches: block hashes are salted
         # by tenant (domain/prefix.py), and each tenant's entries are evicted in an order
         # of their own (state/prefix.py), so not even their number tells of another's.
         prefix=ctx.prefix.for_tenant(tenant_id),
+    )
+
+
+def _tenant_changes(ctx: Context, tenant_id: str, previous: Context | None) -> JobChanges | None:
+    changes = ctx.changes
+    parent = changes.parent() if changes is not None else None
+    if changes is None or parent is None or previous is None or previous.source is None:
+        return None  # the diff walks the view's jobs instead
+    if previous.source() is not parent:
+        return None
+    held = previous.jobs_by_id
+    return JobChanges(
+        weakref.ref(previous),
+        upserted=tuple(job for job in changes.upserted if job.tenant_id == tenant_id),
+        # Only ids the tenant's scheduler held: other tenants' job ids are not its to see.
+        removed=frozenset(job_id for job_id in changes.removed if job_id in held),
     )
 
 

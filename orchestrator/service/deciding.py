@@ -45,6 +45,8 @@ class Decider:
         self.engine = engine  # the platform scheduler's, with the user's when one runs
         self.tenant_engines = tenant_engines
         self.in_flight = in_flight  # running jobs: whose they are, for tenant views
+        # Each tenant's last view: the next one's job changes are filtered from ctx's.
+        self._views: dict[str, Context] = {}
         self.metrics = metrics
         self.refresh = refresh  # ctx.refresh_pool_state()
 
@@ -63,13 +65,18 @@ class Decider:
             return await self._arbitrated(ctx, cycle)
         return await self.engine.schedule(ctx, self.refresh)
 
+    def _view(self, ctx: Context, tenant_id: str, owners: Mapping[str, str | None]) -> Context:
+        view = tenant_view(ctx, tenant_id, owners, self._views.get(tenant_id))
+        self._views[tenant_id] = view
+        return view
+
     async def _arbitrated(self, ctx: Context, cycle: int) -> CycleResult:
         """Each tenant scheduler decides on its own view, the platform scheduler on the
         whole cluster, and the platform arbitrates."""
         owners = {job_id: r.tenant_id for job_id, r in self.in_flight.items()}
         results = await asyncio.gather(
             self.engine.schedule(ctx),
-            *(engine.schedule(tenant_view(ctx, tenant_id, owners))
+            *(engine.schedule(self._view(ctx, tenant_id, owners))
               for tenant_id, engine in self.tenant_engines.items()),
         )  # fmt: skip
         proposals = {PLATFORM: results[0].decision}

@@ -23,9 +23,11 @@ from orchestrator.support.log import get_logger
 log = get_logger("service")
 
 # How far a watcher may fall behind: events, and the bytes of what they carry (a
-# completed job's output can be long). A few hundred events is seconds of a busy
-# service's changes: a client that is that far behind is stuck, or reads too slowly.
-WATCHER_QUEUE = 256
+# completed job's output can be long). A job makes four events or so, so a watcher of
+# every job of a service at 1,000 requests a second takes 4,000 a second: this is a
+# second of them, which a client that is reading never lags by; one that is further
+# behind is stuck, or reads too slowly. The bytes bound the memory either way.
+WATCHER_QUEUE = 4096
 WATCHER_BYTES = 4 * 2**20
 EVENT_BYTES = 512  # a record's fixed fields, counted for every event
 

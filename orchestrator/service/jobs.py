@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Protocol
 
 from orchestrator.domain import transitions
@@ -38,13 +38,24 @@ from orchestrator.support.log import get_logger
 
 log = get_logger("service")
 
+# Jobs that ended lately are answered from memory (a client's Get, Watch or stream
+# that follows a job often arrives just after a short one ended), at most so many and
+# so many bytes of prompt and output. An ended job never changes: none is stale.
+ENDED_KEPT = 4096
+ENDED_KEPT_BYTES = 16 * 2**20
+# Job ids are 64 random bits each, from the OS's CSPRNG, drawn this many at a time:
+# a call into the OS releases the GIL, which a busy event loop then waits to get back.
+IDS_PER_DRAW = 512
+
 
 class JobStorage(Protocol):
-    """The durable job store (orchestrator/state/store.py, AsyncJobStore)."""
+    """The durable job store (orchestrator/state/store.py, AsyncJobStore). A write is
+    queued when `insert` or `apply` is called, and writes are committed in the order
+    of the calls; each awaitable ends once its write is committed."""
 
-    async def insert(self, record: JobRecord) -> tuple[JobRecord, bool]: ...
+    def insert(self, record: JobRecord) -> Awaitable[tuple[JobRecord, bool]]: ...
     async def by_request(self, tenant_id: str | None, request_id: str) -> JobRecord | None: ...
-    async def apply(self, transitions: Sequence[Transition]) -> list[JobRecord | None]: ...
+    def apply(self, transitions: Sequence[Transition]) -> Awaitable[list[JobRecord | None]]: ...
     async def get(self, job_id: str) -> JobRecord | None: ...
     async def list_jobs(
         self, states: Sequence[JobState], tenant_id: str | None, limit: int, after_seq: int
@@ -109,6 +120,16 @@ class Jobs:
         self.platform_mode = platform_mode
         self.wake = wake  # the scheduling loop's: a change worth a cycle
         self.draining = False
+        self._ended: dict[str, JobRecord] = {}  # oldest first (ENDED_KEPT)
+        self._ended_bytes = 0
+        self._ids = b""  # random bytes drawn for ids, used from _ids_at on
+        self._ids_at = 0
+
+    def _new_id(self) -> str:
+        if self._ids_at == len(self._ids):
+            self._ids, self._ids_at = secrets.token_bytes(8 * IDS_PER_DRAW), 0
+        self._ids_at += 8
+        return "job-" + self._ids[self._ids_at - 8 : self._ids_at].hex()
 
     # ------------------------------------------------------------------ the API's side
     async def submit(self, spec: SubmitSpec) -> JobRecord:
@@ -131,7 +152,7 @@ class Jobs:
             if known is not None:
                 return known
         at = now_ms()
-        record = new_record("job-" + secrets.token_hex(8), spec, model_ref, priority, catalog, at)
+        record = new_record(self._new_id(), spec, model_ref, priority, catalog, at)
         with self.admission.admit(spec.tenant_id, record.held_bytes, record.tokens_estimate):
             stored, created = await self.store.insert(record)
             if created:
@@ -144,7 +165,9 @@ class Jobs:
     async def get(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
         """The job; with a `tenant` ("": none), only if it is that tenant's. Another
         tenant's job is not found, in the same words as an unknown one."""
-        record = self.live.records.get(job_id) or await self.store.get(job_id)
+        record = (
+            self.live.records.get(job_id) or self._ended.get(job_id) or await self.store.get(job_id)
+        )
         if record is None or not in_scope(record.tenant_id, tenant):
             raise NotFoundError(f"job {job_id!r} not found")
         return record
@@ -213,24 +236,42 @@ class Jobs:
             self.events.publish(updated, at, f"dispatched to {worker_id}")
         return results
 
-    async def first_token(self, job_id: str) -> None:
-        at = now_ms()
-        (updated,) = await self.store.apply([transitions.first_token(job_id, at)])
+    def first_token(self, job_id: str, at: int) -> Awaitable[None]:
+        """The attempt's first token came at `at`. Its transition is queued now, ahead of
+        whatever the caller writes next (often in the same commit); the awaitable follows
+        it to the live state and the watchers once committed, so that the stream it came
+        in need not wait for the disk."""
+        return self._running(self.store.apply([transitions.first_token(job_id, at)]), at)
+
+    async def _running(self, written: Awaitable[list[JobRecord | None]], at: int) -> None:
+        (updated,) = await written
         if updated is not None:
-            self.live.update(updated)
-            self.events.publish(updated, at, "running")
+            self._run_on(updated, at)
+
+    def _run_on(self, record: JobRecord, at: int) -> None:
+        self.live.update(record)
+        self.events.publish(record, at, "running")
 
     async def complete(
         self, job_id: str, worker_id: str, output: str, tokens: int, at: int, *,
-        prompt_tokens: int = 0, finish_reason: str = "",
+        prompt_tokens: int = 0, finish_reason: str = "", first_token_at: int | None = None,
     ) -> None:  # fmt: skip
-        """The attempt running on `worker_id` completed. Its TTFT and TPOT are observed
-        now, from the completed record, so that /metrics says what the record says."""
+        """The attempt running on `worker_id` completed; with `first_token_at`, its first
+        token, not written yet, is written with it (one write, the same two transitions).
+        Its TTFT and TPOT are observed now, from the completed record, so that /metrics
+        says what the record says."""
         done_by = transitions.complete(
             job_id, worker_id, output, tokens, at,
             prompt_tokens=prompt_tokens, finish_reason=finish_reason,
         )  # fmt: skip
-        (done,) = await self.store.apply([done_by])
+        if first_token_at is None:
+            (done,) = await self.store.apply([done_by])
+        else:
+            running, done = await self.store.apply(
+                [transitions.first_token(job_id, first_token_at), done_by]
+            )
+            if running is not None:
+                self._run_on(running, first_token_at)
         if done is not None:
             self.live.record_completion(done, worker_id, at)
             self.metrics.completed(done, known_tenants=self.platform_mode)
@@ -259,8 +300,21 @@ class Jobs:
             self._finished(cancelled, at, "cancelled by client")
 
     def _finished(self, record: JobRecord, at: int, detail: str) -> None:
+        self._keep_ended(record)
         self.live.finish(record.id)
         self.metrics.finished.labels(record.state).inc()
         self.outputs.end(record)
         self.events.publish(record, at, detail)
         self.wake.set()
+
+    def _keep_ended(self, record: JobRecord) -> None:
+        self._ended[record.id] = record
+        self._ended_bytes += _size(record)
+        while len(self._ended) > ENDED_KEPT or self._ended_bytes > ENDED_KEPT_BYTES:
+            oldest = self._ended.pop(next(iter(self._ended)))
+            self._ended_bytes -= _size(oldest)
+
+
+def _size(record: JobRecord) -> int:
+    """What an ended job holds in memory, roughly: its prompt and its output."""
+    return record.held_bytes + len(record.output)

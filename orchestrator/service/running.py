@@ -11,6 +11,7 @@ next start retries it (`Jobs.recover`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Protocol
 
 from orchestrator.domain.jobs import JobRecord
@@ -121,12 +122,14 @@ class JobRunner:
 
     async def _run(self, record: JobRecord, worker_id: str, endpoint: WorkerEndpoint) -> None:
         job_id = record.id
+        progress = _JobProgress(job_id, self.jobs, self.outputs)
         try:
-            outcome = await self.completions.run(
-                record, endpoint, self.timeout_s, _JobProgress(job_id, self.jobs, self.outputs)
-            )
+            outcome = await self.completions.run(record, endpoint, self.timeout_s, progress)
         except asyncio.CancelledError:
+            progress.write_first_token()
             await self._stopped(record, worker_id)
+            with contextlib.suppress(Exception):  # the task ends cancelled, as it was
+                await progress.recorded()
             raise
         except Exception as exc:
             # Left uncaught, the job would stay in flight holding its slot, with no task
@@ -141,11 +144,14 @@ class JobRunner:
             await self.jobs.complete(
                 job_id, worker_id, outcome.output, outcome.tokens, at,
                 prompt_tokens=outcome.prompt_tokens, finish_reason=outcome.finish_reason,
+                first_token_at=progress.first_token_at(),
             )  # fmt: skip
-            return
-        if outcome.worker_failed and self.failed_workers is not None:
-            self.failed_workers.mark_failed(worker_id, outcome.error)
-        await self.jobs.retry_or_fail(record, outcome.error, at)
+        else:
+            progress.write_first_token()
+            if outcome.worker_failed and self.failed_workers is not None:
+                self.failed_workers.mark_failed(worker_id, outcome.error)
+            await self.jobs.retry_or_fail(record, outcome.error, at)
+        await progress.recorded()
 
     async def _stopped(self, record: JobRecord, worker_id: str) -> None:
         job_id = record.id
@@ -162,15 +168,45 @@ class JobRunner:
 
 class _JobProgress:
     """What the completion client reports of one running job (pools/completion.py,
-    `Progress`): the first token moves the job to running, text goes to its followers."""
+    `Progress`): the first token moves the job to running, text goes to its followers.
+
+    The first token's transition is written at the loop's next turn, not on the spot:
+    when the job's end comes in the same read (a short job), `first_token_at` hands it
+    to the runner, which writes both in one go. Either way the first token's write is
+    queued before the job's end, so they are committed in that order, and the stream
+    reads on meanwhile. `recorded` waits for a first token's write queued on its own."""
 
     def __init__(self, job_id: str, jobs: Jobs, outputs: OutputFeed) -> None:
         self.job_id = job_id
         self.jobs = jobs
         self.outputs = outputs
+        self._at = 0
+        self._due: asyncio.Handle | None = None
+        self._running: asyncio.Future[None] | None = None
 
-    async def first_token(self) -> None:
-        await self.jobs.first_token(self.job_id)
+    def first_token(self) -> None:
+        self._at = now_ms()
+        self._due = asyncio.get_running_loop().call_soon(self.write_first_token)
+
+    def write_first_token(self) -> None:
+        """Queue the first token's write now, if it is due (before a failure's)."""
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+            self._running = asyncio.ensure_future(self.jobs.first_token(self.job_id, self._at))
+
+    def first_token_at(self) -> int | None:
+        """When the first token came, if its write is still to be made: then the caller
+        makes it, with the job's end."""
+        if self._due is None:
+            return None
+        self._due.cancel()
+        self._due = None
+        return self._at
 
     def text(self, text: str, tokens: int) -> None:
         self.outputs.append(self.job_id, text, tokens)
+
+    async def recorded(self) -> None:
+        if self._running is not None:
+            await self._running

@@ -637,14 +637,14 @@ class SimCluster:
     def context(self, now_ms: int) -> Context:
         pools = tuple(self._pool(p, now_ms) for p in self.pool_ids)
         self._dirty.clear()
-        queue = self._queue.jobs()
+        queue = self._queue.snapshot()
         ctx = Context(
             now_ms=EPOCH_MS + now_ms,
             queue=queue,
             pools=pools,
             catalog=self.catalog,
             tenants=self.tenants,
-            metrics=derive_metrics(queue, pools, EPOCH_MS + now_ms, totals=self._queue.totals()),
+            metrics=derive_metrics(queue, pools, EPOCH_MS + now_ms, totals=queue.totals()),
             config=self.config,
             changes=self._queue.take_changes(self._last),
             prefix=self.index.state(),

@@ -1,8 +1,10 @@
 """The core's live view: queued and running jobs, pools, workers, tenants.
 
-It turns into a `Context` once per scheduling cycle. Records that did not change
-keep their identity between cycles (jobs are converted once; a pool is rebuilt only
-when something in it changed), so that the snapshot journal's diff stays cheap.
+It turns into a `Context` once per scheduling cycle, at a cost that follows what
+changed, not the queue's length (issue 17): the queue is a snapshot view with the
+changes logged since the last context (state/jobqueue.py), and records that did not
+change keep their identity between cycles (jobs are converted once; a pool is
+rebuilt only when something in it changed), so the delta skips them by identity.
 
 Workers are seen twice: the pool reports the process (starting, ready, failed) and
 the core knows what it sent where (busy, current job, completions). `Worker`
@@ -111,6 +113,11 @@ class ClusterState:
         self.tokens_day_ends_ms = 0
         self.completions: deque[int] = deque()
         self._pool_cache: dict[str, tuple[tuple[object, ...], Pool]] = {}
+        # What the core knows of a pool's workers changes with their jobs: each change
+        # bumps the pool's counter, so that a cycle rebuilds only the pools it touched
+        # instead of comparing every worker's stats (issue 17).
+        self._stats_versions: dict[str, int] = {}
+        self._worker_pools: dict[str, str] = {}  # worker id -> pool id, as last built
         self._context_config = config.context_config()
         self.prefix = PrefixIndex(
             config.prefix_cache.block_tokens, config.prefix_cache.max_sessions
@@ -227,7 +234,14 @@ class ClusterState:
             self._tenant_queued[tenant] = (jobs - 1, held - size)
         self.queued_prompt_bytes -= size
 
+    def _touched(self, worker_id: str) -> None:
+        """What the core knows of the worker changed: its pool's record is rebuilt."""
+        pool_id = self._worker_pools.get(worker_id)
+        if pool_id is not None:
+            self._stats_versions[pool_id] = self._stats_versions.get(pool_id, 0) + 1
+
     def record_completion(self, record: JobRecord, worker_id: str, at_ms: int) -> None:
+        self._touched(worker_id)
         stats = self.stats.setdefault(worker_id, WorkerStats())
         stats.jobs_completed += 1
         stats.tokens += record.tokens_generated
@@ -241,6 +255,7 @@ class ClusterState:
 
     def occupy(self, worker_id: str, job_id: str, at_ms: int) -> None:
         """`job_id` was sent to `worker_id`: it takes one of the worker's slots."""
+        self._touched(worker_id)
         stats = self.stats.setdefault(worker_id, WorkerStats())
         stats.active[job_id] = at_ms
         stats.last_used_at_ms = at_ms
@@ -248,6 +263,7 @@ class ClusterState:
 
     def release(self, worker_id: str, job_id: str, at_ms: int) -> None:
         """The core heard the end of `job_id` on `worker_id`: its slot is free."""
+        self._touched(worker_id)
         stats = self.stats.setdefault(worker_id, WorkerStats())
         stats.active.pop(job_id, None)
         stats.last_used_at_ms = at_ms
@@ -260,7 +276,9 @@ class ClusterState:
 
     def forget_worker(self, worker_id: str) -> None:
         """The worker was evicted: what the core knew of it goes too."""
+        self._touched(worker_id)
         self.stats.pop(worker_id, None)
+        self._worker_pools.pop(worker_id, None)
         self.prefix.forget(worker_id)
 
     def _remember_prefix(self, job: Job, worker_id: str) -> tuple[int, int]:
@@ -329,6 +347,8 @@ class ClusterState:
             return cached[1]
         pool = build()
         self._pool_cache[pool_id] = (key, pool)
+        for worker in pool.workers:
+            self._worker_pools[worker.id] = pool_id
         return pool
 
     def pools(self, at_ms: int, *, fresh: bool = False) -> tuple[Pool, ...]:
@@ -337,7 +357,7 @@ class ClusterState:
             lp = self.local_pool
             gpus, host = lp.read(force=fresh)
             workers = lp.processes()
-            overlay = tuple(_overlay_key(self.stats.get(w.id)) for w in workers)
+            overlay = self._stats_versions.get(lp.id, 0)
             local_key: tuple[object, ...] = (lp.version, gpus, host, overlay)
 
             def build_local() -> Pool:
@@ -359,7 +379,7 @@ class ClusterState:
             out.append(pool if pool.last_heartbeat_ms == at_ms else _beat(pool, at_ms))
         for rp in self.remote.sorted():
             status = self.remote.status(rp, at_ms)
-            overlay = tuple(_overlay_key(self.stats.get(w.id)) for w in rp.workers)
+            overlay = self._stats_versions.get(rp.id, 0)
             remote_key: tuple[object, ...] = (
                 rp.last_heartbeat_ms,
                 status,
@@ -430,13 +450,15 @@ class ClusterState:
         self.release_due(at)
         while self.completions and self.completions[0] < at - 60_000:
             self.completions.popleft()
-        queue = self._queue.jobs()
+        queue = self._queue.snapshot()
         pools = self.pools(at, fresh=fresh)
         last = self._last_context
         if last is None or len(pools) != len(last.pools) or any(map(is_not, pools, last.pools)):
             # Workers that stopped without an eviction (a crash, a pool gone) leave
-            # nothing behind in the index either.
-            self.prefix.retain({w.id for pool in pools for w in pool.workers})
+            # nothing behind in the index, nor in the map of whose pool they were.
+            live = {w.id for pool in pools for w in pool.workers}
+            self.prefix.retain(live)
+            self._worker_pools = {w: p for w, p in self._worker_pools.items() if w in live}
         ctx = Context(
             now_ms=at,
             queue=queue,
@@ -448,7 +470,7 @@ class ClusterState:
                 pools,
                 at,
                 jobs_completed_last_minute=len(self.completions),
-                totals=self._queue.totals(),
+                totals=queue.totals(),
             ),
             config=self._context_config,
             changes=self._queue.take_changes(self._last_context),
@@ -460,12 +482,6 @@ class ClusterState:
 
 def _by_id(worker: Worker) -> str:
     return worker.id
-
-
-def _overlay_key(stats: WorkerStats | None) -> tuple[object, ...]:
-    if stats is None:
-        return ()
-    return (tuple(stats.active), stats.jobs_completed, stats.last_used_at_ms, stats.busy_ms)
 
 
 def _beat(pool: Pool, at_ms: int) -> Pool:

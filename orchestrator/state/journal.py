@@ -44,11 +44,6 @@ class SnapshotJournal:
         delta = diff(previous, ctx)
         self.seq += 1
         self.context = ctx
-        # Keep the job index warm along the chain: with the parent's index it is a
-        # copy plus the changes (~35 µs at 10,000 jobs); cold, the validator's first
-        # dispatch check rebuilds it (~1 ms).
-        if ctx.changes_since(previous) is not None:
-            ctx.jobs_by_id  # noqa: B018 - evaluated for its cache
         self._deltas.append((self.seq, delta))
         data = delta.SerializeToString(deterministic=True)
         self.snapshot_hash = hashlib.sha256(self.snapshot_hash.encode() + data).hexdigest()

@@ -2,9 +2,10 @@
 
 A delta carries what changed from one context to the next (docs/ARCHITECTURE.md, D1): jobs added
 or removed, pools, GPUs and workers changed, and the prompt blocks workers gained or
-lost (D29). Unchanged records are skipped by
-identity first, so a state store that reuses its unchanged objects makes a cycle
-cost what changed. Pure: no I/O.
+lost (D29). The jobs are the changes the queue logged as they happened (the
+context's `JobChanges`, state/jobqueue.py); pools, and the workers in them, are
+skipped by identity, so a state store that reuses its unchanged objects makes a
+cycle cost what changed (issue 17). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -286,15 +287,28 @@ def diff(old: Context, new: Context) -> pb.ContextDelta:
             if old_gpus.get(gpu_id) != gpu:
                 delta.upsert_gpus.append(gpu_to_proto(pool_id, gpu))
 
-    old_workers, new_workers = old.workers_by_id, new.workers_by_id
+    # Workers only of the pools that are not the same objects: an unchanged pool's
+    # workers are unchanged, and a worker that moved changed both of its pools.
+    old_workers = {
+        w.id: (pool_id, w)
+        for pool_id, pool in old_pools.items()
+        if new_pools.get(pool_id) is not pool
+        for w in pool.workers
+    }
+    new_workers = {
+        w.id: (pool_id, w)
+        for pool_id, pool in new_pools.items()
+        if old_pools.get(pool_id) is not pool
+        for w in pool.workers
+    }
     delta.remove_workers.extend(
         worker_id for worker_id in old_workers if worker_id not in new_workers
     )
-    for worker_id, (pool, worker) in new_workers.items():
+    for worker_id, (pool_id, worker) in new_workers.items():
         before_pool_id, before_worker = old_workers.get(worker_id, (None, None))
-        moved = before_pool_id is None or before_pool_id.id != pool.id
+        moved = before_pool_id != pool_id
         if moved or (before_worker is not worker and before_worker != worker):
-            delta.upsert_workers.append(worker_to_proto(pool.id, worker))
+            delta.upsert_workers.append(worker_to_proto(pool_id, worker))
 
     if old.catalog is not new.catalog and old.catalog != new.catalog:
         delta.catalog.CopyFrom(catalog_to_proto(new.catalog))

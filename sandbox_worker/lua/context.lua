@@ -4,21 +4,25 @@
 --
 -- Every master table is created here, once, and never replaced: other files hold it,
 -- so reset and the clear_* functions empty it in place. The one exception is the
--- queue, which every commit rebuilds: it is read through view.current_queue().
+-- ordered queue, read through view.current_queue().
+--
+-- An update costs what changed, not the size of the queue (issue 17): a job goes into
+-- `jobs` and a set of pending changes, and the ordered queue is merged only when
+-- something first reads it in order during a call (ctx.queue, filter_jobs, the platform
+-- scheduler), on that script's account. A full snapshot keeps its job columns as they
+-- came, and a job's master is built when the job is first read (proxies.lua).
 return function(P, proxies)
-  local pairs, ipairs, next, setmetatable = P.pairs, P.ipairs, P.next, P.setmetatable
+  local type, pairs, ipairs, next, error = P.type, P.pairs, P.ipairs, P.next, P.error
   local s_find, s_sub = P.s_find, P.s_sub
   local t_insert, t_remove, t_sort = P.t_insert, P.t_remove, P.t_sort
   local m_floor = P.m_floor
   local new_table, empty, copy_flat = P.new_table, P.empty, P.copy_flat
-  local master_of, job_master_mt = proxies.master_of, proxies.job_master_mt
-  local make_job_proxy, repoint, release = proxies.make_job_proxy, proxies.repoint, proxies.release
-  local release_all = proxies.release_all
+  local master_of, make_job_proxy = proxies.master_of, proxies.make_job_proxy
+  local repoint, release, release_all = proxies.repoint, proxies.release, proxies.release_all
 
   local PRIORITY_RANK = { interactive = 0, batch = 1 }
 
   local jobs = {}         -- id -> proxy
-  local queue = {}        -- proxies in queue order (replaced by every commit)
   local pools = {}        -- id -> { info = {...}, gpus = {sorted}, workers = {sorted} }
   local pool_ids = {}     -- sorted
   local worker_pool = {}  -- worker id -> pool id
@@ -36,33 +40,185 @@ return function(P, proxies)
   local job_session = {}  -- job id -> the worker its session last ran on
   local held = {}         -- worker id -> { [hash] = true }: what it is believed to hold
   local prefix = { block_tokens = 512 }
-  local n_job_blocks, n_held = 0, 0  -- for the memory cap (counts)
+  -- Kept as records come and go, so that counts() (every call) does not walk them.
+  local n_jobs, n_workers, n_gpus, n_running = 0, 0, 0, 0
+  local n_job_blocks, n_held = 0, 0
 
-  local function job_before(a, b)
-    local ra = PRIORITY_RANK[a.priority] or 2
-    local rb = PRIORITY_RANK[b.priority] or 2
-    if ra ~= rb then return ra < rb end
-    if a.queued_at ~= b.queued_at then return a.queued_at < b.queued_at end
-    return a.id < b.id
+  -- The last full snapshot's job columns, while a job still reads from them: proxies
+  -- of its jobs hold their row until first read, and a stale place (below) the row of
+  -- a job that changed or left until the next merge. Dropped when neither is left; until
+  -- then all its rows count towards the memory cap (counts).
+  local snap, snap_at, snap_rows, snap_live = nil, nil, 0, 0
+
+  -- The queue in order, as of the last merge. A queued job is in it, or pending (added
+  -- or changed since), or both: a changed job's entry is stale, at its old place. A
+  -- stale entry keeps the job's master or row as it was, by whose order the merge
+  -- finds it, so that a merge is a copy of the queue, not a lookup per job.
+  local queue, n_queue = {}, 0
+  -- The array the queue was in before the last merge; the next merge writes into it.
+  -- Nothing holds the queue from one call to the next (ctx.queue is a copy), and a
+  -- fresh 8-byte-per-job array for every merge costs more than the merge itself.
+  local spare, n_spare = {}, 0
+  local pending = {}         -- proxy -> true
+  local stale = {}           -- proxy -> its old master or row, at its place in queue
+  local n_stale = 0
+  local merges = 0           -- for tests, through host.queue_merges
+
+  -- `flat` holds the job columns named in `layout`, n values each, one column after
+  -- another (runtime.py's _jobs), then every job's block hashes in turn. Returns each
+  -- column's offset by name, and the hashes' offset.
+  local function offsets(layout, n)
+    local at = {}
+    for k = 1, #layout do at[layout[k]] = (k - 1) * n end
+    return at, #layout * n
   end
 
-  local function proxy_before(a, b) return job_before(master_of[a], master_of[b]) end
+  -- Job r's master. A column that was not sent holds its unset value everywhere: ""
+  -- for strings, 0 for the prompt's tokens and blocks.
+  local function job_record(flat, at, r)
+    local tenant = at.tenant_id and flat[at.tenant_id + r] or ""
+    local session = at.session_id and flat[at.session_id + r] or ""
+    local seed = flat[at.seed + r]
+    if tenant == "" then tenant = nil end
+    if session == "" then session = nil end
+    if seed < 0 then seed = nil end
+    return {
+      id = flat[at.id + r], tenant_id = tenant, session_id = session,
+      priority = flat[at.priority + r], model_ref = flat[at.model_ref + r],
+      prompt_hash = at.prompt_hash and flat[at.prompt_hash + r] or "",
+      max_tokens = flat[at.max_tokens + r], seed = seed, temperature = flat[at.temperature + r],
+      created_at = flat[at.created_at + r], queued_at = flat[at.queued_at + r],
+      retry_count = flat[at.retry_count + r],
+      estimated_vram_bytes = flat[at.estimated_vram_bytes + r],
+      estimated_duration_ms = flat[at.estimated_duration_ms + r],
+      prompt_tokens = at.prompt_tokens and flat[at.prompt_tokens + r] or 0,
+      prompt_blocks = at.block_counts and flat[at.block_counts + r] or 0,
+    }
+  end
 
-  -- Changes to the queue are collected and merged in one pass per update, so that an
-  -- update costs what changed plus one linear merge, never a shift per job.
-  local pending = {}         -- proxies added or re-ordered since the last commit
-  local in_pending = {}      -- proxy -> true
-  local moved = {}           -- proxy -> true: drop from its old place at commit
+  -- The columns go once no job reads from them and no stale place may hold a row.
+  local function drop_columns_if_unread()
+    if snap_live == 0 and n_stale == 0 then snap, snap_at, snap_rows = nil, nil, 0 end
+  end
+
+  -- A job no longer reads from the snapshot's columns: it was built, changed or left.
+  local function off_columns()
+    snap_live = snap_live - 1
+    drop_columns_if_unread()
+  end
+
+  proxies.set_builder(function(r)
+    local master = job_record(snap, snap_at, r)
+    off_columns()
+    return master
+  end)
+
+  -- Queue order: priority class, then queued_at, then id, of a master, a stale entry's
+  -- old fields, or a row of the snapshot's columns (read there, without building the
+  -- job's master).
+  local function order(m)
+    if type(m) == "number" then
+      return PRIORITY_RANK[snap[snap_at.priority + m]] or 2, snap[snap_at.queued_at + m],
+        snap[snap_at.id + m]
+    end
+    return PRIORITY_RANK[m.priority] or 2, m.queued_at, m.id
+  end
+
+  local function before(ra, qa, ia, rb, qb, ib)
+    if ra ~= rb then return ra < rb end
+    if qa ~= qb then return qa < qb end
+    return ia < ib
+  end
+
+  -- Jobs as they are now.
+  local function proxy_before(a, b)
+    local ra, qa, ia = order(master_of[a])
+    return before(ra, qa, ia, order(master_of[b]))
+  end
+
+  -- The first place in queue[from..n_queue] whose entry does not come before the
+  -- order (r, q, id). Entries are ordered by what they were at the last merge.
+  local function place_of(from, r, q, id)
+    local lo, hi = from, n_queue + 1
+    while lo < hi do
+      local mid = m_floor((lo + hi) / 2)
+      local entry = queue[mid]
+      local re, qe, ie = order(stale[entry] or master_of[entry])
+      if before(re, qe, ie, r, q, id) then lo = mid + 1 else hi = mid end
+    end
+    return lo
+  end
+
+  -- Merge what changed into the queue: each stale entry and each pending job finds its
+  -- place by binary search, and the queue is copied once around them.
+  -- O(queue + changes * log(queue)), with no lookup per unchanged job.
+  local function merge()
+    local gone, g = new_table(n_stale, 0), 0
+    for proxy, old in next, stale do
+      local at = place_of(1, order(old))
+      if queue[at] ~= proxy then error("sandbox: the queue is out of order") end
+      g = g + 1; gone[g] = at
+    end
+    t_sort(gone)
+    local added, m = {}, 0
+    for proxy in next, pending do m = m + 1; added[m] = proxy end
+    if m > 1 then t_sort(added, proxy_before) end
+    local merged, k, from, skip = spare, 0, 1, 1
+    -- Extended first: a merge can fail part-way in a script's call (its memory cap), and
+    -- whatever it wrote is then cleared by the next one.
+    if n_queue - g + m > n_spare then n_spare = n_queue - g + m end
+    for j = 1, m + 1 do
+      local to = n_queue
+      if j <= m then to = place_of(from, order(master_of[added[j]])) - 1 end
+      for i = from, to do
+        if i == gone[skip] then skip = skip + 1 else k = k + 1; merged[k] = queue[i] end
+      end
+      if j <= m then k = k + 1; merged[k] = added[j] end
+      from = to + 1
+    end
+    for i = k + 1, n_spare do merged[i] = nil end
+    spare, n_spare, queue, n_queue = queue, n_queue, merged, k
+    pending, stale, n_stale = {}, {}, 0
+    merges = merges + 1
+    drop_columns_if_unread()
+  end
+
+  -- The queue in order, merged first if anything changed since the last merge.
+  local function current_queue()
+    if n_stale > 0 or next(pending) ~= nil then merge() end
+    return queue
+  end
+
+  -- After each update. Nothing is merged for the queue's sake, but the places of jobs
+  -- that left are not kept forever when no script reads the queue: once they outnumber
+  -- the jobs queued, merge. A merge then follows at least as many changes as the queue
+  -- holds jobs, so its cost per change stays constant.
+  local function commit()
+    if n_stale > n_jobs then merge() end
+  end
+
+  -- A queued job changes or leaves: if it has a place in the queue, that place is now
+  -- stale, and keeps the job's master or row as it was. (A snapshot's jobs are never
+  -- pending: they are all in the queue.)
+  local function unplace(proxy)
+    local m = master_of[proxy]
+    if not pending[proxy] then
+      stale[proxy] = m
+      n_stale = n_stale + 1
+    end
+    if type(m) == "number" then off_columns() end
+  end
 
   local function reset()
     empty(jobs)
-    queue, pending, in_pending, moved = {}, {}, {}, {}
     release_all()
+    queue, n_queue, spare, n_spare, pending, stale, n_stale = {}, 0, {}, 0, {}, {}, 0
+    snap, snap_at, snap_rows, snap_live = nil, nil, 0, 0
     empty(pools); empty(pool_ids); empty(worker_pool)
     empty(models); empty(model_list); empty(aliases); empty(base_refs)
     empty(tenants); empty(tenant_ids); empty(metrics); empty(config)
     empty(job_blocks); empty(job_session); empty(held)
-    n_job_blocks, n_held = 0, 0
+    n_jobs, n_workers, n_gpus, n_running, n_job_blocks, n_held = 0, 0, 0, 0, 0, 0
   end
 
   local function forget_blocks(id)
@@ -71,105 +227,103 @@ return function(P, proxies)
     job_blocks[id], job_session[id] = nil, nil
   end
 
-  -- n jobs as columns (Lua arrays); "" and -1 stand for unset values. Job i's block
-  -- hashes are block_flat[offset + 1 .. offset + block_counts[i]]. The four prefix
-  -- columns are nil when nothing in them is set.
-  local function put_jobs(n, ids, tenant_col, session_col, priorities, model_refs, hashes,
-                          max_tokens, seeds, temperatures, created, queued, retries, vram, duration,
-                          prompt_tokens, block_counts, block_flat, session_workers)
-    local offset = 0
-    for i = 1, n do
-      local id = ids[i]
-      local tenant, session, seed = tenant_col[i], session_col[i], seeds[i]
-      if tenant == "" then tenant = nil end
-      if session == "" then session = nil end
-      if seed < 0 then seed = nil end
-      local master = setmetatable({
-        id = id, tenant_id = tenant, session_id = session, priority = priorities[i],
-        model_ref = model_refs[i], prompt_hash = hashes[i], max_tokens = max_tokens[i],
-        seed = seed, temperature = temperatures[i], created_at = created[i],
-        queued_at = queued[i], retry_count = retries[i], estimated_vram_bytes = vram[i],
-        estimated_duration_ms = duration[i],
-        prompt_tokens = prompt_tokens and prompt_tokens[i] or 0,
-        prompt_blocks = block_counts and block_counts[i] or 0,
-      }, job_master_mt)
+  -- The prompt blocks and session workers of n jobs: job r's block hashes are
+  -- flat[offset + 1 .. offset + its block count], from `hashes_at` on.
+  local function put_prefix(n, at, flat, hashes_at)
+    local ids, counts, sessions = at.id, at.block_counts, at.session_worker
+    local offset = hashes_at
+    for r = 1, n do
+      local id = flat[ids + r]
       forget_blocks(id)
-      local count = block_counts and block_counts[i] or 0
-      if count > 0 then
-        local list = new_table(count, 0)
-        for j = 1, count do list[j] = block_flat[offset + j] end
-        job_blocks[id] = list
-        n_job_blocks = n_job_blocks + count
+      if counts then
+        local count = flat[counts + r]
+        if count > 0 then
+          local list = new_table(count, 0)
+          for j = 1, count do list[j] = flat[offset + j] end
+          job_blocks[id] = list
+          n_job_blocks = n_job_blocks + count
+        end
+        offset = offset + count
       end
-      offset = offset + count
-      local session_worker = session_workers and session_workers[i] or ""
-      if session_worker ~= "" then job_session[id] = session_worker end
+      if sessions then
+        local worker = flat[sessions + r]
+        if worker ~= "" then job_session[id] = worker end
+      end
+    end
+  end
+
+  -- Jobs added or changed (a delta): masters are built now, O(jobs).
+  local function put_jobs(n, layout, flat)
+    local at, hashes_at = offsets(layout, n)
+    local ids = at.id
+    for r = 1, n do
+      local id = flat[ids + r]
+      local master = job_record(flat, at, r)
       local proxy = jobs[id]
       if proxy then  -- keep the proxy (a script may hold it), point it at the new master
+        unplace(proxy)
         repoint(proxy, master)
-        moved[proxy] = true
       else
         proxy = make_job_proxy(master)
         jobs[id] = proxy
+        n_jobs = n_jobs + 1
       end
-      if not in_pending[proxy] then
-        in_pending[proxy] = true
-        pending[#pending + 1] = proxy
+      pending[proxy] = true
+    end
+    put_prefix(n, at, flat, hashes_at)
+  end
+
+  -- Whether rows 1..n of the columns are in queue order.
+  local function rows_in_order(flat, at, n)
+    local pr, qa, ids = at.priority, at.queued_at, at.id
+    local r0, q0, i0 = PRIORITY_RANK[flat[pr + 1]] or 2, flat[qa + 1], flat[ids + 1]
+    for r = 2, n do
+      local r1, q1, i1 = PRIORITY_RANK[flat[pr + r]] or 2, flat[qa + r], flat[ids + r]
+      if before(r1, q1, i1, r0, q0, i0) then return false end
+      r0, q0, i0 = r1, q1, i1
+    end
+    return true
+  end
+
+  -- The jobs of a full snapshot, right after reset: a proxy each, reading from its row
+  -- until first read. They come in queue order; sorted here only when they do not.
+  local function put_snapshot_jobs(n, layout, flat)
+    if n_jobs > 0 then error("sandbox: a snapshot's jobs go into an empty context") end
+    local at, hashes_at = offsets(layout, n)
+    snap, snap_at, snap_rows = flat, at, n
+    queue = new_table(n, 0)
+    local ids, live = at.id, 0
+    for r = 1, n do
+      local id = flat[ids + r]
+      local proxy = jobs[id]
+      if proxy then  -- one id twice (the core never sends it): the later row wins
+        if type(master_of[proxy]) == "number" then live = live - 1 end
+        repoint(proxy, job_record(flat, at, r))
+      else
+        proxy = make_job_proxy(r)
+        jobs[id] = proxy
+        n_jobs, live = n_jobs + 1, live + 1
+        queue[n_jobs] = proxy
       end
     end
+    n_queue, snap_live = n_jobs, live
+    if n_jobs < n or not rows_in_order(flat, at, n) then t_sort(queue, proxy_before) end
+    drop_columns_if_unread()
+    if at.block_counts or at.session_worker then put_prefix(n, at, flat, hashes_at) end
   end
 
   local function remove_jobs(n, ids)
     for i = 1, n do
-      local proxy = jobs[ids[i]]
-      forget_blocks(ids[i])
+      local id = ids[i]
+      local proxy = jobs[id]
+      forget_blocks(id)
       if proxy then
-        jobs[ids[i]] = nil
+        unplace(proxy)
+        jobs[id], pending[proxy] = nil, nil
+        n_jobs = n_jobs - 1
         release(proxy)
-        moved[proxy] = true
       end
     end
-  end
-
-  -- Merge what changed into the queue: the unchanged jobs are copied once, and each
-  -- changed one finds its place by binary search.
-  local function commit()
-    if #pending == 0 and next(moved) == nil then return end
-    local kept, n = queue, #queue
-    if next(moved) ~= nil then
-      kept, n = new_table(#queue, 0), 0
-      for i = 1, #queue do
-        local p = queue[i]
-        if not moved[p] then n = n + 1; kept[n] = p end
-      end
-    end
-    local added, m = {}, 0
-    for i = 1, #pending do
-      local p = pending[i]
-      if master_of[p] ~= nil then m = m + 1; added[m] = p end  -- not removed since
-    end
-    for i = 2, m do  -- full snapshots arrive in order: sort only when they do not
-      if proxy_before(added[i], added[i - 1]) then t_sort(added, proxy_before) break end
-    end
-    if n == 0 then
-      queue = added
-    else
-      local merged, k, from = new_table(n + m, 0), 0, 1
-      for j = 1, m do
-        local a = master_of[added[j]]
-        local lo, hi = from, n + 1
-        while lo < hi do
-          local mid = m_floor((lo + hi) / 2)
-          if job_before(master_of[kept[mid]], a) then lo = mid + 1 else hi = mid end
-        end
-        for i = from, lo - 1 do k = k + 1; merged[k] = kept[i] end
-        k = k + 1; merged[k] = added[j]
-        from = lo
-      end
-      for i = from, n do k = k + 1; merged[k] = kept[i] end
-      queue = merged
-    end
-    pending, in_pending, moved = {}, {}, {}
   end
 
   local function insert_sorted(list, item, before)
@@ -180,6 +334,11 @@ return function(P, proxies)
 
   local function by_id(a, b) return a.id < b.id end
   local function string_less(a, b) return a < b end
+
+  local function index_of(list, id)
+    for i = 1, #list do if list[i].id == id then return i end end
+    return nil
+  end
 
   local function ensure_pool(id)
     local pool = pools[id]
@@ -207,77 +366,120 @@ return function(P, proxies)
   local function remove_pool(id)
     local pool = pools[id]
     if not pool then return end
-    for _, w in ipairs(pool.workers) do worker_pool[w.id] = nil end
+    for _, w in ipairs(pool.workers) do
+      worker_pool[w.id] = nil
+      n_running = n_running - #w.active_job_ids
+    end
+    n_workers, n_gpus = n_workers - #pool.workers, n_gpus - #pool.gpus
     pools[id] = nil
     for i = 1, #pool_ids do if pool_ids[i] == id then t_remove(pool_ids, i) break end end
   end
 
-  local function remove_by(list, pred)
-    for i = 1, #list do
-      if pred(list[i]) then return t_remove(list, i) end
-    end
-  end
+  -- GPUs and workers arrive as one flat array each (runtime.py's _gpus and _workers):
+  -- one call per update. Each record costs at most the records of its pool: found by
+  -- id, replaced in place or inserted in id order.
+  --
+  -- n GPUs: their pool ids, then a row of GPU_WIDTH fields each (runtime.py's _gpu_row).
+  local GPU_WIDTH = 13
 
-  -- GPUs and workers arrive as columns too (one call per update, not per record).
-  local function put_gpus(n, pool_col, ids, names, capabilities, totals, allocated, free,
-                          utilization, temperature, power, fp16, int8, tensor_cores, measured)
+  local function put_gpus(n, flat)
     for i = 1, n do
-      local pool_id, id = pool_col[i], ids[i]
-      local pool = ensure_pool(pool_id)
-      remove_by(pool.gpus, function(g) return g.id == id end)
-      insert_sorted(pool.gpus, {
-        id = id, pool_id = pool_id, device_name = names[i], compute_capability = capabilities[i],
-        vram_total_bytes = totals[i], vram_allocated_bytes = allocated[i],
-        vram_free_bytes = free[i], utilization_percent = utilization[i],
-        temperature_celsius = temperature[i], power_draw_watts = power[i],
-        supports_fp16 = fp16[i], supports_int8 = int8[i], supports_tensor_cores = tensor_cores[i],
-        measured = measured[i],
-      }, by_id)
+      local b = n + (i - 1) * GPU_WIDTH
+      local pool_id, id = flat[i], flat[b + 1]
+      local list = ensure_pool(pool_id).gpus
+      local g = {
+        id = id, pool_id = pool_id, device_name = flat[b + 2], compute_capability = flat[b + 3],
+        vram_total_bytes = flat[b + 4], vram_allocated_bytes = flat[b + 5],
+        vram_free_bytes = flat[b + 6], utilization_percent = flat[b + 7],
+        temperature_celsius = flat[b + 8], power_draw_watts = flat[b + 9],
+        supports_fp16 = flat[b + 10], supports_int8 = flat[b + 11],
+        supports_tensor_cores = flat[b + 12], measured = flat[b + 13],
+      }
+      local at = index_of(list, id)
+      if at then
+        list[at] = g
+      else
+        insert_sorted(list, g, by_id)
+        n_gpus = n_gpus + 1
+      end
     end
   end
 
   local function remove_gpu(pool_id, id)
     local pool = pools[pool_id]
-    if pool then remove_by(pool.gpus, function(g) return g.id == id end) end
+    local at = pool and index_of(pool.gpus, id)
+    if at then
+      t_remove(pool.gpus, at)
+      n_gpus = n_gpus - 1
+    end
   end
 
   local function remove_worker(id)
     local pool_id = worker_pool[id]
     if not pool_id then return end
-    remove_by(pools[pool_id].workers, function(w) return w.id == id end)
+    local list = pools[pool_id].workers
+    local w = t_remove(list, index_of(list, id))
     worker_pool[id] = nil
+    n_workers, n_running = n_workers - 1, n_running - #w.active_job_ids
   end
 
-  -- gpu_ids of worker i are gpu_flat[offset + 1 .. offset + gpu_counts[i]], and its
-  -- active_job_ids likewise in active_flat; "" and -1 stand for an unset
-  -- current_job_id and job_started_at.
-  local function put_workers(n, pool_col, ids, statuses, model_refs, gpu_counts, gpu_flat, vram,
-                             uris, current_jobs, started_jobs, completed, tps, started, last_used,
-                             slots_total, slots_busy, active_counts, active_flat, apis)
-    local offset, active_offset = 0, 0
+  -- n workers: their pool ids; a row of WORKER_WIDTH fields each (runtime.py's
+  -- _worker_row); their job_started_at (-1 when unset); their numbers of GPU ids and of
+  -- active job ids; then every worker's GPU ids in turn, and every worker's active job
+  -- ids in turn. An unset current_job_id is ""; a worker from before slots (0 slots, no
+  -- API) is the spec's one-slot llama.cpp worker.
+  local WORKER_WIDTH = 13
+
+  local function put_workers(n, flat)
+    local started, gpu_counts, active_counts = n * (1 + WORKER_WIDTH), n * (2 + WORKER_WIDTH),
+      n * (3 + WORKER_WIDTH)
+    local gpu_offset = n * (4 + WORKER_WIDTH)
+    local active_offset = gpu_offset
+    for i = 1, n do active_offset = active_offset + flat[gpu_counts + i] end
+    -- Lists empty when this update began (a snapshot's): appended to, sorted once at the end.
+    local fresh = {}
     for i = 1, n do
-      local pool_id, id = pool_col[i], ids[i]
-      remove_worker(id)
-      local pool = ensure_pool(pool_id)
-      local gpus = {}
-      for j = 1, gpu_counts[i] do gpus[j] = gpu_flat[offset + j] end
-      offset = offset + gpu_counts[i]
-      local active = {}
-      for j = 1, active_counts[i] do active[j] = active_flat[active_offset + j] end
-      active_offset = active_offset + active_counts[i]
-      local current, job_started = current_jobs[i], started_jobs[i]
+      local b = n + (i - 1) * WORKER_WIDTH
+      local pool_id, id = flat[i], flat[b + 1]
+      local gpus, n_gpu_ids = {}, flat[gpu_counts + i]
+      for j = 1, n_gpu_ids do gpus[j] = flat[gpu_offset + j] end
+      gpu_offset = gpu_offset + n_gpu_ids
+      local active, n_active = {}, flat[active_counts + i]
+      for j = 1, n_active do active[j] = flat[active_offset + j] end
+      active_offset = active_offset + n_active
+      local current, job_started = flat[b + 6], flat[started + i]
       if current == "" then current = nil end
       if job_started < 0 then job_started = nil end
-      insert_sorted(pool.workers, {
-        id = id, pool_id = pool_id, status = statuses[i], model_ref = model_refs[i],
-        gpu_ids = gpus, vram_bytes = vram[i], uri = uris[i], current_job_id = current,
-        job_started_at = job_started, jobs_completed = completed[i], avg_tokens_per_sec = tps[i],
-        started_at_ms = started[i], last_used_at_ms = last_used[i],
-        slots_total = slots_total[i], slots_busy = slots_busy[i], active_job_ids = active,
-        api = apis[i],
-      }, by_id)
-      worker_pool[id] = pool_id
+      local slots, api = flat[b + 11], flat[b + 13]
+      if slots == 0 then slots = 1 end
+      if api == "" then api = "llamacpp" end
+      local w = {
+        id = id, pool_id = pool_id, status = flat[b + 2], model_ref = flat[b + 3],
+        gpu_ids = gpus, vram_bytes = flat[b + 4], uri = flat[b + 5], current_job_id = current,
+        job_started_at = job_started, jobs_completed = flat[b + 7],
+        avg_tokens_per_sec = flat[b + 8], started_at_ms = flat[b + 9],
+        last_used_at_ms = flat[b + 10], slots_total = slots, slots_busy = flat[b + 12],
+        active_job_ids = active, api = api,
+      }
+      local list = ensure_pool(pool_id).workers
+      if worker_pool[id] == pool_id then
+        local at = index_of(list, id)
+        n_running = n_running - #list[at].active_job_ids
+        list[at] = w
+      else
+        remove_worker(id)
+        if fresh[list] or #list == 0 then
+          fresh[list] = true
+          list[#list + 1] = w
+        else
+          insert_sorted(list, w, by_id)
+        end
+        worker_pool[id] = pool_id
+        n_workers = n_workers + 1
+      end
+      n_running = n_running + n_active
     end
+    for list in next, fresh do t_sort(list, by_id) end
   end
 
   local function clear_catalog()
@@ -362,33 +564,29 @@ return function(P, proxies)
   end
 
   -- The records the worker holds, for its memory cap; running jobs are the ids in
-  -- the workers' active_job_ids (up to every slot of every worker).
+  -- the workers' active_job_ids (up to every slot of every worker). The snapshot's
+  -- rows are counted while they are kept, whether their jobs are still queued or not.
   local function counts()
-    local n_workers, n_gpus, n_running = 0, 0, 0
-    for _, id in ipairs(pool_ids) do
-      local workers = pools[id].workers
-      n_workers = n_workers + #workers
-      n_gpus = n_gpus + #pools[id].gpus
-      for _, w in ipairs(workers) do n_running = n_running + #w.active_job_ids end
-    end
-    return #queue, n_workers, n_gpus, #model_list, #tenant_ids, n_running, n_job_blocks + n_held
+    return n_jobs, n_workers, n_gpus, #model_list, #tenant_ids, n_running,
+      n_job_blocks + n_held, snap_rows
   end
 
   return {
-    reset = reset, put_jobs = put_jobs, remove_jobs = remove_jobs, commit = commit,
-    put_pool = put_pool, remove_pool = remove_pool, put_gpus = put_gpus,
-    remove_gpu = remove_gpu, remove_worker = remove_worker, put_workers = put_workers,
-    clear_catalog = clear_catalog, put_model = put_model, put_alias = put_alias,
-    clear_tenants = clear_tenants, put_tenant = put_tenant, set_metrics = set_metrics,
-    set_config = set_config, counts = counts, put_blocks = put_blocks,
-    set_block_tokens = set_block_tokens,
+    reset = reset, put_jobs = put_jobs, put_snapshot_jobs = put_snapshot_jobs,
+    remove_jobs = remove_jobs, commit = commit, put_pool = put_pool, remove_pool = remove_pool,
+    put_gpus = put_gpus, remove_gpu = remove_gpu, remove_worker = remove_worker,
+    put_workers = put_workers, clear_catalog = clear_catalog, put_model = put_model,
+    put_alias = put_alias, clear_tenants = clear_tenants, put_tenant = put_tenant,
+    set_metrics = set_metrics, set_config = set_config, counts = counts,
+    put_blocks = put_blocks, set_block_tokens = set_block_tokens,
+    queue_merges = function() return merges end,
     -- What the built-ins and ctx.lua read. They never write to these tables.
     view = {
       jobs = jobs, pools = pools, pool_ids = pool_ids, worker_pool = worker_pool,
       models = models, model_list = model_list, aliases = aliases, base_refs = base_refs,
       tenants = tenants, tenant_ids = tenant_ids, metrics = metrics, config = config,
       job_blocks = job_blocks, job_session = job_session, held = held, prefix = prefix,
-      current_queue = function() return queue end,
+      current_queue = current_queue,
     },
   }
 end

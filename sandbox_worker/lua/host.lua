@@ -12,9 +12,10 @@ return function(P, text, calls, context, ctx, env, read_decision, platform, B, s
 
   local host = {
     configure = calls.configure,
-    reset = context.reset, put_jobs = context.put_jobs, remove_jobs = context.remove_jobs,
-    commit = context.commit, put_pool = context.put_pool, remove_pool = context.remove_pool,
-    put_gpus = context.put_gpus, remove_gpu = context.remove_gpu,
+    reset = context.reset, put_jobs = context.put_jobs,
+    put_snapshot_jobs = context.put_snapshot_jobs, remove_jobs = context.remove_jobs,
+    commit = context.commit, queue_merges = context.queue_merges, put_pool = context.put_pool,
+    remove_pool = context.remove_pool, put_gpus = context.put_gpus, remove_gpu = context.remove_gpu,
     remove_worker = context.remove_worker, put_workers = context.put_workers,
     clear_catalog = context.clear_catalog, put_model = context.put_model,
     put_alias = context.put_alias, clear_tenants = context.clear_tenants,

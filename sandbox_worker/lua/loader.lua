@@ -85,7 +85,7 @@ builtins("eviction.lua", data(), on_now)
 builtins("utilities.lua", calls.add_log, calls.add_metric, on_now)
 builtins("prefix.lua", data(), give(copies, "copies"))
 local platform = chunk("builtins/platform.lua")(prelude(), B, give(lib, "lib"))
-local helpers_table = chunk("builtins/compat.lua")(prelude(), B, data(), on_now)
+local helpers_table = chunk("builtins/compat.lua")(prelude(), B, data())
 local ctx = chunk("ctx.lua")(prelude(), B, helpers_table, data(), give(copies, "copies"), on_now)
 
 -- The user environment, the decision reader, and the host table runtime.py drives.

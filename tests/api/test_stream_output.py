@@ -43,7 +43,7 @@ async def _ran(o: Orchestrator, output: str) -> str:
     job = await o.submit(SubmitSpec(model="llama-8b", prompt="hi", max_tokens=8, tenant_id="acme"))
     (dispatched,) = await o.jobs.dispatch([(job, "w1")], now_ms())
     assert dispatched is not None
-    await o.jobs.first_token(job.id)
+    await o.jobs.first_token(job.id, now_ms())
     await o.jobs.complete(job.id, "w1", output, 3, now_ms(), prompt_tokens=2, finish_reason="stop")
     return job.id
 

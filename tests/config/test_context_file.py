@@ -69,6 +69,12 @@ def test_derived_fields_stand_in_for_their_sources() -> None:
             {"pools": [{"id": "p", "workers": [{"id": "w", "model_ref": "m", "slots_busy": 2}]}]},
             "context.pools[0].workers[0].slots_busy: must be within 0..slots_total (1), got 2",
         ),
+        ({"now_ms": "soon"}, "context.now_ms: expected int, got str"),
+        ({"metrics": {"timestamp_ms": 1.5}}, "context.metrics.timestamp_ms: expected int"),
+        (
+            {"now_ms": 10_000, "metrics": {"timestamp_ms": 20_000}},
+            "context.metrics.timestamp_ms: 20000 is not now_ms (10000)",
+        ),
     ],
 )
 def test_errors_name_the_field(data: dict[str, object], message: str) -> None:
@@ -99,3 +105,20 @@ def test_worker_slots_round_trip_and_default_to_the_spec_worker() -> None:
     bare = context_from_dict({"pools": [{"id": "p", "workers": [{"id": "w", "model_ref": "m"}]}]})
     (w,) = bare.pools[0].workers
     assert (w.slots_total, w.slots_busy, w.active_job_ids, w.api) == (1, 0, (), "llamacpp")
+
+
+def test_a_context_is_at_its_own_time() -> None:
+    """metrics.timestamp_ms, which a dump of ctx carries, is the context's time when it
+    gives no now_ms: waits and ages are counted back from it, and metrics that give only
+    their time are computed as if omitted. now_ms and a timestamp that agree are fine."""
+    data = {
+        "queue": [{"id": "j", "model_ref": "m", "wait_time_ms": 500}],
+        "metrics": {"timestamp_ms": 10_000},
+    }
+    ctx = context_from_dict(data)
+    assert ctx.now_ms == 10_000
+    assert ctx.queue[0].queued_at == 9_500
+    assert ctx.metrics.queue_depth == 1 and ctx.metrics.avg_wait_time_ms == 500
+    assert context_from_dict({**data, "now_ms": 10_000}) == ctx
+    given = context_from_dict({**data, "metrics": {"timestamp_ms": 10_000, "queue_depth": 7}})
+    assert given.now_ms == 10_000 and given.metrics.queue_depth == 7

@@ -73,7 +73,7 @@ class Recorder:
     texts: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     arrived: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
-    async def first_token(self) -> None:
+    def first_token(self) -> None:
         self.first_tokens += 1
 
     def text(self, text: str, tokens: int) -> None:

@@ -367,7 +367,8 @@ TRUSTED_NAMES = [
     "master_of", "job_master_mt", "make_job_proxy", "repoint", "release_all", "proxy_next",
     "readonly_error", "make_env", "compile", "read_decision", "flag_violation", "add_log",
     "add_metric", "refresh_state", "begin", "current", "configure", "limits", "put_jobs",
-    "remove_jobs", "commit", "reset", "set_now", "counts", "current_queue", "view", "lazy_ctx",
+    "put_snapshot_jobs", "set_builder", "queue_merges", "remove_jobs", "commit", "reset",
+    "set_now", "counts", "current_queue", "view", "lazy_ctx",
     "materialize", "worker_copy", "pool_copy", "set_schedule", "set_source", "new_table",
     "copy_flat", "empty", "safe_tostring", "utf8_valid", "IS_LUAJIT", "LUA_VERSION",
 ]  # fmt: skip

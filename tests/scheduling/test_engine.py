@@ -8,6 +8,7 @@ import dataclasses
 import os
 import signal
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -56,6 +57,14 @@ async def spares_ready(engine: SchedulingEngine, timeout_s: float = 10.0) -> Non
     while any(len(g.spares) < g.target_spares for g in groups):
         assert loop.time() < deadline, "spares did not come back"
         await asyncio.sleep(0.02)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
 
 
 RUNAWAYS = {
@@ -463,16 +472,22 @@ async def test_cancelling_a_cycle_while_a_spare_is_settling_is_not_swallowed(
     """A cycle cancelled while it waits for a spare's sync really stops (no swallowed cancel)."""
     engine = await make_engine(hostile("while true do end"))
     await engine.schedule(cycle(0))
-    spare = engine.user.spares[0]  # type: ignore[union-attr]
-    never = asyncio.get_running_loop().create_future()
-    spare.sync_task = asyncio.ensure_future(never)  # a sync that does not finish
-    engine.user.active.kill()  # type: ignore[union-attr]  # the next cycle promotes the spare
-    task = asyncio.create_task(engine.schedule(cycle(1)))
-    await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 5)
-    never.cancel()
+    group = engine.user
+    assert group is not None and group.active is not None
+    spare = group.spares[0]
+    await until(lambda: not spare.busy)
+    os.kill(spare.pid, signal.SIGSTOP)  # its next sync does not answer
+    try:
+        await engine.schedule(cycle(1))
+        assert spare.busy
+        group.active.kill()  # the next cycle promotes the spare
+        task = asyncio.create_task(engine.schedule(cycle(2)))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    finally:
+        os.kill(spare.pid, signal.SIGCONT)
 
 
 @pytest.mark.slow

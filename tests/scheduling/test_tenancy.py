@@ -18,10 +18,13 @@ from orchestrator.domain.decision import Batch, Dispatch, EvictWorker, Wait
 from orchestrator.domain.samples import sample_context
 from orchestrator.scheduling.tenancy import PLATFORM, arbitrate, fairness_order, tenant_view
 from orchestrator.state.decision_log import DecisionLog, log_files, read_log
+from orchestrator.state.journal import SnapshotJournal
 from orchestrator.wire import context as snapshot
 from tests.conftest import REPO, EngineFactory
+from tests.fakes import record
 from tests.service_helpers import running_service, write_config
 from tests.slotted import slotted_context
+from tests.state.test_cluster import NOW, cluster
 
 OWNERS = {"job-running": "tenant-2"}
 GiB = 1024**3
@@ -229,3 +232,31 @@ async def test_tenant_workers_run_as_systemd_units(
     for pid_file in state.glob("*.pid"):  # units whose start was cancelled at shutdown
         with contextlib.suppress(ProcessLookupError):  # (systemd would stop them with us)
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_tenant_views_delta_is_its_own_changes_only() -> None:
+    """From the live cluster state, a tenant's next view carries the cycle's changes to
+    its own jobs: its arrivals and departures, never another tenant's ids (not even of
+    jobs that left), and its queue view is not built to find them."""
+    state = cluster()
+    for i in range(6):
+        state.enqueue(record(f"a{i}", at=i, tenant_id="tenant-a"), NOW)
+        state.enqueue(record(f"b{i}", at=i, tenant_id="tenant-b"), NOW)
+    journal = SnapshotJournal()
+    whole = state.context(NOW)  # held, as the platform scheduler's journal holds it
+    first = tenant_view(whole, "tenant-a", {})
+    journal.advance(first)
+    state.finish("a0")
+    state.finish("b0")
+    state.enqueue(record("a9", at=9, tenant_id="tenant-a"), NOW)
+    state.enqueue(record("b9", at=9, tenant_id="tenant-b"), NOW)
+    view = tenant_view(state.context(NOW + 1), "tenant-a", {}, first)
+    journal.advance(view)
+    delta = journal.request_for(journal.epoch, journal.seq - 1).deltas[0]
+    assert list(delta.remove_jobs) == ["a0"] and list(delta.upsert_jobs.id) == ["a9"]
+    assert view.metrics.queue_depth == 6
+    assert view.queue._jobs is None  # type: ignore[attr-defined]
+    assert [j.id for j in view.queue] == ["a1", "a2", "a3", "a4", "a5", "a9"]
+    # Without the last view (a new tenant engine), the full diff gives the same delta.
+    again = tenant_view(state.context(NOW + 2), "tenant-a", {})
+    assert again.changes is None

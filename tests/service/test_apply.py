@@ -113,6 +113,24 @@ async def test_a_dispatch_is_durable_then_live_then_told(rig: Rig) -> None:
     assert not rig.cluster.running_jobs("w1") and "j1" not in rig.cluster.records
 
 
+async def test_a_short_jobs_first_token_and_end_are_written_together_in_order(
+    rig: Rig,
+) -> None:
+    """A job whose first token and end come in one read: both transitions are written
+    in one go, the first token's before the end's, and watchers hear of both."""
+    rig.completions.release.set()  # the fake worker answers at once
+    await rig.queue("j1")
+    async with rig.events.subscribe("j1") as watch:
+        await rig.apply(Dispatch("j1", "w1"))
+        details = [(await watch.get()).detail for _ in range(3)]
+    assert details == ["dispatched to w1", "running", "completed"]
+    done = await rig.store.get("j1")
+    assert done is not None and done.state == JobState.COMPLETED
+    assert done.first_token_at is not None and done.ttft_ms is not None
+    states = [state for _, state, _, _ in rig.store.store.transitions("j1")]
+    assert states == ["queued", "dispatched", "running", "completed"]
+
+
 @pytest.mark.parametrize(
     ("decision", "stale"),
     [

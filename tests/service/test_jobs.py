@@ -340,7 +340,7 @@ async def test_ttft_and_tpot_are_the_completing_attempts_on_the_record_and_in_me
     o = service(retry=RetryConfig(enabled=True, max_attempts=3, initial_delay_ms=0))
     job = await _dispatched(o, await o.submit(spec("acme", prompt="x" * 40)))
     labels = {"model": job.model_ref, "priority": job.priority, "tenant": "acme"}
-    await o.jobs.first_token(job.id)
+    await o.jobs.first_token(job.id, now_ms())
     lost = await o.get(job.id)
     assert lost.first_token_at is not None
     assert sample(o, "orchestrator_job_ttft_seconds_count", **labels) == 0  # not yet
@@ -348,7 +348,7 @@ async def test_ttft_and_tpot_are_the_completing_attempts_on_the_record_and_in_me
     assert (await o.get(job.id)).ttft_ms is None  # the failed attempt's first token is void
     await asyncio.sleep(0.01)  # so that the next attempt's first token is later
     again = await _dispatched(o, await o.get(job.id))
-    await o.jobs.first_token(again.id)
+    await o.jobs.first_token(again.id, now_ms())
     await o.jobs.complete(job.id, "w1", "out", 5, now_ms(), finish_reason="length")
     done = await o.get(job.id)
     assert done.first_token_at is not None and done.first_token_at > lost.first_token_at

@@ -54,6 +54,9 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, gate: Gatekeeper, table: Mapping[str, frozenset[Role]] = RPC) -> None:
         self.gate = gate
         self.table = table
+        # method -> (the servicer's handler, the one that guards it): built once per
+        # method, not for every call, since a method's handler does not change.
+        self._guards: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -62,14 +65,20 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method: str = details.method
-        roles = self.table.get(method)
         if handler is None:
             return None  # UNIMPLEMENTED, as without the interceptor
+        known = self._guards.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        roles = self.table.get(method)
         if roles is None:
-            return self._refusing(handler, method)
-        if not roles:
-            return handler
-        return self._guarded(handler, method, roles)
+            guard = self._refusing(handler, method)
+        elif not roles:
+            guard = handler
+        else:
+            guard = self._guarded(handler, method, roles)
+        self._guards[method] = (handler, guard)
+        return guard
 
     def _refusing(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """A method with no row in the table: served as a refusal, whatever its kind."""
@@ -89,11 +98,12 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     async def _admit(
         self, method: str, roles: frozenset[Role], context: aio.ServicerContext
     ) -> None:
+        token = bearer_token(authorization(context))
+        # A certificate names the caller only when no key does (Gatekeeper.identify);
+        # reading it is a call into the transport, which a call with a key is spared.
+        cert_cn = "" if token or self.gate.store is None else peer_common_name(context)
         try:
-            caller = self.gate.admit(
-                "grpc", method, roles, bearer_token(authorization(context)),
-                peer_common_name(context),
-            )  # fmt: skip
+            caller = self.gate.admit("grpc", method, roles, token, cert_cn)
         except OrchestratorError as exc:
             await abort(context, exc)
         assert caller is not None  # non-public rows name roles

@@ -61,7 +61,6 @@ from orchestrator.domain.jobs import JobRecord, JobState, SubmitSpec, finish_rea
 from orchestrator.service.orchestrator import Orchestrator
 from orchestrator.support.holds import Holds
 from orchestrator.support.log import get_logger
-from orchestrator.support.tasks import cancel_and_wait
 
 log = get_logger("openai")
 T = TypeVar("T")
@@ -433,25 +432,37 @@ async def _ended(
 
 async def _unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T | _End:
     """What `work` returns, or GONE if the client closed its connection first (and
-    `work` is cancelled): aiohttp does not cancel a handler whose client left."""
-    task = asyncio.create_task(work)
-    watch = asyncio.create_task(_client_gone(request))
-    try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await cancel_and_wait(watch)
-        await cancel_and_wait(task)
-    if not task.cancelled():
-        return task.result()
-    return _End.GONE
+    `work` is cancelled): aiohttp does not cancel a handler whose client left. `work`
+    runs in this task, and a timer looks at the connection every CLIENT_CHECK_S: a
+    task and a sleeping task more per request would cost the event loop more than
+    the request does."""
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None  # a handler runs in a task
+    gone = False
+    timer: asyncio.TimerHandle
 
-
-async def _client_gone(request: web.Request) -> None:
-    while True:
+    def look() -> None:
+        nonlocal gone, timer
         transport = request.transport
         if transport is None or transport.is_closing():
-            return
-        await asyncio.sleep(CLIENT_CHECK_S)
+            gone = True
+            me.cancel()
+        else:
+            timer = loop.call_later(CLIENT_CHECK_S, look)
+
+    timer = loop.call_later(CLIENT_CHECK_S, look)
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        if gone and me.uncancel() == 0:  # this timer's cancellation, and no one else's
+            return _End.GONE
+        raise
+    finally:
+        timer.cancel()
+    if gone:  # `work` ended on its own as the timer cancelled it: its end stands
+        me.uncancel()
+    return result
 
 
 async def _abandon(

@@ -2,12 +2,9 @@
 -- name on ctx, and ctx.helpers with the old names and signatures. (Its global
 -- `platform`, for `return platform.schedule(context)`, is set by host.load.)
 -- Returns the function that builds ctx.helpers.
-return function(P, B, data, on_now)
+return function(P, B, data)
   local type, pairs = P.type, P.pairs
   local jobs = data.jobs
-
-  local now_ms = 0
-  on_now(function(ms) now_ms = ms end)
 
   B.find_worker_most_vram_free = B.find_most_vram_free_worker
 
@@ -21,7 +18,7 @@ return function(P, B, data, on_now)
       local job = job_or_id
       if type(job_or_id) == "string" then job = jobs[job_or_id] end
       if job == nil then return nil end
-      return now_ms - job.queued_at
+      return B.calculate_wait_time(job)
     end
     -- Old signature: (tenant_id, vram_needed) -> allowed, reason.
     helpers.check_quota = function(tenant_id, vram_needed)

@@ -9,9 +9,16 @@ return function(P, B, lib, data, on_now)
   local now_ms = 0
   on_now(function(ms) now_ms = ms end)
 
+  -- Never negative: a job queued after the context's time has waited 0 ms.
+  local function waited(job)
+    local ms = now_ms - job.queued_at
+    if ms < 0 then return 0 end
+    return ms
+  end
+
   function B.calculate_wait_time(job)
     want("calculate_wait_time", 1, job, "table")
-    return now_ms - job.queued_at
+    return waited(job)
   end
 
   function B.estimate_job_duration(job, worker)
@@ -49,6 +56,6 @@ return function(P, B, lib, data, on_now)
   function B.get_job_priority_score(job)
     want("get_job_priority_score", 1, job, "table")
     -- Priority class first; within it, one point per second waited (aging).
-    return (PRIORITY_BASE[job.priority] or 0) + (now_ms - job.queued_at) / 1000
+    return (PRIORITY_BASE[job.priority] or 0) + waited(job) / 1000
   end
 end

@@ -27,8 +27,10 @@ return function(P, B, lib, add_log, add_metric, on_now)
 
   function B.now() return now_ms end
 
+  -- Never negative: a time after the context's own (another host's clock) is 0 ms ago.
   function B.elapsed_since(timestamp_ms)
     want("elapsed_since", 1, timestamp_ms, "number")
+    if timestamp_ms > now_ms then return 0 end
     return now_ms - timestamp_ms
   end
 
