@@ -51,18 +51,7 @@ from orchestrator.state.journal import SnapshotJournal
 from orchestrator.wire.channel import ClientAuth, open_channel
 from sandbox_worker.runtime import LuaSchedulerRuntime
 
-ENTRY_POINT = """
-function schedule(ctx)
-  local job = ctx.queue[1]
-  if job then
-    local worker = ctx.find_least_loaded_worker(job.model_ref)
-    if worker then
-      return { action = "dispatch", job_id = job.id, worker_id = worker.id }
-    end
-  end
-  return { action = "wait" }
-end
-"""  # runtime-spec section 2: a script whose own cost is microseconds
+ENTRY_POINT = bench_engine.FAST_SCRIPT  # runtime-spec section 2
 # A script that reads no job: what a cycle costs besides the script's own work, for the
 # growth table (the entry point reads ctx.queue, and building its copy grows with it).
 QUEUE_BLIND = """
