@@ -39,7 +39,7 @@ from orchestrator.config.settings import (
     load_config,
 )
 from orchestrator.domain.context import Context, Job, derive_metrics
-from orchestrator.domain.samples import MODELS, sample_context
+from orchestrator.domain.samples import MODELS, flip_workers, sample_context
 from orchestrator.domain.samples import synthetic_cluster as cluster
 from orchestrator.sandbox.limits import MiB, SandboxLimits
 from orchestrator.sandbox.process import SchedulerSpec, WorkerProcess
@@ -166,15 +166,7 @@ class ChurnedCluster:
                       max_tokens=100)  # fmt: skip
             self.queue.insert(job)
             self.order.append(job.id)
-        pools = list(self.pools)
-        for i in range(workers):
-            index = (step * 7 + i) % len(pools)
-            changed = list(pools[index].workers)
-            j = (step + i) % len(changed)
-            flipped = "busy" if changed[j].status == "ready" else "ready"
-            changed[j] = dataclasses.replace(changed[j], status=flipped)
-            pools[index] = dataclasses.replace(pools[index], workers=tuple(changed))
-        self.pools = tuple(pools)
+        self.pools = flip_workers(self.pools, step, workers)
         self.now_ms += 100
 
     def context(self) -> Context:

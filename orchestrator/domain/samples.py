@@ -275,6 +275,20 @@ def synthetic_cluster(n_jobs: int, n_workers: int, now: int = 1_700_000_000_000)
     return Context(now, jobs, pools_t, sample_catalog(), (), derive_metrics(jobs, pools_t, now))
 
 
+def flip_workers(pools: tuple[Pool, ...], step: int, count: int) -> tuple[Pool, ...]:
+    """`count` workers flipped between ready and busy, spread over the pools; each
+    pool touched is a new record, the others stay the same objects."""
+    out = list(pools)
+    for i in range(count):
+        index = (step * 7 + i) % len(out)
+        workers = list(out[index].workers)
+        j = (step + i) % len(workers)
+        flipped = "busy" if workers[j].status == "ready" else "ready"
+        workers[j] = dataclasses.replace(workers[j], status=flipped)
+        out[index] = dataclasses.replace(out[index], workers=tuple(workers))
+    return tuple(out)
+
+
 def churn(ctx: Context, step: int, fraction: float = 0.01) -> Context:
     """The next cycle: `fraction` of the jobs leave and as many arrive; as many workers flip."""
     n = max(1, int(len(ctx.queue) * fraction))
@@ -283,15 +297,9 @@ def churn(ctx: Context, step: int, fraction: float = 0.01) -> Context:
         Job(f"job-s{step}-{i}", MODELS[i % 3], "batch", queued_at=ctx.now_ms + 1, max_tokens=100)
         for i in range(n)
     )
-    pools = list(ctx.pools)
-    for i in range(max(1, int(sum(len(p.workers) for p in pools) * fraction))):
-        index = (step * 7 + i) % len(pools)
-        workers = list(pools[index].workers)
-        j = (step + i) % len(workers)
-        flipped = "busy" if workers[j].status == "ready" else "ready"
-        workers[j] = dataclasses.replace(workers[j], status=flipped)
-        pools[index] = dataclasses.replace(pools[index], workers=tuple(workers))
-    queue, pools_t, now = tuple(kept) + arrived, tuple(pools), ctx.now_ms + 100
+    flips = max(1, int(sum(len(p.workers) for p in ctx.pools) * fraction))
+    pools_t = flip_workers(ctx.pools, step, flips)
+    queue, now = tuple(kept) + arrived, ctx.now_ms + 100
     return dataclasses.replace(
         ctx, now_ms=now, queue=queue, pools=pools_t, metrics=derive_metrics(queue, pools_t, now),
         changes=JobChanges(weakref.ref(ctx), arrived, frozenset(j.id for j in gone)),
