@@ -74,7 +74,13 @@ def _child(request: dict[str, Any], log: int, control: socket.socket, server_pid
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         _reopen_stdio(log)
         limits = SandboxLimits.from_json(request["limits"])
-        code = serve(request["socket"], limits, seccomp=request["seccomp"], parent=server_pid)
+        code = serve(
+            request["socket"],
+            limits,
+            seccomp=request["seccomp"],
+            parent=server_pid,
+            diagnostics=bool(request.get("diagnostics")),
+        )
     except BaseException:  # a child must never return into the server loop
         traceback.print_exc()
     finally:

@@ -88,6 +88,7 @@ class RunResult:
     metrics_dropped: int = 0
     refresh_requested: bool = False
     retire: bool = False
+    diagnostics: sandbox_pb2.Diagnostics | None = None
 
 
 class LuaSchedulerRuntime:
@@ -114,6 +115,8 @@ class LuaSchedulerRuntime:
         self.lua.execute("python = nil")
         self.limits = SandboxLimits()
         self.source_sha256 = ""
+        self.chunkname = ""
+        self.source_lines = 0
         self.loaded = False
         h = self.host
         self._put_jobs = h.put_jobs
@@ -135,6 +138,8 @@ class LuaSchedulerRuntime:
             lim.max_string_bytes,
         )
         name = "=" + (request.name or "scheduler.lua")
+        self.chunkname = name
+        self.source_lines = request.source.count("\n") + 1
         load = self.host.load
         try:
             with self._capped(STATE_BYTES_BASE + lim.lua_heap_bytes):
@@ -378,7 +383,68 @@ class LuaSchedulerRuntime:
         return int(self.lua.get_memory_used() or 0)
 
     # ------------------------------------------------------------------ run
-    def run(self, refresh_available: bool, pool_state_fresh: bool) -> RunResult:
+    def run(
+        self,
+        refresh_available: bool,
+        pool_state_fresh: bool,
+        *,
+        instrument: int = sandbox_pb2.INSTRUMENT_NONE,
+        debug_wait: Callable[..., object] | None = None,
+    ) -> RunResult:
+        """One schedule() call. `instrument` traces, profiles or debugs it (lua/instrument.lua);
+        only a diagnostics worker passes one (server.py), and `debug_wait` with DEBUG."""
+        if instrument == sandbox_pb2.INSTRUMENT_NONE:
+            return self._call(refresh_available, pool_state_fresh)
+        self.host.set_instrument(
+            _INSTRUMENT_MODES[instrument], self.chunkname, self.source_lines, MAX_TRACE_STEPS,
+            MAX_TRACE_CALLS, debug_wait, time.perf_counter,
+        )  # fmt: skip
+        try:
+            result = self._call(refresh_available, pool_state_fresh)
+            result.diagnostics = self._diagnostics(instrument)
+        finally:
+            self.host.set_instrument(None)
+        return result
+
+    def _diagnostics(self, instrument: int) -> sandbox_pb2.Diagnostics:
+        """The record of the call just made, as instrument.lua keeps it."""
+        lines, steps, steps_dropped, calls, calls_dropped, functions, clock_ms = (
+            self.host.instrument_record()
+        )
+        out = sandbox_pb2.Diagnostics(
+            instrument=instrument,  # type: ignore[arg-type]
+            file=self.chunkname.removeprefix("="),
+            steps=list(steps.values()),
+            steps_dropped=int(steps_dropped),
+            calls_dropped=int(calls_dropped),
+            clock_ms=float(clock_ms),
+        )
+        out.lines.extend(
+            sandbox_pb2.SourceLine(line=int(r[1]), count=int(r[2]), self_ms=float(r[3]))
+            for r in lines.values()
+        )
+        out.calls.extend(
+            sandbox_pb2.BuiltinCall(
+                name=str(c["name"]),
+                args=str(c["args"]),
+                result=str(c["result"]),
+                line=int(c["line"]),
+                step=int(c["step"]),
+                raised=bool(c["raised"]),
+                ms=float(c["ms"]),
+            )
+            for c in calls.values()
+        )
+        if instrument == sandbox_pb2.INSTRUMENT_PROFILE:
+            out.functions.extend(
+                sandbox_pb2.FunctionStats(
+                    name=str(f[1]), line=int(f[2]), calls=int(f[3]), self_ms=float(f[4])
+                )
+                for f in functions.values()
+            )
+        return out
+
+    def _call(self, refresh_available: bool, pool_state_fresh: bool) -> RunResult:
         result = RunResult()
         cap = self._memory_cap()
         if self.memory_used > cap:
@@ -453,6 +519,16 @@ _worker_row = operator.attrgetter(
     "id", "status", "model_ref", "vram_bytes", "uri", "current_job_id", "jobs_completed",
     "avg_tokens_per_sec", "started_at_ms", "last_used_at_ms", "slots_total", "slots_busy", "api",
 )  # fmt: skip
+
+_INSTRUMENT_MODES: dict[int, str] = {
+    sandbox_pb2.INSTRUMENT_TRACE: "trace",
+    sandbox_pb2.INSTRUMENT_PROFILE: "profile",
+    sandbox_pb2.INSTRUMENT_DEBUG: "debug",
+}
+# A trace keeps the order of this many lines and the details of this many built-in
+# calls (every line is still counted): enough for a cycle, bounded for a runaway loop.
+MAX_TRACE_STEPS = 10_000
+MAX_TRACE_CALLS = 1_000
 
 _STATUS_KINDS = {
     "error": ErrorKind.ERROR_KIND_LUA_ERROR,

@@ -2,7 +2,12 @@
 
 Every failure of the script, or of ours, is encoded in the reply. The one status
 code it sets is FAILED_PRECONDITION, for a delta that does not follow the state
-the worker holds (docs/ARCHITECTURE.md, D1: the core then sends a full snapshot).
+the worker holds (docs/ARCHITECTURE.md, D1: the core then sends a full snapshot), and
+for Debug on a worker not started for diagnostics.
+
+A diagnostics worker (issue 18; never one of the production path) also honours a
+request's `instrument` and serves Debug, the step debugger's channel
+(sandbox_worker/debugging.py).
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 
 import grpc
 
 from orchestrator._proto import sandbox_pb2, sandbox_pb2_grpc
+from sandbox_worker.debugging import DebugChannel
 from sandbox_worker.runtime import LuaSchedulerRuntime
 
 ErrorKind = sandbox_pb2.ErrorKind
@@ -26,14 +33,17 @@ def _rss_bytes() -> int:
 
 
 class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
-    def __init__(self, hardening: list[str]) -> None:
+    def __init__(self, hardening: list[str], *, diagnostics: bool = False) -> None:
         self.hardening = hardening
+        self.diagnostics = diagnostics
+        self._debug: DebugChannel | None = None  # the debugger's session, once opened
         self.runtime: LuaSchedulerRuntime | None = None
         self.epoch = 0
         self.seq = 0
         self.cycles = 0
         self.broken = ""  # set when the held context can no longer be trusted
         self._lock = threading.Lock()
+        self._debug_lock = threading.Lock()
 
     def Load(
         self, request: sandbox_pb2.LoadRequest, context: grpc.ServicerContext
@@ -98,7 +108,24 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         )
         if request.sync_only:
             return reply
-        result = runtime.run(request.refresh_available, request.pool_state_fresh)
+        if request.instrument and not self.diagnostics:
+            reply.error.kind = ErrorKind.ERROR_KIND_INTERNAL
+            reply.error.message = (
+                "this worker was not started for diagnostics: it does not trace, profile or debug"
+            )
+            return reply
+        debugging = request.instrument == sandbox_pb2.INSTRUMENT_DEBUG
+        debug = self._debug_channel() if debugging else None
+        try:
+            result = runtime.run(
+                request.refresh_available,
+                request.pool_state_fresh,
+                instrument=request.instrument,
+                debug_wait=debug.wait if debug is not None else None,
+            )
+        finally:
+            if debug is not None:
+                debug.close()
         self.cycles += 1
         reply.run_ns = time.perf_counter_ns() - applied
         reply.lua_memory_bytes = runtime.memory_used
@@ -114,7 +141,33 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             reply.error.kind = result.error_kind  # type: ignore[assignment]
             reply.error.message = result.error_message
             reply.error.traceback = result.traceback
+        if result.diagnostics is not None:
+            reply.diagnostics.CopyFrom(result.diagnostics)
         return reply
+
+    def _debug_channel(self) -> DebugChannel:
+        """The session's channel: made by whichever of Debug and Schedule comes first."""
+        with self._debug_lock:
+            if self._debug is None:
+                assert self.runtime is not None
+                self._debug = DebugChannel(
+                    self.runtime.lua.table_from, self.runtime.chunkname.removeprefix("=")
+                )
+            return self._debug
+
+    def Debug(
+        self, request_iterator: Iterator[sandbox_pb2.DebugCommand], context: grpc.ServicerContext
+    ) -> Iterator[sandbox_pb2.DebugEvent]:
+        if not self.diagnostics or self.runtime is None or not self.runtime.loaded:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "Debug needs a worker started for diagnostics, with its scheduler loaded",
+            )
+        channel = self._debug_channel()
+        threading.Thread(
+            target=channel.pump, args=(request_iterator,), name="debug-commands", daemon=True
+        ).start()
+        yield from channel.stream(context.is_active)
 
     def Health(
         self, request: sandbox_pb2.HealthRequest, context: grpc.ServicerContext

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import context_pb2 as context__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65\x63ision_log.proto\x12\x0forchestrator.v1\x1a\rcontext.proto\"\xc0\x02\n\x10\x44\x65\x63isionLogEntry\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12*\n\x08snapshot\x18\x03 \x01(\x0b\x32\x18.orchestrator.v1.Context\x12-\n\x06\x64\x65ltas\x18\x04 \x03(\x0b\x32\x1d.orchestrator.v1.ContextDelta\x12+\n\x08\x64\x65\x63ision\x18\x05 \x01(\x0b\x32\x19.orchestrator.v1.Decision\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x12\n\nerror_kind\x18\x07 \x01(\t\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x12\n\nlatency_ms\x18\t \x01(\x01\x12\x15\n\rsnapshot_hash\x18\n \x01(\t\x12\x11\n\tscheduler\x18\x0b \x01(\t\x12\x0f\n\x07wall_ms\x18\x0c \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65\x63ision_log.proto\x12\x0forchestrator.v1\x1a\rcontext.proto\"\xda\x02\n\x10\x44\x65\x63isionLogEntry\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12*\n\x08snapshot\x18\x03 \x01(\x0b\x32\x18.orchestrator.v1.Context\x12-\n\x06\x64\x65ltas\x18\x04 \x03(\x0b\x32\x1d.orchestrator.v1.ContextDelta\x12+\n\x08\x64\x65\x63ision\x18\x05 \x01(\x0b\x32\x19.orchestrator.v1.Decision\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x12\n\nerror_kind\x18\x07 \x01(\t\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x12\n\nlatency_ms\x18\t \x01(\x01\x12\x15\n\rsnapshot_hash\x18\n \x01(\t\x12\x11\n\tscheduler\x18\x0b \x01(\t\x12\x0f\n\x07wall_ms\x18\x0c \x01(\x03\x12\x18\n\x10scheduler_sha256\x18\r \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'decision_log_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECISIONLOGENTRY']._serialized_start=55
-  _globals['_DECISIONLOGENTRY']._serialized_end=375
+  _globals['_DECISIONLOGENTRY']._serialized_end=401
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,7 @@ class DecisionLogEntry(_message.Message):
     SNAPSHOT_HASH_FIELD_NUMBER: _builtins.int
     SCHEDULER_FIELD_NUMBER: _builtins.int
     WALL_MS_FIELD_NUMBER: _builtins.int
+    SCHEDULER_SHA256_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """the snapshot journal's epoch and sequence"""
     seq: _builtins.int
@@ -56,6 +57,10 @@ class DecisionLogEntry(_message.Message):
     """the active scheduler's name"""
     wall_ms: _builtins.int
     """when the cycle ran (Unix ms)"""
+    scheduler_sha256: _builtins.str
+    """The sha256 of the active scheduler's Lua source (for a YAML policy, of the Lua it
+    compiled to): how `scheduler replay --explain` tells a changed script (issue 18).
+    """
     @_builtins.property
     def snapshot(self) -> _context_pb2.Context:
         """set: the whole context of this cycle"""
@@ -83,10 +88,11 @@ class DecisionLogEntry(_message.Message):
         snapshot_hash: _builtins.str = ...,
         scheduler: _builtins.str = ...,
         wall_ms: _builtins.int = ...,
+        scheduler_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "deltas", b"deltas", "epoch", b"epoch", "error_kind", b"error_kind", "error_message", b"error_message", "latency_ms", b"latency_ms", "scheduler", b"scheduler", "seq", b"seq", "snapshot", b"snapshot", "snapshot_hash", b"snapshot_hash", "source", b"source", "wall_ms", b"wall_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "deltas", b"deltas", "epoch", b"epoch", "error_kind", b"error_kind", "error_message", b"error_message", "latency_ms", b"latency_ms", "scheduler", b"scheduler", "scheduler_sha256", b"scheduler_sha256", "seq", b"seq", "snapshot", b"snapshot", "snapshot_hash", b"snapshot_hash", "source", b"source", "wall_ms", b"wall_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from . import context_pb2 as context__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rsandbox.proto\x12\x0forchestrator.v1\x1a\rcontext.proto\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x9a\x01\n\x06Limits\x12\x16\n\x0elua_heap_bytes\x18\x01 \x01(\x03\x12\x17\n\x0fmax_log_records\x18\x02 \x01(\x03\x12\x15\n\rmax_log_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bmax_metrics\x18\x04 \x01(\x03\x12\x19\n\x11max_batch_actions\x18\x05 \x01(\x03\x12\x18\n\x10max_string_bytes\x18\x06 \x01(\x03\"\xba\x01\n\x0bLoadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12+\n\x08language\x18\x03 \x01(\x0e\x32\x19.orchestrator.v1.Language\x12\'\n\x06limits\x18\x04 \x01(\x0b\x32\x17.orchestrator.v1.Limits\x12\x17\n\x0fplatform_source\x18\x05 \x01(\t\x12\x1e\n\x16\x65xpose_platform_source\x18\x06 \x01(\x08\"s\n\tLoadReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12.\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1f.orchestrator.v1.SchedulerError\x12\x15\n\rsource_sha256\x18\x03 \x01(\t\x12\x13\n\x0blua_version\x18\x04 \x01(\t\"\xe2\x01\n\x0fScheduleRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12*\n\x08snapshot\x18\x02 \x01(\x0b\x32\x18.orchestrator.v1.Context\x12\x10\n\x08\x62\x61se_seq\x18\x03 \x01(\x04\x12-\n\x06\x64\x65ltas\x18\x04 \x03(\x0b\x32\x1d.orchestrator.v1.ContextDelta\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x11\n\tsync_only\x18\x06 \x01(\x08\x12\x19\n\x11refresh_available\x18\x07 \x01(\x08\x12\x18\n\x10pool_state_fresh\x18\x08 \x01(\x08\"^\n\x0eSchedulerError\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.orchestrator.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"+\n\tLogRecord\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"+\n\x0cMetricSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\xe9\x02\n\rScheduleReply\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x19.orchestrator.v1.Decision\x12.\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1f.orchestrator.v1.SchedulerError\x12(\n\x04logs\x18\x03 \x03(\x0b\x32\x1a.orchestrator.v1.LogRecord\x12.\n\x07metrics\x18\x04 \x03(\x0b\x32\x1d.orchestrator.v1.MetricSample\x12\x14\n\x0clogs_dropped\x18\x05 \x01(\x03\x12\x17\n\x0fmetrics_dropped\x18\x06 \x01(\x03\x12\x19\n\x11refresh_requested\x18\x07 \x01(\x08\x12\x0e\n\x06retire\x18\x08 \x01(\x08\x12\x0b\n\x03seq\x18\t \x01(\x04\x12\x10\n\x08\x61pply_ns\x18\n \x01(\x03\x12\x0e\n\x06run_ns\x18\x0b \x01(\x03\x12\x18\n\x10lua_memory_bytes\x18\x0c \x01(\x03\"\x0f\n\rHealthRequest\"\xc2\x01\n\x0bHealthReply\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x15\n\rsource_sha256\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x11\n\trss_bytes\x18\x05 \x01(\x03\x12\x18\n\x10lua_memory_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06\x63ycles\x18\x07 \x01(\x03\x12\x13\n\x0blua_version\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x03\x12\x11\n\thardening\x18\n \x03(\t*3\n\x08Language\x12\x13\n\x0fLANGUAGE_LUAJIT\x10\x00\x12\x12\n\x0eLANGUAGE_LUA54\x10\x01*\xd5\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45RROR_KIND_LUA_ERROR\x10\x01\x12 \n\x1c\x45RROR_KIND_SANDBOX_VIOLATION\x10\x02\x12\x1b\n\x17\x45RROR_KIND_MEMORY_LIMIT\x10\x03\x12\x1f\n\x1b\x45RROR_KIND_INVALID_DECISION\x10\x04\x12\x19\n\x15\x45RROR_KIND_NOT_LOADED\x10\x05\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\x06\x32\xac\x02\n\x0eSandboxService\x12@\n\x04Load\x12\x1c.orchestrator.v1.LoadRequest\x1a\x1a.orchestrator.v1.LoadReply\x12L\n\x08Schedule\x12 .orchestrator.v1.ScheduleRequest\x1a\x1e.orchestrator.v1.ScheduleReply\x12\x46\n\x06Health\x12\x1e.orchestrator.v1.HealthRequest\x1a\x1c.orchestrator.v1.HealthReply\x12\x42\n\x04\x45\x63ho\x12\x1c.orchestrator.v1.EchoMessage\x1a\x1c.orchestrator.v1.EchoMessageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rsandbox.proto\x12\x0forchestrator.v1\x1a\rcontext.proto\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x9a\x01\n\x06Limits\x12\x16\n\x0elua_heap_bytes\x18\x01 \x01(\x03\x12\x17\n\x0fmax_log_records\x18\x02 \x01(\x03\x12\x15\n\rmax_log_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bmax_metrics\x18\x04 \x01(\x03\x12\x19\n\x11max_batch_actions\x18\x05 \x01(\x03\x12\x18\n\x10max_string_bytes\x18\x06 \x01(\x03\"\xba\x01\n\x0bLoadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12+\n\x08language\x18\x03 \x01(\x0e\x32\x19.orchestrator.v1.Language\x12\'\n\x06limits\x18\x04 \x01(\x0b\x32\x17.orchestrator.v1.Limits\x12\x17\n\x0fplatform_source\x18\x05 \x01(\t\x12\x1e\n\x16\x65xpose_platform_source\x18\x06 \x01(\x08\"s\n\tLoadReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12.\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1f.orchestrator.v1.SchedulerError\x12\x15\n\rsource_sha256\x18\x03 \x01(\t\x12\x13\n\x0blua_version\x18\x04 \x01(\t\"\x93\x02\n\x0fScheduleRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12*\n\x08snapshot\x18\x02 \x01(\x0b\x32\x18.orchestrator.v1.Context\x12\x10\n\x08\x62\x61se_seq\x18\x03 \x01(\x04\x12-\n\x06\x64\x65ltas\x18\x04 \x03(\x0b\x32\x1d.orchestrator.v1.ContextDelta\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x11\n\tsync_only\x18\x06 \x01(\x08\x12\x19\n\x11refresh_available\x18\x07 \x01(\x08\x12\x18\n\x10pool_state_fresh\x18\x08 \x01(\x08\x12/\n\ninstrument\x18\t \x01(\x0e\x32\x1b.orchestrator.v1.Instrument\"^\n\x0eSchedulerError\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.orchestrator.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"+\n\tLogRecord\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"+\n\x0cMetricSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\x9c\x03\n\rScheduleReply\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x19.orchestrator.v1.Decision\x12.\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1f.orchestrator.v1.SchedulerError\x12(\n\x04logs\x18\x03 \x03(\x0b\x32\x1a.orchestrator.v1.LogRecord\x12.\n\x07metrics\x18\x04 \x03(\x0b\x32\x1d.orchestrator.v1.MetricSample\x12\x14\n\x0clogs_dropped\x18\x05 \x01(\x03\x12\x17\n\x0fmetrics_dropped\x18\x06 \x01(\x03\x12\x19\n\x11refresh_requested\x18\x07 \x01(\x08\x12\x0e\n\x06retire\x18\x08 \x01(\x08\x12\x0b\n\x03seq\x18\t \x01(\x04\x12\x10\n\x08\x61pply_ns\x18\n \x01(\x03\x12\x0e\n\x06run_ns\x18\x0b \x01(\x03\x12\x18\n\x10lua_memory_bytes\x18\x0c \x01(\x03\x12\x31\n\x0b\x64iagnostics\x18\r \x01(\x0b\x32\x1c.orchestrator.v1.Diagnostics\":\n\nSourceLine\x12\x0c\n\x04line\x18\x01 \x01(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0f\n\x07self_ms\x18\x03 \x01(\x01\"q\n\x0b\x42uiltinCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x01(\t\x12\x0e\n\x06result\x18\x03 \x01(\t\x12\x0c\n\x04line\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0e\n\x06raised\x18\x06 \x01(\x08\x12\n\n\x02ms\x18\x07 \x01(\x01\"K\n\rFunctionStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\x05\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x03\x12\x0f\n\x07self_ms\x18\x04 \x01(\x01\"\xa7\x02\n\x0b\x44iagnostics\x12/\n\ninstrument\x18\x01 \x01(\x0e\x32\x1b.orchestrator.v1.Instrument\x12*\n\x05lines\x18\x02 \x03(\x0b\x32\x1b.orchestrator.v1.SourceLine\x12\r\n\x05steps\x18\x03 \x03(\x05\x12\x15\n\rsteps_dropped\x18\x04 \x01(\x03\x12+\n\x05\x63\x61lls\x18\x05 \x03(\x0b\x32\x1c.orchestrator.v1.BuiltinCall\x12\x15\n\rcalls_dropped\x18\x06 \x01(\x03\x12\x31\n\tfunctions\x18\x07 \x03(\x0b\x32\x1e.orchestrator.v1.FunctionStats\x12\x10\n\x08\x63lock_ms\x18\x08 \x01(\x01\x12\x0c\n\x04\x66ile\x18\t \x01(\t\"\x9e\x02\n\x0c\x44\x65\x62ugCommand\x12:\n\x0fset_breakpoints\x18\x01 \x01(\x0b\x32\x1f.orchestrator.v1.SetBreakpointsH\x00\x12)\n\x06resume\x18\x02 \x01(\x0b\x32\x17.orchestrator.v1.ResumeH\x00\x12.\n\x05stack\x18\x03 \x01(\x0b\x32\x1d.orchestrator.v1.StackRequestH\x00\x12\x36\n\tvariables\x18\x04 \x01(\x0b\x32!.orchestrator.v1.VariablesRequestH\x00\x12\x34\n\x08\x65valuate\x18\x05 \x01(\x0b\x32 .orchestrator.v1.EvaluateRequestH\x00\x42\t\n\x07\x63ommand\"-\n\nBreakpoint\x12\x0c\n\x04line\x18\x01 \x01(\x05\x12\x11\n\tcondition\x18\x02 \x01(\t\"B\n\x0eSetBreakpoints\x12\x30\n\x0b\x62reakpoints\x18\x01 \x03(\x0b\x32\x1b.orchestrator.v1.Breakpoint\"o\n\x06Resume\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1c.orchestrator.v1.Resume.Mode\"9\n\x04Mode\x12\x0c\n\x08\x43ONTINUE\x10\x00\x12\x08\n\x04NEXT\x10\x01\x12\x0b\n\x07STEP_IN\x10\x02\x12\x0c\n\x08STEP_OUT\x10\x03\"\x0e\n\x0cStackRequest\"C\n\x10VariablesRequest\x12\x11\n\treference\x18\x01 \x01(\x03\x12\r\n\x05start\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\"4\n\x0f\x45valuateRequest\x12\r\n\x05\x66rame\x18\x01 \x01(\x05\x12\x12\n\nexpression\x18\x02 \x01(\t\"\x97\x02\n\nDebugEvent\x12+\n\x07stopped\x18\x01 \x01(\x0b\x32\x18.orchestrator.v1.StoppedH\x00\x12)\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x17.orchestrator.v1.FramesH\x00\x12/\n\tvariables\x18\x03 \x01(\x0b\x32\x1a.orchestrator.v1.VariablesH\x00\x12.\n\tevaluated\x18\x04 \x01(\x0b\x32\x19.orchestrator.v1.VariableH\x00\x12\x36\n\x0b\x62reakpoints\x18\x05 \x01(\x0b\x32\x1f.orchestrator.v1.SetBreakpointsH\x00\x12\x0f\n\x05\x65rror\x18\x06 \x01(\tH\x00\x42\x07\n\x05\x65vent\"<\n\x07Stopped\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"Q\n\x05\x46rame\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\x05\x12\x0e\n\x06locals\x18\x04 \x01(\x03\x12\x10\n\x08upvalues\x18\x05 \x01(\x03\"O\n\x06\x46rames\x12&\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x16.orchestrator.v1.Frame\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0f\n\x07globals\x18\x03 \x01(\x03\"h\n\x08Variable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\treference\x18\x04 \x01(\x03\x12\x0f\n\x07indexed\x18\x05 \x01(\x05\x12\r\n\x05named\x18\x06 \x01(\x05\"9\n\tVariables\x12,\n\tvariables\x18\x01 \x03(\x0b\x32\x19.orchestrator.v1.Variable\"\x0f\n\rHealthRequest\"\xc2\x01\n\x0bHealthReply\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x15\n\rsource_sha256\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x11\n\trss_bytes\x18\x05 \x01(\x03\x12\x18\n\x10lua_memory_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06\x63ycles\x18\x07 \x01(\x03\x12\x13\n\x0blua_version\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x03\x12\x11\n\thardening\x18\n \x03(\t*3\n\x08Language\x12\x13\n\x0fLANGUAGE_LUAJIT\x10\x00\x12\x12\n\x0eLANGUAGE_LUA54\x10\x01*e\n\nInstrument\x12\x13\n\x0fINSTRUMENT_NONE\x10\x00\x12\x14\n\x10INSTRUMENT_TRACE\x10\x01\x12\x16\n\x12INSTRUMENT_PROFILE\x10\x02\x12\x14\n\x10INSTRUMENT_DEBUG\x10\x03*\xd5\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45RROR_KIND_LUA_ERROR\x10\x01\x12 \n\x1c\x45RROR_KIND_SANDBOX_VIOLATION\x10\x02\x12\x1b\n\x17\x45RROR_KIND_MEMORY_LIMIT\x10\x03\x12\x1f\n\x1b\x45RROR_KIND_INVALID_DECISION\x10\x04\x12\x19\n\x15\x45RROR_KIND_NOT_LOADED\x10\x05\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\x06\x32\xf5\x02\n\x0eSandboxService\x12@\n\x04Load\x12\x1c.orchestrator.v1.LoadRequest\x1a\x1a.orchestrator.v1.LoadReply\x12L\n\x08Schedule\x12 .orchestrator.v1.ScheduleRequest\x1a\x1e.orchestrator.v1.ScheduleReply\x12\x46\n\x06Health\x12\x1e.orchestrator.v1.HealthRequest\x1a\x1c.orchestrator.v1.HealthReply\x12\x42\n\x04\x45\x63ho\x12\x1c.orchestrator.v1.EchoMessage\x1a\x1c.orchestrator.v1.EchoMessage\x12G\n\x05\x44\x65\x62ug\x12\x1d.orchestrator.v1.DebugCommand\x1a\x1b.orchestrator.v1.DebugEvent(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sandbox_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LANGUAGE']._serialized_start=1537
-  _globals['_LANGUAGE']._serialized_end=1588
-  _globals['_ERRORKIND']._serialized_start=1591
-  _globals['_ERRORKIND']._serialized_end=1804
+  _globals['_LANGUAGE']._serialized_start=3516
+  _globals['_LANGUAGE']._serialized_end=3567
+  _globals['_INSTRUMENT']._serialized_start=3569
+  _globals['_INSTRUMENT']._serialized_end=3670
+  _globals['_ERRORKIND']._serialized_start=3673
+  _globals['_ERRORKIND']._serialized_end=3886
   _globals['_ECHOMESSAGE']._serialized_start=49
   _globals['_ECHOMESSAGE']._serialized_end=79
   _globals['_LIMITS']._serialized_start=82
@@ -45,19 +47,55 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADREPLY']._serialized_start=427
   _globals['_LOADREPLY']._serialized_end=542
   _globals['_SCHEDULEREQUEST']._serialized_start=545
-  _globals['_SCHEDULEREQUEST']._serialized_end=771
-  _globals['_SCHEDULERERROR']._serialized_start=773
-  _globals['_SCHEDULERERROR']._serialized_end=867
-  _globals['_LOGRECORD']._serialized_start=869
-  _globals['_LOGRECORD']._serialized_end=912
-  _globals['_METRICSAMPLE']._serialized_start=914
-  _globals['_METRICSAMPLE']._serialized_end=957
-  _globals['_SCHEDULEREPLY']._serialized_start=960
-  _globals['_SCHEDULEREPLY']._serialized_end=1321
-  _globals['_HEALTHREQUEST']._serialized_start=1323
-  _globals['_HEALTHREQUEST']._serialized_end=1338
-  _globals['_HEALTHREPLY']._serialized_start=1341
-  _globals['_HEALTHREPLY']._serialized_end=1535
-  _globals['_SANDBOXSERVICE']._serialized_start=1807
-  _globals['_SANDBOXSERVICE']._serialized_end=2107
+  _globals['_SCHEDULEREQUEST']._serialized_end=820
+  _globals['_SCHEDULERERROR']._serialized_start=822
+  _globals['_SCHEDULERERROR']._serialized_end=916
+  _globals['_LOGRECORD']._serialized_start=918
+  _globals['_LOGRECORD']._serialized_end=961
+  _globals['_METRICSAMPLE']._serialized_start=963
+  _globals['_METRICSAMPLE']._serialized_end=1006
+  _globals['_SCHEDULEREPLY']._serialized_start=1009
+  _globals['_SCHEDULEREPLY']._serialized_end=1421
+  _globals['_SOURCELINE']._serialized_start=1423
+  _globals['_SOURCELINE']._serialized_end=1481
+  _globals['_BUILTINCALL']._serialized_start=1483
+  _globals['_BUILTINCALL']._serialized_end=1596
+  _globals['_FUNCTIONSTATS']._serialized_start=1598
+  _globals['_FUNCTIONSTATS']._serialized_end=1673
+  _globals['_DIAGNOSTICS']._serialized_start=1676
+  _globals['_DIAGNOSTICS']._serialized_end=1971
+  _globals['_DEBUGCOMMAND']._serialized_start=1974
+  _globals['_DEBUGCOMMAND']._serialized_end=2260
+  _globals['_BREAKPOINT']._serialized_start=2262
+  _globals['_BREAKPOINT']._serialized_end=2307
+  _globals['_SETBREAKPOINTS']._serialized_start=2309
+  _globals['_SETBREAKPOINTS']._serialized_end=2375
+  _globals['_RESUME']._serialized_start=2377
+  _globals['_RESUME']._serialized_end=2488
+  _globals['_RESUME_MODE']._serialized_start=2431
+  _globals['_RESUME_MODE']._serialized_end=2488
+  _globals['_STACKREQUEST']._serialized_start=2490
+  _globals['_STACKREQUEST']._serialized_end=2504
+  _globals['_VARIABLESREQUEST']._serialized_start=2506
+  _globals['_VARIABLESREQUEST']._serialized_end=2573
+  _globals['_EVALUATEREQUEST']._serialized_start=2575
+  _globals['_EVALUATEREQUEST']._serialized_end=2627
+  _globals['_DEBUGEVENT']._serialized_start=2630
+  _globals['_DEBUGEVENT']._serialized_end=2909
+  _globals['_STOPPED']._serialized_start=2911
+  _globals['_STOPPED']._serialized_end=2971
+  _globals['_FRAME']._serialized_start=2973
+  _globals['_FRAME']._serialized_end=3054
+  _globals['_FRAMES']._serialized_start=3056
+  _globals['_FRAMES']._serialized_end=3135
+  _globals['_VARIABLE']._serialized_start=3137
+  _globals['_VARIABLE']._serialized_end=3241
+  _globals['_VARIABLES']._serialized_start=3243
+  _globals['_VARIABLES']._serialized_end=3300
+  _globals['_HEALTHREQUEST']._serialized_start=3302
+  _globals['_HEALTHREQUEST']._serialized_end=3317
+  _globals['_HEALTHREPLY']._serialized_start=3320
+  _globals['_HEALTHREPLY']._serialized_end=3514
+  _globals['_SANDBOXSERVICE']._serialized_start=3889
+  _globals['_SANDBOXSERVICE']._serialized_end=4262
 # @@protoc_insertion_point(module_scope)

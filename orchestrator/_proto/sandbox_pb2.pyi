@@ -41,6 +41,31 @@ LANGUAGE_LUA54: Language.ValueType  # 1
 """lupa.lua54"""
 Global___Language: _TypeAlias = Language  # noqa: Y015
 
+class _Instrument:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InstrumentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Instrument.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INSTRUMENT_NONE: _Instrument.ValueType  # 0
+    INSTRUMENT_TRACE: _Instrument.ValueType  # 1
+    """lines run, built-in calls with their arguments and results"""
+    INSTRUMENT_PROFILE: _Instrument.ValueType  # 2
+    """the trace's counts plus CPU time per line and per function"""
+    INSTRUMENT_DEBUG: _Instrument.ValueType  # 3
+    """stop at entry, then obey the Debug stream"""
+
+class Instrument(_Instrument, metaclass=_InstrumentEnumTypeWrapper): ...
+
+INSTRUMENT_NONE: Instrument.ValueType  # 0
+INSTRUMENT_TRACE: Instrument.ValueType  # 1
+"""lines run, built-in calls with their arguments and results"""
+INSTRUMENT_PROFILE: Instrument.ValueType  # 2
+"""the trace's counts plus CPU time per line and per function"""
+INSTRUMENT_DEBUG: Instrument.ValueType  # 3
+"""stop at entry, then obey the Debug stream"""
+Global___Instrument: _TypeAlias = Instrument  # noqa: Y015
+
 class _ErrorKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -213,6 +238,7 @@ class ScheduleRequest(_message.Message):
     SYNC_ONLY_FIELD_NUMBER: _builtins.int
     REFRESH_AVAILABLE_FIELD_NUMBER: _builtins.int
     POOL_STATE_FRESH_FIELD_NUMBER: _builtins.int
+    INSTRUMENT_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     base_seq: _builtins.int
     """Incremental: the worker must be at (epoch, base_seq); the deltas bring it to
@@ -226,6 +252,11 @@ class ScheduleRequest(_message.Message):
     whether this call already carries it.
     """
     pool_state_fresh: _builtins.bool
+    instrument: Global___Instrument.ValueType
+    """Trace, profile or debug this call (issue 18). Only a worker started for
+    diagnostics honours it; any other worker answers ERROR_KIND_INTERNAL and runs
+    nothing. The production scheduling path never sets it.
+    """
     @_builtins.property
     def snapshot(self) -> _context_pb2.Context:
         """Full resync: the worker drops what it holds and takes this snapshot as `seq`."""
@@ -243,10 +274,11 @@ class ScheduleRequest(_message.Message):
         sync_only: _builtins.bool = ...,
         refresh_available: _builtins.bool = ...,
         pool_state_fresh: _builtins.bool = ...,
+        instrument: Global___Instrument.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_seq", b"base_seq", "deltas", b"deltas", "epoch", b"epoch", "pool_state_fresh", b"pool_state_fresh", "refresh_available", b"refresh_available", "seq", b"seq", "snapshot", b"snapshot", "sync_only", b"sync_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_seq", b"base_seq", "deltas", b"deltas", "epoch", b"epoch", "instrument", b"instrument", "pool_state_fresh", b"pool_state_fresh", "refresh_available", b"refresh_available", "seq", b"seq", "snapshot", b"snapshot", "sync_only", b"sync_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -338,6 +370,7 @@ class ScheduleReply(_message.Message):
     APPLY_NS_FIELD_NUMBER: _builtins.int
     RUN_NS_FIELD_NUMBER: _builtins.int
     LUA_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    DIAGNOSTICS_FIELD_NUMBER: _builtins.int
     logs_dropped: _builtins.int
     """over the per-call quota"""
     metrics_dropped: _builtins.int
@@ -364,6 +397,10 @@ class ScheduleReply(_message.Message):
     def logs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogRecord]: ...
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricSample]: ...
+    @_builtins.property
+    def diagnostics(self) -> Global___Diagnostics:
+        """set when the request asked for a trace or profile"""
+
     def __init__(
         self,
         *,
@@ -379,14 +416,562 @@ class ScheduleReply(_message.Message):
         apply_ns: _builtins.int = ...,
         run_ns: _builtins.int = ...,
         lua_memory_bytes: _builtins.int = ...,
+        diagnostics: Global___Diagnostics | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "diagnostics", b"diagnostics", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_ns", b"apply_ns", "decision", b"decision", "error", b"error", "logs", b"logs", "logs_dropped", b"logs_dropped", "lua_memory_bytes", b"lua_memory_bytes", "metrics", b"metrics", "metrics_dropped", b"metrics_dropped", "refresh_requested", b"refresh_requested", "retire", b"retire", "run_ns", b"run_ns", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_ns", b"apply_ns", "decision", b"decision", "diagnostics", b"diagnostics", "error", b"error", "logs", b"logs", "logs_dropped", b"logs_dropped", "lua_memory_bytes", b"lua_memory_bytes", "metrics", b"metrics", "metrics_dropped", b"metrics_dropped", "refresh_requested", b"refresh_requested", "retire", b"retire", "run_ns", b"run_ns", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScheduleReply: _TypeAlias = ScheduleReply  # noqa: Y015
+
+@_typing.final
+class SourceLine(_message.Message):
+    """A line of the scheduler's own file (trusted sandbox code is never traced)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    SELF_MS_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    count: _builtins.int
+    """times it ran"""
+    self_ms: _builtins.float
+    """profile: CPU time from this line until the next line of the file"""
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        count: _builtins.int = ...,
+        self_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "line", b"line", "self_ms", b"self_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceLine: _TypeAlias = SourceLine  # noqa: Y015
+
+@_typing.final
+class BuiltinCall(_message.Message):
+    """One call the script made to a ctx built-in (calls the built-ins make among
+    themselves are not listed).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    RAISED_FIELD_NUMBER: _builtins.int
+    MS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"get_job", "filter_workers", ..."""
+    args: _builtins.str
+    """a short form of the arguments"""
+    result: _builtins.str
+    """a short form of what it returned, or of the error it raised"""
+    line: _builtins.int
+    """the line of the script that called it"""
+    step: _builtins.int
+    """how many lines had run when it was called (an index into steps)"""
+    raised: _builtins.bool
+    ms: _builtins.float
+    """CPU time inside the built-in"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        args: _builtins.str = ...,
+        result: _builtins.str = ...,
+        line: _builtins.int = ...,
+        step: _builtins.int = ...,
+        raised: _builtins.bool = ...,
+        ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "line", b"line", "ms", b"ms", "name", b"name", "raised", b"raised", "result", b"result", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BuiltinCall: _TypeAlias = BuiltinCall  # noqa: Y015
+
+@_typing.final
+class FunctionStats(_message.Message):
+    """Profile: a function of the script (name as Lua sees it, and the line it starts at)
+    or a built-in ("ctx.get_job", line 0).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    SELF_MS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    line: _builtins.int
+    calls: _builtins.int
+    self_ms: _builtins.float
+    """script functions: time on their own lines; built-ins: inside them"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        line: _builtins.int = ...,
+        calls: _builtins.int = ...,
+        self_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "line", b"line", "name", b"name", "self_ms", b"self_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FunctionStats: _TypeAlias = FunctionStats  # noqa: Y015
+
+@_typing.final
+class Diagnostics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTRUMENT_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    STEPS_DROPPED_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    CALLS_DROPPED_FIELD_NUMBER: _builtins.int
+    FUNCTIONS_FIELD_NUMBER: _builtins.int
+    CLOCK_MS_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    instrument: Global___Instrument.ValueType
+    steps_dropped: _builtins.int
+    """steps past the bound (their lines are still counted)"""
+    calls_dropped: _builtins.int
+    clock_ms: _builtins.float
+    """CPU time of the whole instrumented call"""
+    file: _builtins.str
+    """the script's name, as in tracebacks"""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceLine]:
+        """each line that ran, once, in the order each first ran"""
+
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the order lines ran in, as indexes into `lines`"""
+
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___BuiltinCall]: ...
+    @_builtins.property
+    def functions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FunctionStats]: ...
+    def __init__(
+        self,
+        *,
+        instrument: Global___Instrument.ValueType = ...,
+        lines: _abc.Iterable[Global___SourceLine] | None = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        steps_dropped: _builtins.int = ...,
+        calls: _abc.Iterable[Global___BuiltinCall] | None = ...,
+        calls_dropped: _builtins.int = ...,
+        functions: _abc.Iterable[Global___FunctionStats] | None = ...,
+        clock_ms: _builtins.float = ...,
+        file: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "calls_dropped", b"calls_dropped", "clock_ms", b"clock_ms", "file", b"file", "functions", b"functions", "instrument", b"instrument", "lines", b"lines", "steps", b"steps", "steps_dropped", b"steps_dropped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Diagnostics: _TypeAlias = Diagnostics  # noqa: Y015
+
+@_typing.final
+class DebugCommand(_message.Message):
+    """------------------------------------------------------------------ the debugger
+    One scheduler file per session: breakpoints name its lines.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SET_BREAKPOINTS_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    STACK_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    EVALUATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def set_breakpoints(self) -> Global___SetBreakpoints:
+        """replaces every breakpoint"""
+
+    @_builtins.property
+    def resume(self) -> Global___Resume: ...
+    @_builtins.property
+    def stack(self) -> Global___StackRequest: ...
+    @_builtins.property
+    def variables(self) -> Global___VariablesRequest: ...
+    @_builtins.property
+    def evaluate(self) -> Global___EvaluateRequest: ...
+    def __init__(
+        self,
+        *,
+        set_breakpoints: Global___SetBreakpoints | None = ...,
+        resume: Global___Resume | None = ...,
+        stack: Global___StackRequest | None = ...,
+        variables: Global___VariablesRequest | None = ...,
+        evaluate: Global___EvaluateRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "evaluate", b"evaluate", "resume", b"resume", "set_breakpoints", b"set_breakpoints", "stack", b"stack", "variables", b"variables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "evaluate", b"evaluate", "resume", b"resume", "set_breakpoints", b"set_breakpoints", "stack", b"stack", "variables", b"variables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["set_breakpoints", "resume", "stack", "variables", "evaluate"]  # noqa: Y015
+    _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
+
+Global___DebugCommand: _TypeAlias = DebugCommand  # noqa: Y015
+
+@_typing.final
+class Breakpoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    condition: _builtins.str
+    """a Lua expression; stops only where it is true (read-only)"""
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        condition: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "line", b"line"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Breakpoint: _TypeAlias = Breakpoint  # noqa: Y015
+
+@_typing.final
+class SetBreakpoints(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BREAKPOINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def breakpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Breakpoint]: ...
+    def __init__(
+        self,
+        *,
+        breakpoints: _abc.Iterable[Global___Breakpoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakpoints", b"breakpoints"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBreakpoints: _TypeAlias = SetBreakpoints  # noqa: Y015
+
+@_typing.final
+class Resume(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Mode:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Resume._Mode.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        CONTINUE: Resume._Mode.ValueType  # 0
+        NEXT: Resume._Mode.ValueType  # 1
+        """the next line in this function or a caller (step over)"""
+        STEP_IN: Resume._Mode.ValueType  # 2
+        """the next line anywhere in the script"""
+        STEP_OUT: Resume._Mode.ValueType  # 3
+        """the next line in a caller"""
+
+    class Mode(_Mode, metaclass=_ModeEnumTypeWrapper): ...
+    CONTINUE: Resume.Mode.ValueType  # 0
+    NEXT: Resume.Mode.ValueType  # 1
+    """the next line in this function or a caller (step over)"""
+    STEP_IN: Resume.Mode.ValueType  # 2
+    """the next line anywhere in the script"""
+    STEP_OUT: Resume.Mode.ValueType  # 3
+    """the next line in a caller"""
+
+    MODE_FIELD_NUMBER: _builtins.int
+    mode: Global___Resume.Mode.ValueType
+    def __init__(
+        self,
+        *,
+        mode: Global___Resume.Mode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resume: _TypeAlias = Resume  # noqa: Y015
+
+@_typing.final
+class StackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StackRequest: _TypeAlias = StackRequest  # noqa: Y015
+
+@_typing.final
+class VariablesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    reference: _builtins.int
+    """from a Frame, a Frames or a Variable"""
+    start: _builtins.int
+    """paging of array items (0-based)"""
+    count: _builtins.int
+    """0: the worker's page size"""
+    def __init__(
+        self,
+        *,
+        reference: _builtins.int = ...,
+        start: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "reference", b"reference", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariablesRequest: _TypeAlias = VariablesRequest  # noqa: Y015
+
+@_typing.final
+class EvaluateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAME_FIELD_NUMBER: _builtins.int
+    EXPRESSION_FIELD_NUMBER: _builtins.int
+    frame: _builtins.int
+    """a Frame.id; 0: the top frame"""
+    expression: _builtins.str
+    def __init__(
+        self,
+        *,
+        frame: _builtins.int = ...,
+        expression: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "frame", b"frame"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
+
+@_typing.final
+class DebugEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOPPED_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    EVALUATED_FIELD_NUMBER: _builtins.int
+    BREAKPOINTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    error: _builtins.str
+    """the command could not be carried out; still stopped"""
+    @_builtins.property
+    def stopped(self) -> Global___Stopped: ...
+    @_builtins.property
+    def frames(self) -> Global___Frames: ...
+    @_builtins.property
+    def variables(self) -> Global___Variables: ...
+    @_builtins.property
+    def evaluated(self) -> Global___Variable: ...
+    @_builtins.property
+    def breakpoints(self) -> Global___SetBreakpoints:
+        """as set (a condition that does not compile is refused)"""
+
+    def __init__(
+        self,
+        *,
+        stopped: Global___Stopped | None = ...,
+        frames: Global___Frames | None = ...,
+        variables: Global___Variables | None = ...,
+        evaluated: Global___Variable | None = ...,
+        breakpoints: Global___SetBreakpoints | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breakpoints", b"breakpoints", "error", b"error", "evaluated", b"evaluated", "event", b"event", "frames", b"frames", "stopped", b"stopped", "variables", b"variables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakpoints", b"breakpoints", "error", b"error", "evaluated", b"evaluated", "event", b"event", "frames", b"frames", "stopped", b"stopped", "variables", b"variables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["stopped", "frames", "variables", "evaluated", "breakpoints", "error"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___DebugEvent: _TypeAlias = DebugEvent  # noqa: Y015
+
+@_typing.final
+class Stopped(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """"entry", "breakpoint", "step" """
+    line: _builtins.int
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        line: _builtins.int = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "line", b"line", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Stopped: _TypeAlias = Stopped  # noqa: Y015
+
+@_typing.final
+class Frame(_message.Message):
+    """Frames of the script only (built-ins and trusted code are not shown), innermost first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    LOCALS_FIELD_NUMBER: _builtins.int
+    UPVALUES_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    name: _builtins.str
+    line: _builtins.int
+    locals: _builtins.int
+    """variables references of the frame's scopes"""
+    upvalues: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        name: _builtins.str = ...,
+        line: _builtins.int = ...,
+        locals: _builtins.int = ...,
+        upvalues: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "line", b"line", "locals", b"locals", "name", b"name", "upvalues", b"upvalues"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class Frames(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    GLOBALS_FIELD_NUMBER: _builtins.int
+    file: _builtins.str
+    globals: _builtins.int
+    """the script's own globals"""
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___Frame]: ...
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[Global___Frame] | None = ...,
+        file: _builtins.str = ...,
+        globals: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "frames", b"frames", "globals", b"globals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Frames: _TypeAlias = Frames  # noqa: Y015
+
+@_typing.final
+class Variable(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    INDEXED_FIELD_NUMBER: _builtins.int
+    NAMED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.str
+    """a short form"""
+    type: _builtins.str
+    """Lua's type, "job" for a queued job, "ctx" for ctx"""
+    reference: _builtins.int
+    """non-zero: expandable with VariablesRequest"""
+    indexed: _builtins.int
+    """array items, for paging"""
+    named: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+        type: _builtins.str = ...,
+        reference: _builtins.int = ...,
+        indexed: _builtins.int = ...,
+        named: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indexed", b"indexed", "name", b"name", "named", b"named", "reference", b"reference", "type", b"type", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Variable: _TypeAlias = Variable  # noqa: Y015
+
+@_typing.final
+class Variables(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variable]: ...
+    def __init__(
+        self,
+        *,
+        variables: _abc.Iterable[Global___Variable] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["variables", b"variables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Variables: _TypeAlias = Variables  # noqa: Y015
 
 @_typing.final
 class HealthRequest(_message.Message):

@@ -54,6 +54,11 @@ class SandboxServiceStub:
                 request_serializer=sandbox__pb2.EchoMessage.SerializeToString,
                 response_deserializer=sandbox__pb2.EchoMessage.FromString,
                 _registered_method=True)
+        self.Debug = channel.stream_stream(
+                '/orchestrator.v1.SandboxService/Debug',
+                request_serializer=sandbox__pb2.DebugCommand.SerializeToString,
+                response_deserializer=sandbox__pb2.DebugEvent.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -88,6 +93,18 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Debug(self, request_iterator, context):
+        """The step debugger's channel (issue 18), served only by a worker started for
+        diagnostics (`--diagnostics`); any other worker refuses it with
+        FAILED_PRECONDITION. The client sends commands; the worker answers each one that
+        arrives while the script is stopped, and sends `stopped` whenever it stops. The
+        Schedule call that runs the script (instrument = INSTRUMENT_DEBUG) returns when
+        the script ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +127,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.Echo,
                     request_deserializer=sandbox__pb2.EchoMessage.FromString,
                     response_serializer=sandbox__pb2.EchoMessage.SerializeToString,
+            ),
+            'Debug': grpc.stream_stream_rpc_method_handler(
+                    servicer.Debug,
+                    request_deserializer=sandbox__pb2.DebugCommand.FromString,
+                    response_serializer=sandbox__pb2.DebugEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +242,33 @@ class SandboxService:
             '/orchestrator.v1.SandboxService/Echo',
             sandbox__pb2.EchoMessage.SerializeToString,
             sandbox__pb2.EchoMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Debug(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/orchestrator.v1.SandboxService/Debug',
+            sandbox__pb2.DebugCommand.SerializeToString,
+            sandbox__pb2.DebugEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,14 @@ class SandboxServiceStub:
     Health: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.HealthRequest, _sandbox_pb2.HealthReply]
     Echo: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.EchoMessage, _sandbox_pb2.EchoMessage]
     """Returns the payload: the floor a Schedule round trip is measured against."""
+    Debug: _grpc.StreamStreamMultiCallable[_sandbox_pb2.DebugCommand, _sandbox_pb2.DebugEvent]
+    """The step debugger's channel (issue 18), served only by a worker started for
+    diagnostics (`--diagnostics`); any other worker refuses it with
+    FAILED_PRECONDITION. The client sends commands; the worker answers each one that
+    arrives while the script is stopped, and sends `stopped` whenever it stops. The
+    Schedule call that runs the script (instrument = INSTRUMENT_DEBUG) returns when
+    the script ends.
+    """
 
 @_typing.type_check_only
 class SandboxServiceAsyncStub(SandboxServiceStub):
@@ -57,6 +65,14 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     Health: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.HealthRequest, _sandbox_pb2.HealthReply]  # type: ignore[assignment]
     Echo: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.EchoMessage, _sandbox_pb2.EchoMessage]  # type: ignore[assignment]
     """Returns the payload: the floor a Schedule round trip is measured against."""
+    Debug: _aio.StreamStreamMultiCallable[_sandbox_pb2.DebugCommand, _sandbox_pb2.DebugEvent]  # type: ignore[assignment]
+    """The step debugger's channel (issue 18), served only by a worker started for
+    diagnostics (`--diagnostics`); any other worker refuses it with
+    FAILED_PRECONDITION. The client sends commands; the worker answers each one that
+    arrives while the script is stopped, and sends `stopped` whenever it stops. The
+    Schedule call that runs the script (instrument = INSTRUMENT_DEBUG) returns when
+    the script ends.
+    """
 
 class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -92,5 +108,19 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sandbox_pb2.EchoMessage, _abc.Awaitable[_sandbox_pb2.EchoMessage]]:
         """Returns the payload: the floor a Schedule round trip is measured against."""
+
+    @_abc_1.abstractmethod
+    def Debug(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.DebugCommand],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.DebugEvent], _abc.AsyncIterator[_sandbox_pb2.DebugEvent]]:
+        """The step debugger's channel (issue 18), served only by a worker started for
+        diagnostics (`--diagnostics`); any other worker refuses it with
+        FAILED_PRECONDITION. The client sends commands; the worker answers each one that
+        arrives while the script is stopped, and sends `stopped` whenever it stops. The
+        Schedule call that runs the script (instrument = INSTRUMENT_DEBUG) returns when
+        the script ends.
+        """
 
 def add_SandboxServiceServicer_to_server(servicer: SandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,18 +1,24 @@
 """The `orchestratord` command line.
 
-    orchestratord scheduler test --file F [--dry-run] [--context FILE] [--json]
+    orchestratord scheduler test --file F [--dry-run] [--context FILE | --bank NAME]
+                                 [--trace | --profile] [--json]
+    orchestratord scheduler validate FILE [--profile] [--json]
     orchestratord scheduler platform-source
     orchestratord scheduler sample-context [--json]
     orchestratord scheduler simulate --file F [--queue-depth N --pools N ...]
     orchestratord scheduler compare A B [workload options]
     orchestratord scheduler replay --log FILE --file CANDIDATE
+    orchestratord scheduler replay --log FILE --file CANDIDATE --seq N [--trace | --profile]
+    orchestratord scheduler debug --file F (--context C | --from-log SEQ --log L)
+                                  --dap 127.0.0.1:PORT
     orchestratord auth new-key --name N --role tenant|operator|pool [--tenant T] [--pool P]
 
 Commands that talk to a running orchestrator take --token-file (or $ORCHESTRATOR_TOKEN),
 --tls-ca, and --tls-cert/--tls-key for mutual TLS (SECURITY.md).
 
 Exit status of `scheduler test`: 0 when the user's scheduler decided, 3 when the
-cycle fell back, 2 on bad usage (unreadable file, bad context, bad flags).
+cycle fell back, 2 on bad usage (unreadable file, bad context, bad flags). Under
+--trace or --profile, 0 when the script returned a valid decision, 3 when it did not.
 """
 
 from __future__ import annotations
@@ -34,11 +40,14 @@ from orchestrator._proto import orchestrator_pb2 as pb
 from orchestrator._proto import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.cli.auth import add_commands as add_auth_commands
 from orchestrator.cli.auth import auth_command
+from orchestrator.cli.debug import COMMANDS as DEBUG_COMMANDS
+from orchestrator.cli.debug import add_commands as add_debug_commands
 from orchestrator.cli.jobs import job_command
 from orchestrator.cli.sim import COMMANDS as SIM_COMMANDS
 from orchestrator.cli.sim import add_commands as add_sim_commands
 from orchestrator.config.context_file import context_to_dict, load_context
 from orchestrator.config.settings import SchedulerConfig, load_config
+from orchestrator.debugging.diagnose import TIMES, diagnose
 from orchestrator.domain import decision as decisions
 from orchestrator.domain.context import Context
 from orchestrator.domain.errors import OrchestratorError, UsageError
@@ -47,6 +56,9 @@ from orchestrator.domain.samples import sample_context
 from orchestrator.policy.compile import compile_yaml
 from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import (
+    BANK,
+    LARGEST_BANK_CONTEXT,
+    bank_context,
     policy_version,
     read_policy,
     to_lua,
@@ -158,8 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument(
         "--dry-run", action="store_true", help="accepted for the spec's spelling; always on"
     )
-    test.add_argument(
+    where = test.add_mutually_exclusive_group()
+    where.add_argument(
         "--context", type=Path, help="context file (JSON or YAML); default: the sample context"
+    )
+    where.add_argument(
+        "--bank",
+        choices=list(BANK),
+        metavar="NAME",
+        help="a context of the validation bank: " + ", ".join(BANK),
+    )
+    mode = test.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--trace",
+        action="store_true",
+        help="show the lines that ran, how often, and each built-in call with its result",
+    )
+    mode.add_argument(
+        "--profile",
+        action="store_true",
+        help="time per line and per function (medians of several runs), and the "
+        "profiler's own overhead",
     )
     test.add_argument("--json", action="store_true", help="print one JSON object")
     test.add_argument(
@@ -179,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file", type=Path)
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
     validate.add_argument("--deadline-ms", type=int, default=SandboxLimits.deadline_ms)
+    validate.add_argument(
+        "--profile",
+        action="store_true",
+        help=f"then profile the policy on the bank's largest context ({LARGEST_BANK_CONTEXT})",
+    )
     compile_ = sub.add_parser("compile", help="compile a YAML policy to Lua and print it")
     compile_.add_argument("file", type=Path)
     compile_.add_argument("--json", action="store_true", help="print {lua, sha256, version}")
@@ -199,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--json", action="store_true")
 
     add_sim_commands(sub)
+    add_debug_commands(sub)
     shadow = sub.add_parser(
         "shadow",
         help="run a candidate beside the active scheduler, without executing it",
@@ -246,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_scheduler_test(args))
         if args.scheduler_command in SIM_COMMANDS:
             return asyncio.run(SIM_COMMANDS[args.scheduler_command](args))
+        if args.scheduler_command in DEBUG_COMMANDS:
+            return asyncio.run(DEBUG_COMMANDS[args.scheduler_command](args))
         if args.scheduler_command in ADMIN_COMMANDS:
             return asyncio.run(ADMIN_COMMANDS[args.scheduler_command](args))
         if args.scheduler_command == "platform-source":
@@ -293,7 +332,23 @@ async def _scheduler_test(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.deadline_ms <= 0:
         raise UsageError("--deadline-ms must be positive")
-    ctx = load_context(args.context) if args.context else sample_context()
+    if args.context:
+        ctx = load_context(args.context)
+    elif args.bank:
+        ctx = bank_context(args.bank)
+    else:
+        ctx = sample_context()
+    if args.trace or args.profile:
+        diagnosis = await diagnose(
+            source,
+            path.name,
+            ctx,
+            instrument="trace" if args.trace else "profile",
+            language=args.language,
+            deadline_ms=args.deadline_ms,
+        )
+        print(json.dumps(diagnosis.to_json(), indent=2) if args.json else diagnosis.text(source))
+        return EXIT_USER if diagnosis.ok else EXIT_FALLBACK
     options = EngineOptions.from_config(SchedulerConfig(deadline_ms=args.deadline_ms), spares=0)
     async with SchedulingEngine(
         user_source=source, user_name=path.name, language=args.language, options=options
@@ -311,14 +366,37 @@ async def _validate(args: argparse.Namespace) -> int:
     report = await validate_policy(
         source, args.file.name, language, scheduler=SchedulerConfig(deadline_ms=args.deadline_ms)
     )
+    profile = None
+    if args.profile and report.lua:
+        profile = await diagnose(
+            report.lua,
+            args.file.name,
+            bank_context(LARGEST_BANK_CONTEXT),
+            instrument="profile",
+            deadline_ms=args.deadline_ms,
+        )
     if args.json:
-        print(json.dumps({**report.to_dict(), "summary": report.summary()}, indent=2))
+        out = {**report.to_dict(), "summary": report.summary()}
+        if profile is not None:
+            out["profile"] = profile.to_json()
+        print(json.dumps(out, indent=2))
     else:
         print(f"{args.file}: {report.summary()}")
         for case in report.semantics.get("cases", []):
             mark = "ok  " if case["ok"] else "FAIL"
             what = case["decision"] if case["ok"] else case["error"]
             print(f"  {mark} {case['context']:<18} {what}")
+        hot_lines = report.speed.get("hot_lines", [])
+        if hot_lines:
+            print(f"hottest lines on {report.speed['profiled_context']} (profiled):")
+            for line in hot_lines:
+                print(f"  {args.file.name}:{line['line']:<5} {TIMES}{line['count']:<7} "
+                      f"{line['self_ms']:9.3f} ms  {line['text'].strip()}")  # fmt: skip
+        if report.speed.get("profile_error"):
+            print(f"profile of the slowest bank context: {report.speed['profile_error']}")
+        if profile is not None:
+            print(f"\nprofile on the {LARGEST_BANK_CONTEXT} bank context:")
+            print(profile.text(report.lua))
     return 0 if report.ok else 1
 
 

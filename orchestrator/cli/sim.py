@@ -16,7 +16,7 @@ from orchestrator.domain.prefix import MAX_BLOCK_TOKENS, MIN_BLOCK_TOKENS
 from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import read_policy, to_lua
 from orchestrator.sim.compare import Policy, compare
-from orchestrator.sim.replay import replay
+from orchestrator.sim.replay import replay, replay_cycle
 from orchestrator.sim.report import table, write_html
 from orchestrator.sim.run import Progress, simulate
 from orchestrator.sim.settings import MAX_JOBS, SimSettings
@@ -207,6 +207,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     replay_ = sub.add_parser(
         "replay",
         help="run a candidate on a decision log and show where it decides differently",
+        description="Without --seq: the candidate decides every logged cycle, and the report "
+        "counts where it differs from what was executed. With --seq N: the candidate runs on "
+        "that one cycle under --trace (the default) or --profile, and the output explains "
+        "whether it decides as the service did, and why not.",
     )
     replay_.add_argument(
         "--log",
@@ -216,6 +220,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     replay_.add_argument("--file", "-f", required=True, type=Path, help="the candidate policy")
     replay_.add_argument("--limit", type=int, default=0, help="replay only the first N cycles")
+    replay_.add_argument(
+        "--seq", type=int, help="explain one cycle: the log's seq of it (see --json's differences)"
+    )
+    mode = replay_.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--trace", action="store_true", help="with --seq: the lines and built-in calls that ran"
+    )
+    mode.add_argument("--profile", action="store_true", help="with --seq: time per line")
     replay_.add_argument("--language", choices=["luajit", "lua54"], default="luajit")
     replay_.add_argument("--deadline-ms", type=int, default=50)
     replay_.add_argument("--json", action="store_true")
@@ -343,10 +355,14 @@ async def run_compare(args: argparse.Namespace) -> int:
 
 
 async def run_replay(args: argparse.Namespace) -> int:
+    if (args.trace or args.profile) and args.seq is None:
+        raise UsageError("--trace and --profile explain one cycle: give its --seq")
     policy = load_policy(str(args.file))
     assert policy.lua is not None or policy.name == PLATFORM
     from orchestrator.scheduling.engine import platform_source  # noqa: PLC0415
 
+    if args.seq is not None:
+        return await _explain_cycle(args, policy.lua or platform_source(), policy.name)
     try:
         report = await replay(
             args.log,
@@ -360,6 +376,29 @@ async def run_replay(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0
+
+
+async def _explain_cycle(args: argparse.Namespace, lua: str, name: str) -> int:
+    """`replay --seq N`: the candidate on that cycle, traced or profiled, explained."""
+    try:
+        explanation, diagnosis = await replay_cycle(
+            args.log,
+            args.seq,
+            lua,
+            name,
+            instrument="profile" if args.profile else "trace",
+            language=args.language,
+            deadline_ms=args.deadline_ms,
+        )
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"explanation": explanation.to_json(), **diagnosis.to_json()}, indent=2))
+    else:
+        print(explanation.text())
+        print()
+        print(diagnosis.text(lua))
     return 0
 
 

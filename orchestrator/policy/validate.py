@@ -5,7 +5,9 @@ Semantics: on every context of the validation bank (empty queue, no workers, all
 busy, quotas exceeded, pools offline, 10,000 jobs, the sample) the scheduler itself
 decides (no fallback) and the decision passes the decision validator.
 Speed: after the bank's state has been sent once, the p99 of further cycles on it
-stays within the budget. The result is a structured, JSON-ready report.
+stays within the budget; when it does not, the report lists the hottest lines of a
+profile on the slowest context (`speed.hot_lines`, orchestrator/debugging/diagnose.py).
+The result is a structured, JSON-ready report.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config.settings import SchedulerConfig
+from orchestrator.debugging.diagnose import diagnose, instrumented_timeout_s, time_in_schedule
 from orchestrator.domain import decision as decisions
 from orchestrator.domain.context import Context, Tenant, Worker
 from orchestrator.domain.errors import ErrorCode, OrchestratorError, UsageError
@@ -78,33 +82,82 @@ def _every_slot_busy(worker: Worker) -> Worker:
     )
 
 
-def bank() -> list[tuple[str, Context]]:
-    """The validation bank: the contexts every policy must handle."""
+def _empty_queue() -> Context:
+    return dataclasses.replace(sample_context(), queue=())
+
+
+def _no_workers() -> Context:
     sample = sample_context()
-    busy_pools = tuple(
-        dataclasses.replace(
-            pool,
-            workers=tuple(_every_slot_busy(w) for w in pool.workers),
-        )
-        for pool in sample.pools
+    return dataclasses.replace(
+        sample, pools=tuple(dataclasses.replace(p, workers=()) for p in sample.pools)
     )
+
+
+def _all_busy() -> Context:
+    sample = sample_context()
+    return dataclasses.replace(
+        sample,
+        pools=tuple(
+            dataclasses.replace(pool, workers=tuple(_every_slot_busy(w) for w in pool.workers))
+            for pool in sample.pools
+        ),
+    )
+
+
+def _quota_exceeded() -> Context:
     platform = sample_context(platform_mode=True)
     exhausted = tuple(
         dataclasses.replace(t, quota_exceeded=True, tokens_used_today=t.quota_tokens_daily or 0)
         for t in platform.tenants
     )
-    return [
-        ("sample", sample),
-        ("empty-queue", dataclasses.replace(sample, queue=())),
-        ("no-workers", dataclasses.replace(
-            sample, pools=tuple(dataclasses.replace(p, workers=()) for p in sample.pools))),
-        ("all-busy", dataclasses.replace(sample, pools=busy_pools)),
-        ("quota-exceeded", dataclasses.replace(platform, tenants=exhausted)),
-        ("offline-pools", dataclasses.replace(
-            sample, pools=tuple(dataclasses.replace(p, status="offline") for p in sample.pools))),
-        ("no-tenants-known", dataclasses.replace(platform, tenants=(Tenant("someone-else"),))),
-        ("10k-jobs", synthetic_cluster(10_000, 64)),
-    ]  # fmt: skip
+    return dataclasses.replace(platform, tenants=exhausted)
+
+
+def _offline_pools() -> Context:
+    sample = sample_context()
+    return dataclasses.replace(
+        sample, pools=tuple(dataclasses.replace(p, status="offline") for p in sample.pools)
+    )
+
+
+def _no_tenants_known() -> Context:
+    return dataclasses.replace(
+        sample_context(platform_mode=True), tenants=(Tenant("someone-else"),)
+    )
+
+
+def _ten_thousand_jobs() -> Context:
+    return synthetic_cluster(10_000, 64)
+
+
+# The validation bank, by name: the contexts every policy must handle. Built on
+# demand: the 10,000-job context takes a while, and `scheduler test --bank` wants one.
+BANK: dict[str, Callable[[], Context]] = {
+    "sample": sample_context,
+    "empty-queue": _empty_queue,
+    "no-workers": _no_workers,
+    "all-busy": _all_busy,
+    "quota-exceeded": _quota_exceeded,
+    "offline-pools": _offline_pools,
+    "no-tenants-known": _no_tenants_known,
+    "10k-jobs": _ten_thousand_jobs,
+}
+LARGEST_BANK_CONTEXT = "10k-jobs"  # the one `scheduler validate --profile` profiles
+HOT_LINES = 5  # lines a failed speed check lists, from a profile of its slowest context
+PROFILE_SLOWDOWN = 200  # the most the profiler's hooks are expected to slow a script down
+MAX_PROFILE_TIMEOUT_S = 60.0
+
+
+def bank() -> list[tuple[str, Context]]:
+    """The validation bank: the contexts every policy must handle."""
+    return [(label, build()) for label, build in BANK.items()]
+
+
+def bank_context(name: str) -> Context:
+    """One context of the bank, by name; UsageError for a name it does not hold."""
+    if name not in BANK:
+        raise UsageError(f"no bank context {name!r}; the bank holds: {', '.join(BANK)}")
+    return BANK[name]()
 
 
 @dataclass
@@ -167,7 +220,58 @@ async def validate_policy(
     scheduler: SchedulerConfig = SchedulerConfig(),
 ) -> Report:
     """Run all three stages; stops at the first that fails. The budget is the
-    scheduler's `deadline_ms`; its sandboxes are configured as `scheduler` says."""
+    scheduler's `deadline_ms`; its sandboxes are configured as `scheduler` says.
+
+    A failed speed check says where the time goes: `report.speed["hot_lines"]`, the
+    hottest lines of a profile on the slowest bank context (a passing one pays nothing).
+    """
+    report = await _run_stages(source, name, language, scheduler)
+    if report.speed and not report.speed["ok"]:
+        await _profile_slowest(report, scheduler)
+    return report
+
+
+async def _profile_slowest(report: Report, scheduler: SchedulerConfig) -> None:
+    """Add the hottest lines of a profile on the bank context the script is slowest on
+    (timed anew: the speed stage stops early and its latencies include the transport)."""
+    try:
+        times = await time_in_schedule(
+            report.lua,
+            report.name,
+            dict(bank()),
+            deadline_ms=scheduler.deadline_ms,
+        )
+        slowest = max(times, key=lambda label: times[label])
+        # One profiled and one plain run: the script is already known to be slow, and
+        # hooks may slow it a hundredfold, which the usual timeout would not allow.
+        timeout_s = min(
+            MAX_PROFILE_TIMEOUT_S,
+            max(
+                instrumented_timeout_s(scheduler.deadline_ms),
+                times[slowest] * PROFILE_SLOWDOWN / 1000,
+            ),
+        )
+        diagnosis = await diagnose(
+            report.lua,
+            report.name,
+            bank_context(slowest),
+            instrument="profile",
+            deadline_ms=scheduler.deadline_ms,
+            rounds=1,
+            timeout_s=timeout_s,
+        )
+    except OrchestratorError as exc:  # no worker, or one that no longer loads the script
+        report.speed["profile_error"] = str(exc)
+        return
+    report.speed["profiled_context"] = slowest
+    report.speed["hot_lines"] = [line.to_json() for line in diagnosis.hot_lines(HOT_LINES)]
+    if diagnosis.error is not None:
+        report.speed["profile_error"] = f"{diagnosis.error.kind}: {diagnosis.error.message}"
+
+
+async def _run_stages(
+    source: str, name: str, language: str | None, scheduler: SchedulerConfig
+) -> Report:
     budget_ms = scheduler.deadline_ms
     language = language or detect_language(source, name)
     report = Report(

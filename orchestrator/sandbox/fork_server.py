@@ -81,13 +81,24 @@ class ForkServer:
         return self.process.pid if self.process is not None else 0
 
     async def spawn(
-        self, socket_path: Path, log_fd: int, limits: SandboxLimits, *, seccomp: bool
+        self,
+        socket_path: Path,
+        log_fd: int,
+        limits: SandboxLimits,
+        *,
+        seccomp: bool,
+        diagnostics: bool = False,
     ) -> tuple[int, int]:
         """Fork a worker that will serve on `socket_path` with `log_fd` (the caller's,
         opened by orchestrator/support/files.py) as its stderr; returns its pid and a
         pidfd the caller owns. One retry with a fresh fork server if the old one is gone."""
         lock = self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-        request = {"socket": str(socket_path), "limits": limits.to_json(), "seccomp": seccomp}
+        request = {
+            "socket": str(socket_path),
+            "limits": limits.to_json(),
+            "seccomp": seccomp,
+            "diagnostics": diagnostics,
+        }
         async with lock:
             for attempt in (1, 2):
                 try:

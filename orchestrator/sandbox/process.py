@@ -83,6 +83,9 @@ class SchedulerSpec:
     seccomp: bool = True
     systemd: SystemdLaunch | None = None
     spawn: str = "fork-server"
+    # A worker for trace, profile or the step debugger (orchestrator/debugging/); the
+    # production scheduling path never sets it.
+    diagnostics: bool = False
 
     def __post_init__(self) -> None:
         if self.language not in LANGUAGES:
@@ -179,7 +182,11 @@ class WorkerProcess:
         if self.spec.spawn == "fork-server":
             try:
                 self.forked_pid, self.pidfd = await shared_fork_server().spawn(
-                    self.socket_path, log_fd, limits, seccomp=self.spec.seccomp
+                    self.socket_path,
+                    log_fd,
+                    limits,
+                    seccomp=self.spec.seccomp,
+                    diagnostics=self.spec.diagnostics,
                 )
                 return
             except SandboxUnavailableError as exc:
@@ -195,6 +202,8 @@ class WorkerProcess:
         ]  # fmt: skip
         if not self.spec.seccomp:
             argv.append("--no-seccomp")
+        if self.spec.diagnostics:
+            argv.append("--diagnostics")
         self.process = await asyncio.create_subprocess_exec(
             *argv,
             env={},

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import shutil
 import tempfile
 import time
@@ -172,8 +173,12 @@ class SchedulingEngine:
             spare_lag=1 if self.hedge_timing is None else PLATFORM_SPARE_LAG,
         )  # fmt: skip
         self.user: WorkerGroup | None = None
+        # The sha256 of the Lua the user scheduler runs, recorded with each logged
+        # cycle (`scheduler replay --seq` tells a changed script by it); "" without one.
+        self.user_sha256 = ""
         if user_source is not None:
             self.user = self._user_group(user_source, user_name)
+            self.user_sha256 = _sha256(user_source)
         self._lock = asyncio.Lock()
         self.decision_log: DecisionLog | None = None  # set by the service to record cycles
 
@@ -222,6 +227,7 @@ class SchedulingEngine:
                 raise
         async with self._lock:
             old, self.user = self.user, group
+            self.user_sha256 = _sha256(source) if source is not None else ""
             self.breaker = self._new_breaker()
         if old is not None:
             await old.close()
@@ -273,7 +279,7 @@ class SchedulingEngine:
             )  # fmt: skip
             if self.decision_log is not None:
                 name = self.user.spec.name if self.user is not None else "platform"
-                self.decision_log.record(result, self.journal, name)
+                self.decision_log.record(result, self.journal, name, self.user_sha256)
             # While the circuit is open the user's spares would be synced for nothing;
             # when it half-opens, the journal's deltas (or a full snapshot) catch them up.
             if self.user is not None and self.breaker.state != "open":
@@ -382,6 +388,10 @@ class SchedulingEngine:
             snapshot_hash=self.journal.snapshot_hash,
             seq=self.journal.seq,
         )
+
+
+def _sha256(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def _with_logs(result: CycleResult, attempt: Attempt) -> CycleResult:

@@ -80,16 +80,26 @@ class DecisionLog:
         self._epoch = 0
         self._seq = 0
 
-    def record(self, result: RecordedCycle, journal: SnapshotJournal, scheduler: str) -> None:
+    def record(
+        self,
+        result: RecordedCycle,
+        journal: SnapshotJournal,
+        scheduler: str,
+        scheduler_sha256: str,
+    ) -> None:
+        """Append `result`; `scheduler` names the active scheduler and `scheduler_sha256`
+        is the sha256 of the Lua it runs ("" when the platform scheduler is in charge)."""
         try:
-            self._record(result, journal, scheduler)
+            self._record(result, journal, scheduler, scheduler_sha256)
         except OSError as exc:
             self.errors += 1
             self.close()
             if self.errors == 1 or self.errors % 1000 == 0:
                 log.error("decision_log.write_failed", error=str(exc), errors=self.errors)
 
-    def _record(self, result: RecordedCycle, journal: SnapshotJournal, scheduler: str) -> None:
+    def _record(
+        self, result: RecordedCycle, journal: SnapshotJournal, scheduler: str, scheduler_sha256: str
+    ) -> None:
         entry = decision_log_pb2.DecisionLogEntry(
             epoch=journal.epoch,
             seq=journal.seq,
@@ -98,6 +108,7 @@ class DecisionLog:
             snapshot_hash=result.snapshot_hash,
             scheduler=scheduler,
             wall_ms=int(time.time() * 1000),
+            scheduler_sha256=scheduler_sha256,
         )
         entry.decision.CopyFrom(decision_codec.to_proto(result.decision))
         if result.error is not None:
@@ -145,6 +156,11 @@ class LoggedCycle:
     latency_ms: float
     wall_ms: int
     scheduler: str
+    # Why the user's scheduler did not decide, when it did not (truncated to 2000 chars).
+    error_message: str = ""
+    # The sha256 of the Lua the active scheduler ran; "" for the platform scheduler
+    # and in logs written before it was recorded.
+    scheduler_sha256: str = ""
 
 
 def log_files(path: Path) -> list[Path]:
@@ -204,4 +220,6 @@ def read_log(path: Path) -> Iterator[LoggedCycle]:
             latency_ms=entry.latency_ms,
             wall_ms=entry.wall_ms,
             scheduler=entry.scheduler,
+            error_message=entry.error_message,
+            scheduler_sha256=entry.scheduler_sha256,
         )

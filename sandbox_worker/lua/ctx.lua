@@ -50,6 +50,11 @@ return function(P, B, helpers_table, data, copies, on_now)
     end,
   }
 
+  -- The built-ins put on each ctx: B, or instrument.lua's wrappers of them while a
+  -- diagnostics worker traces, profiles or debugs a call.
+  local builtins = B
+  local function use_builtins(table_or_nil) builtins = table_or_nil or B end
+
   local lazy_ctx = setmetatable({}, { __mode = "k" })
   local ctx_mt = {
     __index = function(ctx, key)
@@ -75,12 +80,13 @@ return function(P, B, helpers_table, data, copies, on_now)
     for _, section in ipairs({ "queue", "timeout", "retry", "eviction" }) do
       ctx.config[section] = copy_flat(config[section] or {})
     end
-    for name, fn in pairs(B) do ctx[name] = fn end
+    for name, fn in pairs(builtins) do ctx[name] = fn end
     lazy_ctx[ctx] = true
     return ctx
   end
 
   return {
     build = build, finish = copies.finish, lazy_ctx = lazy_ctx, materialize = materialize,
+    use_builtins = use_builtins,
   }
 end

@@ -1,7 +1,7 @@
 -- The host table that sandbox_worker/runtime.py drives: the context updates (from
 -- context.lua), and loading and running the scheduler, with every error captured.
 -- Nothing in here hands a Python object to user code: ctx holds plain Lua tables.
-return function(P, text, calls, context, ctx, env, read_decision, platform, B, set_now)
+return function(P, text, calls, context, ctx, env, read_decision, platform, B, set_now, instrument)
   local type, rawget, xpcall, pcall = P.type, P.rawget, P.xpcall, P.pcall
   local s_find, s_sub, traceback = P.s_find, P.s_sub, P.traceback
   local safe_tostring, utf8_clean = text.safe_tostring, text.utf8_clean
@@ -23,6 +23,8 @@ return function(P, text, calls, context, ctx, env, read_decision, platform, B, s
     set_config = context.set_config, set_now = set_now, counts = context.counts,
     set_block_tokens = context.set_block_tokens, put_blocks = context.put_blocks,
     is_luajit = P.IS_LUAJIT,
+    -- Diagnostics workers only (runtime.py): trace, profile, debug.
+    set_instrument = instrument.set_mode, instrument_record = instrument.record,
   }
 
   local user_env = nil
@@ -58,6 +60,7 @@ return function(P, text, calls, context, ctx, env, read_decision, platform, B, s
     set_platform_schedule(pschedule)
 
     user_env = make_env("info")
+    instrument.set_globals(user_env)
     -- The older spec's global: `return platform.schedule(context)`.
     user_env.platform = { schedule = function(c) return B.platform_schedule(c) end }
     local chunk, err = compile(source, chunkname, user_env)
@@ -79,8 +82,10 @@ return function(P, text, calls, context, ctx, env, read_decision, platform, B, s
     local call = begin_call(refresh_available, pool_state_fresh)
     local schedule = user_env and rawget(user_env, "schedule")
     if type(schedule) ~= "function" then return "error", "no scheduler is loaded", "" end
+    instrument.start(schedule)  -- nothing unless a diagnostics worker asked
     local c = build_ctx()
     local ok, result = xpcall(schedule, capture, c)
+    instrument.finish()
     if call.refresh_requested then return "refresh", nil, nil end
     if call.violation then
       if not ok and type(result) == "table" and s_find(result.message, "sandbox", 1, true) then

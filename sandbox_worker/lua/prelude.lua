@@ -1,6 +1,6 @@
 -- The prelude: runs first, with the real globals, before any user code exists. It
 -- captures everything trusted code uses from the global environment, so that no later
--- change to a global can reach trusted code, and returns it as two tables. Every other
+-- change to a global can reach trusted code, and returns it as three tables. Every other
 -- file gets what it needs from those and reads no globals at all (loader.lua).
 --
 -- What a runtime lacks (utf8 on LuaJIT, table.clear and bit on Lua 5.4) is false.
@@ -71,4 +71,15 @@ local R = {
   load = load, collectgarbage = collectgarbage, string_meta = string_meta,
 }
 
-return P, R
+-- D: the debug library's hooks and frame inspection, and the CPU clock, for
+-- instrument.lua only (trace, profile and the step debugger of diagnostics workers).
+local D = {
+  sethook = debug.sethook, getinfo = debug.getinfo, getlocal = debug.getlocal,
+  getupvalue = debug.getupvalue, getmetatable = debug.getmetatable, clock = os.clock,
+  math = copy_flat(math),
+  -- LuaJIT: compiled code calls no hook, and setting a hook flushes what was compiled.
+  jit_off = type(jit) == "table" and jit.off or false,
+  jit_on = type(jit) == "table" and jit.on or false,
+}
+
+return P, R, D

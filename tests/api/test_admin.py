@@ -15,8 +15,10 @@ from grpc import aio
 from structlog.testing import capture_logs
 
 from orchestrator._proto import orchestrator_pb2 as pb
+from orchestrator.api.web.admin import TRACE_SLOT
+from orchestrator.config.credentials import token_hash
 from tests.conftest import REPO
-from tests.service_helpers import Running, code_of, running_service, write_config
+from tests.service_helpers import OPERATOR_KEY, Running, code_of, running_service, write_config
 
 TEMPLATES = REPO / "schedulers" / "templates"
 GOOD = (TEMPLATES / "batch-optimized.yaml").read_text()
@@ -149,6 +151,73 @@ async def test_http_mirror(tmp_path: Path) -> None:
             assert r.status == 415  # forms cannot post: no cross-site deploys
         async with http.get(base + "/platform-source") as r:
             assert (await r.text()) == (REPO / "schedulers" / "platform.lua").read_text()
+
+
+# Line 7 never runs on the sample (a ready worker serves job-1's model).
+TRACED = """-- @version 0.1.0
+function schedule(ctx)
+  local job = ctx.get_job(ctx.queue[1].id)
+  local worker = ctx.find_ready_worker(job.model_ref)
+  if worker == nil then
+    -- not on the sample
+    return {action = "wait", reason = "no ready worker"}
+  end
+  return {action = "dispatch", job_id = job.id, worker_id = worker.id}
+end
+"""
+
+
+async def test_http_trace(tmp_path: Path) -> None:
+    """POST /trace runs an operator's draft once, traced, on a bank context: the lines that
+    ran, the built-ins each called, the decision. YAML answers with the Lua its lines refer
+    to. A tenant's key is refused; a bad mode or context is a 400 naming the field; a
+    second trace while one runs is a 429."""
+    tenant = "orch_acme-app-key"
+    keys = [OPERATOR_KEY, {"name": "acme-app", "role": "tenant", "tenant": "acme",
+                           "sha256": token_hash(tenant)}]  # fmt: skip
+    config = write_config(tmp_path, auth={"keys": keys}, tenants={"acme": {"name": "Acme"}})
+    async with (
+        running_service(config) as svc,
+        aiohttp.ClientSession(headers=svc.operator_headers) as http,
+    ):
+        url = svc.http + "/v2/admin/scheduler/trace"
+        async with http.get(url) as r:
+            options = await r.json()
+            assert options["contexts"][0] == options["default_context"] == "sample"
+            assert "empty-queue" in options["contexts"] and options["modes"] == ["trace", "profile"]
+        async with http.post(url, json={"source": TRACED, "name": "t.lua"}) as r:
+            assert r.status == 200
+            trace = await r.json()
+        assert (trace["mode"], trace["ok"], trace["lua"]) == ("trace", True, TRACED)
+        assert trace["decision_text"] == "dispatch job-1 -> worker-1"
+        assert {line["line"] for line in trace["lines"]} == {3, 4, 5, 9}
+        calls = [(c["name"], c["line"], c["raised"]) for c in trace["calls"]]
+        assert calls == [("get_job", 3, False), ("find_ready_worker", 4, False)]
+        assert "worker-1" in trace["calls"][1]["result"]
+        yaml_request = {
+            "source": GOOD,
+            "name": "g.yaml",
+            "context": "empty-queue",
+            "mode": "profile",
+        }
+        async with http.post(url, json=yaml_request) as r:
+            profile = await r.json()
+            assert r.status == 200 and (profile["mode"], profile["ok"]) == ("profile", True)
+            assert profile["lua"].startswith("-- Generated") and profile["lines"]
+        for bad, field in (({"mode": "step"}, "mode"), ({"context": "nowhere"}, "context")):
+            async with http.post(url, json={"source": TRACED, **bad}) as r:
+                refusal = await r.json()
+                assert (r.status, refusal["code"]) == (400, "invalid_argument")
+                assert refusal["error"].startswith(f"{field}: expected one of")
+        async with http.post(url, json={"source": GOOD.replace("least-loaded", "fastest")}) as r:
+            assert r.status == 400 and (await r.json())["code"] == "invalid_argument"
+        async with http.post(
+            url, json={"source": TRACED}, headers={"Authorization": f"Bearer {tenant}"}
+        ) as r:
+            assert r.status == 403 and (await r.json())["code"] == "permission_denied"
+        assert svc.server.http is not None
+        async with svc.server.http.app[TRACE_SLOT], http.post(url, json={"source": TRACED}) as r:
+            assert r.status == 429 and (await r.json())["code"] == "rate_limited"
 
 
 async def test_hot_reload_applies_good_changes_and_refuses_bad_ones(tmp_path: Path) -> None:

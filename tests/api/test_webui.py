@@ -167,3 +167,60 @@ async def test_deploy_shows_on_the_live_view_and_rolls_back(ui: tuple[Running, o
     assert await active.text_content() == "platform"
     assert svc.server.orchestrator.active.name == "platform"
     await shot(page, "4c-rolled-back")
+
+
+# Calls three built-ins; line 6 never runs on the sample (worker-1 is ready for job-1).
+TRACED = """-- traced in the browser
+function schedule(ctx)
+  local job = ctx.get_job(ctx.queue[1].id)
+  local worker = ctx.find_ready_worker(job.model_ref)
+  if worker == nil then
+    return {action = "wait", reason = "no ready worker"}
+  end
+  ctx.log_info("dispatching " .. job.id)
+  return {action = "dispatch", job_id = job.id, worker_id = worker.id}
+end
+"""
+
+
+async def test_trace_shows_lines_run_and_what_built_ins_returned(
+    ui: tuple[Running, object],
+) -> None:
+    """A Lua policy traced on the sample: the lines that ran are highlighted with their
+    counts, one that did not is plain; a built-in's chip shows what it returned; the
+    decision is shown."""
+    _, page = ui
+    await page.set_input_files(  # type: ignore[attr-defined]
+        "#import-file",
+        files=[{"name": "traced.lua", "mimeType": "text/plain", "buffer": TRACED.encode()}],
+    )
+    await page.wait_for_function("document.querySelector('#lua').textContent.includes('traced in')")  # type: ignore[attr-defined]
+    assert await page.input_value("#trace-context") == "sample"  # type: ignore[attr-defined]
+    await page.click("#trace")  # type: ignore[attr-defined]
+    await page.locator(".trace-line.ran").first.wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    ran = page.locator(".trace-line.ran")  # type: ignore[attr-defined]
+    assert [int(n) for n in await ran.locator(".trace-no").all_text_contents()] == [3, 4, 5, 8, 9]
+    counts = await ran.locator(".trace-count").all_text_contents()
+    assert all(re.fullmatch("\N{MULTIPLICATION SIGN}[1-9][0-9]*", c) for c in counts), counts
+    skipped = page.locator('.trace-line[data-line="6"]')  # type: ignore[attr-defined]
+    assert await skipped.get_attribute("class") == "trace-line"
+    assert await skipped.locator(".trace-count").text_content() == ""
+    assert "no ready worker" in await skipped.locator(".trace-text").text_content()
+    chips = page.locator(".trace-chip")  # type: ignore[attr-defined]
+    assert await chips.all_text_contents() == [
+        "ctx.get_job",
+        "ctx.find_ready_worker",
+        "ctx.log_info",
+    ]
+    await page.locator('.trace-line[data-line="4"] .trace-chip').click()  # type: ignore[attr-defined]
+    detail = page.locator("#trace-call")  # type: ignore[attr-defined]
+    await detail.wait_for()
+    assert "ctx.find_ready_worker" in await detail.locator("h3").text_content()
+    assert "worker-1" in await detail.locator(".trace-returned").text_content()
+    assert await detail.locator(".trace-args").text_content() != "(none)"
+    decision = await page.text_content("#trace-decision")  # type: ignore[attr-defined]
+    assert decision == "Decision: dispatch job-1 -> worker-1 (valid)"
+    assert await page.get_attribute("#trace-decision", "class") == "ok"  # type: ignore[attr-defined]
+    assert await page.locator("#trace-error").is_hidden()  # type: ignore[attr-defined]
+    assert "dispatching job-1" in await page.text_content("#trace-logs")  # type: ignore[attr-defined]
+    await shot(page, "5-trace")

@@ -1,5 +1,6 @@
 """Prometheus /metrics, /healthz, and the JSON mirror of AdminService at
-/v2/admin/scheduler/* for the browser and scripts.
+/v2/admin/scheduler/* for the browser and scripts, with the trace of a draft policy
+(`trace`) beside it.
 
 Every route is behind the guard (guard.py): an operator credential, unless the
 service runs without keys on loopback. State-changing endpoints take JSON
@@ -11,24 +12,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any
+from typing import Any, get_args
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from orchestrator.api.web.common import ORCHESTRATOR, PREFIX, body, caller
 from orchestrator.config.context_file import context_from_dict
-from orchestrator.domain.errors import ConfigError, OrchestratorError
+from orchestrator.debugging.diagnose import Mode, diagnose
+from orchestrator.domain.errors import (
+    ConfigError,
+    InvalidRequestError,
+    OrchestratorError,
+    RateLimitedError,
+)
 from orchestrator.domain.samples import sample_context
 from orchestrator.policy.builder import rule_at_line
-from orchestrator.policy.validate import detect_language, to_lua
+from orchestrator.policy.validate import BANK, detect_language, to_lua
 from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine, platform_source
 from orchestrator.sim.settings import SimSettings
 from orchestrator.state.versions import Version
 from orchestrator.support.tasks import cancel_and_wait
 
+TRACE_MODES: tuple[Mode, ...] = get_args(Mode)  # "trace", "profile"
+TRACE_CONTEXT = "sample"  # the bank context a trace runs on when the request names none
+MAX_TRACE_NAME = 255  # characters of a traced policy's name (its chunk name in tracebacks)
+# One trace at a time per service: a second, while one runs, is refused (429).
+TRACE_SLOT = web.AppKey("trace_slot", asyncio.Semaphore)
+
 
 def add_routes(app: web.Application) -> None:
+    app[TRACE_SLOT] = asyncio.Semaphore(1)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get(f"{PREFIX}/status", status)
@@ -41,6 +55,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/shadow", shadow_status)
     app.router.add_post(f"{PREFIX}/shadow", shadow_start)
     app.router.add_post(f"{PREFIX}/shadow/stop", shadow_stop)
+    app.router.add_get(f"{PREFIX}/trace", trace_options)
+    app.router.add_post(f"{PREFIX}/trace", trace)
 
 
 def source_fields(data: dict[str, Any]) -> tuple[str, str, str]:
@@ -220,3 +236,50 @@ async def shadow_start(request: web.Request) -> web.Response:
 async def shadow_stop(request: web.Request) -> web.Response:
     await body(request)  # JSON only, like every state-changing call
     return web.json_response(await request.app[ORCHESTRATOR].stop_shadow())
+
+
+async def trace_options(request: web.Request) -> web.Response:
+    """What a trace may be asked for: `{"contexts": [bank context names], "default_context":
+    "sample", "modes": ["trace", "profile"]}` (the web UI's selectors)."""
+    return web.json_response(
+        {"contexts": list(BANK), "default_context": TRACE_CONTEXT, "modes": list(TRACE_MODES)}
+    )
+
+
+async def trace(request: web.Request) -> web.Response:
+    """Run a draft policy once on a bank context, instrumented, in a diagnostics sandbox
+    worker (never the production path), and answer what it did.
+
+    Body: `{"source", "language"?, "name"?}` as `validate` reads them (bounded as every
+    body, 1 MiB; `name` at most MAX_TRACE_NAME characters), `"context"`: a bank context's
+    name (`GET` lists them; default "sample"), `"mode"`: "trace" (default) or "profile".
+    Answers the diagnosis (orchestrator/debugging/diagnose.py, `Diagnosis.to_json`) plus
+    `"lua"`: the source its line numbers refer to (a YAML policy's compiled Lua).
+    The script's own failures (Lua that does not load, raises, times out, returns no
+    decision) are a 200 whose `error` says how. Refused: a bad field, an unknown context
+    or mode, or YAML that does not compile, 400 invalid_argument (the message names the
+    field, or the line); a trace while another runs in this service, 429 rate_limited
+    (it is not queued: try again when it ends)."""
+    data = await body(request)
+    source, language, name = source_fields(data)
+    if len(name) > MAX_TRACE_NAME:
+        raise InvalidRequestError("name", f"at most {MAX_TRACE_NAME} characters")
+    mode = data.get("mode") or "trace"
+    if mode not in TRACE_MODES:
+        raise InvalidRequestError("mode", f"expected one of {list(TRACE_MODES)}")
+    label = data.get("context") or TRACE_CONTEXT
+    if not isinstance(label, str) or label not in BANK:
+        raise InvalidRequestError("context", f"expected one of {list(BANK)}")
+    lua = to_lua(source, language, name)
+    slot = request.app[TRACE_SLOT]
+    # No await between this test and taking the slot: two requests cannot both pass.
+    if slot.locked():
+        raise RateLimitedError("a trace is already running in this service; try again when it ends")
+    async with slot:
+        ctx = await asyncio.to_thread(BANK[label])  # the 10k-job context takes a while
+        scheduler = request.app[ORCHESTRATOR].config.scheduler
+        diagnosis = await diagnose(
+            lua, name, ctx, instrument=mode, language=scheduler.language,
+            deadline_ms=scheduler.deadline_ms,
+        )  # fmt: skip
+    return web.json_response({**diagnosis.to_json(), "lua": lua})

@@ -1,5 +1,6 @@
 // The scheduler builder: vanilla ES module, no build step. It talks to the admin
-// HTTP/JSON mirror (/v2/admin/scheduler/*) and the live event stream (/v2/admin/events).
+// HTTP/JSON mirror (/v2/admin/scheduler/*, the trace view's /trace among them) and the
+// live event stream (/v2/admin/events).
 
 const API = "/v2/admin/scheduler";
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -458,6 +459,118 @@ async function loadVersions() {
       disabled: !!state.vocab.deploy_disabled, onclick: () => rollback(v.id) }, "Roll back to this")))));
 }
 
+// ------------------------------------------------------------------ the trace view
+// The policy in the editor run once on a bank context in a diagnostics sandbox
+// (POST /trace): its Lua with the lines that ran highlighted and counted, a chip for
+// each built-in a line called, and what a clicked call was given and returned.
+// Every text here comes from the script: it is set as text, never as HTML.
+const ms = (value) => Number(value ?? 0).toFixed(3);
+
+async function loadTraceOptions() {
+  const { contexts, default_context: chosen } = await api(`${API}/trace`);
+  $("#trace-context").replaceChildren(...contexts.map((c) => el("option", { value: c, selected: c === chosen }, c)));
+}
+
+async function runTrace() {
+  const status = $("#trace-status");
+  $("#trace").disabled = true;
+  status.className = "muted";
+  status.textContent = "tracing…";
+  const context = $("#trace-context").value;
+  try {
+    const reply = await api(`${API}/trace`, { ...currentSource(), context, mode: $("#trace-mode").value });
+    renderTrace(reply, context);
+    status.textContent = "";
+  } catch (error) {
+    $("#trace-result").hidden = true;
+    status.className = "bad";
+    status.textContent = `not traced: ${error.message}`;
+  } finally {
+    $("#trace").disabled = false;
+  }
+}
+
+function renderTrace(t, context) {
+  $("#trace-result").hidden = false;
+  const decision = $("#trace-decision");
+  decision.className = t.decision && t.valid ? "ok" : "bad";
+  decision.textContent = !t.decision ? "No decision: the script failed."
+    : `Decision: ${t.decision_text}${t.valid ? " (valid)" : ` (invalid: ${t.invalid_reason})`}`;
+  const instrumented = t.instrumented_ms ? `; ${ms(t.instrumented_ms)} ms ${t.mode === "profile" ? "profiled" : "traced"}` : "";
+  $("#trace-timing").textContent = !t.plain_ms ? `On ${context}.`
+    : `On ${context}: ${ms(t.plain_ms)} ms uninstrumented, ${t.met_deadline ? "within" : "over"} the ${t.deadline_ms} ms deadline`
+      + `${instrumented}${t.overhead ? ` (${t.overhead}× slower)` : ""}.`;
+  $("#trace-error").hidden = !t.error;
+  $("#trace-error-message").textContent = t.error ? `${t.error.kind}: ${t.error.message}` : "";
+  $("#trace-traceback").textContent = (t.error?.traceback || "").replace(t.error?.message ?? "", "").trim();
+  const dropped = [
+    t.steps_dropped ? `the order of the last ${t.steps_dropped} steps was not kept (their lines are still counted)` : "",
+    t.calls_dropped ? `${t.calls_dropped} more built-in calls were not recorded` : "",
+  ].filter(Boolean);
+  $("#trace-dropped").hidden = !dropped.length;
+  $("#trace-dropped").textContent = `The trace is bounded: ${dropped.join("; ")}.`;
+  const code = $("#trace-code");
+  code.replaceChildren(...traceLines(t));
+  code.scrollTop = Math.max(0, ($(".trace-line.ran", code)?.offsetTop ?? 0) - 40); // the first line that ran
+  $("#trace-call").hidden = true;
+  $("#trace-logs").replaceChildren(...(t.logs.length ? t.logs : [{ level: "", message: "none" }]).map((entry) =>
+    el("li", { class: entry.level === "error" ? "bad" : "" }, entry.level ? `${entry.level}: ${entry.message}` : entry.message)));
+}
+
+// One row per line of the Lua: its number, how often it ran (blank: never), in profile
+// mode the time spent in it, its text, and a chip per built-in it called.
+function traceLines(t) {
+  const ran = new Map(t.lines.map((line) => [line.line, line]));
+  const calls = new Map();
+  for (const call of t.calls) {
+    if (!calls.has(call.line)) calls.set(call.line, new Map());
+    const byName = calls.get(call.line);
+    if (!byName.has(call.name)) byName.set(call.name, []);
+    byName.get(call.name).push(call);
+  }
+  const texts = (t.lua || "").replace(/\n$/, "").split("\n");
+  return texts.map((text, i) => {
+    const number = i + 1;
+    const hit = ran.get(number);
+    return el("div", { class: hit ? "trace-line ran" : "trace-line", role: "row", "data-line": number },
+      el("span", { class: "trace-no", role: "cell" }, number),
+      el("span", { class: "trace-count", role: "cell", title: hit ? `ran ${hit.count} times` : "never ran" }, hit ? `×${hit.count}` : ""),
+      t.mode === "profile" ? el("span", { class: "trace-ms", role: "cell" }, hit ? `${ms(hit.self_ms)} ms` : "") : "",
+      el("span", { class: "trace-text", role: "cell" }, text),
+      el("span", { class: "trace-calls", role: "cell" }, [...(calls.get(number)?.values() || [])].map(callChip)));
+  });
+}
+
+// The calls of one built-in on one line (a loop's are many): one chip, stepped through.
+function callChip(group) {
+  const chip = el("button", {
+    type: "button", class: `trace-chip${group.some((c) => c.raised) ? " raised" : ""}`, "data-call": group[0].name,
+    title: "show what it was given and returned", onclick: () => showCall(chip, group, 0),
+  }, `ctx.${group[0].name}`, group.length > 1 ? ` ×${group.length}` : "");
+  return chip;
+}
+
+function showCall(chip, group, index) {
+  const call = group[index];
+  for (const selected of document.querySelectorAll(".trace-chip.selected")) selected.classList.remove("selected");
+  chip.classList.add("selected");
+  const box = $("#trace-call");
+  box.hidden = false;
+  box.replaceChildren(
+    el("h3", {}, `ctx.${call.name}`, el("span", { class: "muted" }, ` line ${call.line}, step ${call.step}, ${ms(call.ms)} ms`)),
+    group.length > 1 ? el("div", { class: "tools" },
+      el("button", { type: "button", class: "trace-previous", disabled: index === 0,
+        onclick: () => showCall(chip, group, index - 1) }, "‹"),
+      el("span", {}, `call ${index + 1} of ${group.length} on this line`),
+      el("button", { type: "button", class: "trace-next", disabled: index === group.length - 1,
+        onclick: () => showCall(chip, group, index + 1) }, "›")) : "",
+    el("div", { class: "muted" }, "arguments"),
+    el("pre", { class: "trace-args" }, call.args || "(none)"),
+    el("div", { class: call.raised ? "bad" : "muted" }, call.raised ? "raised" : "returned"),
+    el("pre", { class: "trace-returned" }, call.result),
+  );
+}
+
 // ------------------------------------------------------------------ the simulator
 function chart(title, series, { xlabel = "", ylabel = "", xlog = false } = {}) {
   const W = 360, H = 200, L = 42, R = 8, T = 18, B = 28;
@@ -634,6 +747,7 @@ async function start() {
   $("#deploy-cancel").addEventListener("click", () => $("#deploy-dialog").close());
   $("#rollback").addEventListener("click", () => rollback(0));
   $("#simulate").addEventListener("click", simulate);
+  $("#trace").addEventListener("click", runTrace);
   $("#export-yaml").addEventListener("click", () => download(fileName(), $("#yaml").value));
   $("#export-lua").addEventListener("click", () => download(fileName().replace(/\.ya?ml$/, ".lua"), state.mode === "lua" ? state.luaSource : state.lua));
   $("#import-file").addEventListener("change", async (event) => {
@@ -645,7 +759,7 @@ async function start() {
   });
   renderRules();
   await compileNow();
-  await Promise.all([loadTemplates(), loadVersions()]);
+  await Promise.all([loadTemplates(), loadVersions(), loadTraceOptions()]);
   liveView();
   document.body.dataset.ready = "true";
 }

@@ -1,0 +1,1 @@
+"""Trace, profile and the step debugger (issue 18), in diagnostics workers only."""
