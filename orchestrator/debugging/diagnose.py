@@ -13,10 +13,12 @@
   context does the same work). The plain runs' median, against the profiled runs'
   median, states the profiler's own overhead.
 
-Times are those the worker measures inside schedule() (`run_ns`): the snapshot's
-transfer and conversion are not the script's. Instrumented runs get a generous timeout
-(hooks slow a script tenfold or more); whether the script met `deadline_ms` is judged
-on the plain runs. A timeout kills the worker, so the runs stop there.
+Plain times are those the worker measures inside schedule() (`run_ns`), instrumented
+ones the hook's clock from when it is set (`clock_ms`): the snapshot's transfer and
+conversion, and the building of its jobs before a hook is set, are not the script's.
+Instrumented runs get a generous timeout (hooks slow a script tenfold or more); whether
+the script met `deadline_ms` is judged on the plain runs. A timeout kills the worker,
+so the runs stop there.
 
 The script's failures (it does not load, raises, times out, returns no decision) are
 part of the Diagnosis, not exceptions; only a failure of ours (no worker could be
@@ -491,7 +493,12 @@ def _diagnosis(
             for f in diagnostics.functions
         ),
         plain_ms=plain_ms,
-        instrumented_ms=statistics.median(r.run_ns / 1e6 for r in replies) if replies else 0.0,
+        # From the moment the hook is set: the worker first builds every job of the
+        # fresh snapshot (lua/instrument.lua), which a plain run does only for the jobs
+        # it reads, so run_ns would charge that to the profiler.
+        instrumented_ms=statistics.median(r.diagnostics.clock_ms for r in replies)
+        if replies
+        else 0.0,
         clock_ms=statistics.median(r.diagnostics.clock_ms for r in replies) if replies else 0.0,
         deadline_ms=deadline_ms,
         # A plain run that timed out (or never ran) did not meet it.
