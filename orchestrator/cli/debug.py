@@ -40,7 +40,7 @@ from orchestrator.policy.parse import PolicyError
 from orchestrator.policy.validate import read_policy, to_lua
 from orchestrator.sandbox.limits import SandboxLimits
 from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
-from orchestrator.state.decision_log import log_files, read_log
+from orchestrator.sim.replay import find_cycle
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -103,21 +103,8 @@ def cycle_context(args: argparse.Namespace) -> Context:
     if args.context is not None:
         return load_context(args.context)
     if args.from_log is not None:
-        return logged_context(args.log, args.from_log)
+        return find_cycle(args.log, args.from_log).context
     return sample_context()
-
-
-def logged_context(path: Path, seq: int) -> Context:
-    """The context the decision log at `path` recorded for cycle `seq`."""
-    first = last = None
-    for file in log_files(path):
-        for cycle in read_log(file):
-            if cycle.seq == seq:
-                return cycle.context
-            first = cycle.seq if first is None else first
-            last = cycle.seq
-    held = f"it holds cycles {first} to {last}" if first is not None else "it holds no cycle"
-    raise UsageError(f"{path}: no cycle {seq} in the decision log ({held})")
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ The contract:
   ignored but `stopOnEntry`) starts the cycle, which stops at the script's first line;
   the adapter answers, then sends `initialized`. Breakpoints are therefore set while
   stopped and verified by the worker (a condition that does not compile is refused
-  with its error). `configurationDone` reports the entry stop (`stopOnEntry`) or
-  continues. Breakpoints set while the script runs are set at its next stop.
+  with its error). `configurationDone` reports the entry stop (with `stopOnEntry`, or
+  as a breakpoint's when one holds on that first line) or continues. Breakpoints set
+  while the script runs are set at its next stop.
 - Only the scheduler file (`source_path`) has breakpoints and frames; frames name it by
   its absolute path, so that an editor opens it.
 - `continue`, `next`, `stepIn` and `stepOut` are answered before the worker resumes, so
@@ -44,9 +45,9 @@ from orchestrator.debugging.dap_protocol import (
     RequestError,
     argument,
     integer,
+    read_message,
     text,
 )
-from orchestrator.debugging.dap_protocol import read_message as read_request
 from orchestrator.debugging.debug_link import CycleEnd, Debuggee, DebugLink
 from orchestrator.debugging.outcome import Fallback, cycle_outcome
 from orchestrator.domain import decision as decisions
@@ -118,7 +119,7 @@ class DebugSession:
         try:
             while not self._closing:
                 try:
-                    request = await read_request(reader)
+                    request = await read_message(reader)
                 except MalformedMessage as exc:
                     out.respond({"seq": exc.seq, "command": ""}, error=str(exc))
                     await out.drain()

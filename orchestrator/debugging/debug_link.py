@@ -11,7 +11,8 @@ The contract:
 - `resume(mode)` sends Resume; no answer comes: the next event is a stop, or the end.
 - Every stop is handed to `on_stop(stopped)`, in a task of its own (it may `ask`).
   When the Schedule call returns or fails, `on_end(CycleEnd)` is awaited once.
-- The clock counts running time only: from the Schedule call to the first stop, then
+- The clock counts running time only: from the Schedule call (the context already
+  held by the worker) to the first stop, then
   from each resume to the next stop. Past the budget the worker is killed
   (`CycleEnd.killed_for == "deadline"`), as production kills a worker past its
   deadline. `kill()` ends the cycle at the client's wish (`"client"`).
@@ -50,8 +51,10 @@ class DebugStream(Protocol):
 class Debuggee(Protocol):
     """A diagnostics sandbox worker with the scheduler loaded (debugging/worker.py)."""
 
+    async def hold(self, ctx: Context) -> None: ...
+
     async def run(
-        self, ctx: Context, instrument: int = ..., *, timeout_s: float | None = None
+        self, ctx: Context | None, instrument: int = ..., *, timeout_s: float | None = None
     ) -> sandbox_pb2.ScheduleReply: ...
 
     def debug_stream(self) -> DebugStream: ...
@@ -114,6 +117,9 @@ class DebugLink:
         self._killed_for = ""
 
     async def start(self) -> None:
+        # The context first, off the clock: production resyncs a worker before the
+        # timed call, and a 10,000-job snapshot alone takes tens of milliseconds.
+        await self._debuggee.hold(self._ctx)
         self._stream = self._debuggee.debug_stream()
         self.state = "running"
         self._clock.start()
@@ -214,7 +220,7 @@ class DebugLink:
         reply: sandbox_pb2.ScheduleReply | None = None
         failure = ""
         try:
-            reply = await self._debuggee.run(self._ctx, sandbox_pb2.INSTRUMENT_DEBUG)
+            reply = await self._debuggee.run(None, sandbox_pb2.INSTRUMENT_DEBUG)
         except Exception as exc:  # killed (deadline, client) or crashed
             failure = str(exc) or type(exc).__name__
         finally:

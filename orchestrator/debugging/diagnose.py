@@ -390,12 +390,11 @@ async def diagnose(
                 except aio.AioRpcError as exc:
                     return _Run(None, _call_failure(exc, timeout_s))
 
-            # Instrumented runs first: a plain run lets LuaJIT compile the script's
-            # loops, and compiled code runs no hook, so a later instrumented run would
-            # miss their lines. The plain runs then measure a warm worker, as
-            # production's are.
+            # Side by side, so that the machine's noise falls on both alike. An
+            # instrumented run turns LuaJIT's compiler off for the call and flushes what
+            # the plain runs compiled (lua/instrument.lua), so it still sees every line.
             runs = 1 if instrument == "trace" else rounds
-            schedule = [INSTRUMENTS[instrument]] * runs + [sandbox_pb2.INSTRUMENT_NONE] * runs
+            schedule = [INSTRUMENTS[instrument], sandbox_pb2.INSTRUMENT_NONE] * runs
             for level in schedule:
                 outcome = await run(level)
                 (plain if level == sandbox_pb2.INSTRUMENT_NONE else instrumented).append(outcome)

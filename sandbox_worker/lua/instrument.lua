@@ -660,7 +660,7 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
     -- Interpreted only, while instrumented: LuaJIT's compiled code calls no hook (a
     -- loop compiled by an earlier plain run would vanish from the trace), and each
     -- sethook of the built-in wrappers would flush the compiled code again.
-    if D.jit_off then D.jit_off() end
+    if D.jit_off then D.jit_off() D.jit_flush() end
     -- Jobs of a fresh snapshot are built now, as a worker in steady state holds them:
     -- else each job's first read would run the builder's lines under the hook, and a
     -- trusted line costs the hook as much as a line of the script.

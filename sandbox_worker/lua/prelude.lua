@@ -79,6 +79,7 @@ local D = {
   math = copy_flat(math),
   -- LuaJIT: compiled code calls no hook, and setting a hook flushes what was compiled.
   jit_off = type(jit) == "table" and jit.off or false,
+  jit_flush = type(jit) == "table" and jit.flush or false,
   jit_on = type(jit) == "table" and jit.on or false,
 }
 

@@ -120,6 +120,23 @@ end
     assert _counts(result)[4] == 30000
 
 
+def test_a_loop_compiled_by_a_plain_run_is_still_traced(lua: InProcessRuntime) -> None:
+    """LuaJIT's compiled code runs no hook: an instrumented call turns the compiler off."""
+    source = """function schedule(ctx)
+  local n = 0
+  for i = 1, 5000 do
+    n = n + i
+  end
+  return { action = "wait", reason = tostring(n) }
+end
+"""
+    _run(lua, source, pb.INSTRUMENT_NONE)
+    assert lua.runtime is not None
+    lua.runtime.run(False, False)  # the loop is hot: LuaJIT has compiled it
+    result = lua.runtime.run(False, False, instrument=pb.INSTRUMENT_TRACE)
+    assert _counts(result)[4] == 5000
+
+
 def test_a_failing_script_still_returns_its_trace(lua: InProcessRuntime) -> None:
     source = 'function schedule(ctx)\n  local j = ctx.get_job("job-1")\n  error("boom")\nend\n'
     result = _run(lua, source, pb.INSTRUMENT_TRACE)
