@@ -13,6 +13,7 @@ decision without stopping again, under the deadline of whoever called Schedule.
 from __future__ import annotations
 
 import queue
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,7 +43,20 @@ class DebugChannel:
     # ------------------------------------------------------------ Schedule's thread
     def wait(self, event: Any) -> tuple[object, ...]:
         """Called by instrument.lua: send `event` (a Lua table), return the next command
-        as Lua reads it: a name and its arguments."""
+        as Lua reads it: a name and its arguments.
+
+        It never raises: lupa would hand the exception, a Python object, to the Lua
+        state. What cannot be sent is answered as an error; what breaks detaches."""
+        try:
+            return self._exchange(event)
+        except Exception as exc:
+            traceback.print_exc()
+            failure = f"the worker failed: {type(exc).__name__}"
+            self.events.put(sandbox_pb2.DebugEvent(error=failure))
+            self.detached = True
+            return ("detach",)
+
+    def _exchange(self, event: Any) -> tuple[object, ...]:
         self.events.put(_event(event, self.file))
         while True:
             if self.detached:

@@ -137,7 +137,12 @@ class LuaSchedulerRuntime:
             lim.max_batch_actions,
             lim.max_string_bytes,
         )
-        name = "=" + (request.name or "scheduler.lua")
+        name = request.name or "scheduler.lua"
+        if name.startswith("sandbox/") or name in ("platform.lua", "literal"):
+            # The chunk names of trusted code: instrument.lua tells the script's lines by
+            # their chunk name, so the script must not take one of them.
+            name = "script/" + name
+        name = "=" + name
         self.chunkname = name
         self.source_lines = request.source.count("\n") + 1
         load = self.host.load

@@ -126,6 +126,8 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         finally:
             if debug is not None:
                 debug.close()
+                with self._debug_lock:
+                    self._debug = None  # the next debug call has a session of its own
         self.cycles += 1
         reply.run_ns = time.perf_counter_ns() - applied
         reply.lua_memory_bytes = runtime.memory_used

@@ -362,6 +362,8 @@ async def _scheduler_test(args: argparse.Namespace) -> int:
 
 
 async def _validate(args: argparse.Namespace) -> int:
+    if args.deadline_ms <= 0:
+        raise UsageError("--deadline-ms must be positive")
     source, language = read_policy(args.file)
     report = await validate_policy(
         source, args.file.name, language, scheduler=SchedulerConfig(deadline_ms=args.deadline_ms)

@@ -357,6 +357,8 @@ async def run_compare(args: argparse.Namespace) -> int:
 async def run_replay(args: argparse.Namespace) -> int:
     if (args.trace or args.profile) and args.seq is None:
         raise UsageError("--trace and --profile explain one cycle: give its --seq")
+    if args.deadline_ms <= 0:
+        raise UsageError("--deadline-ms must be positive")
     policy = load_policy(str(args.file))
     assert policy.lua is not None or policy.name == PLATFORM
     from orchestrator.scheduling.engine import platform_source  # noqa: PLC0415

@@ -147,6 +147,9 @@ class DebugSession:
         except RequestError as exc:
             out.respond(request, error=str(exc))
             return
+        except (ValueError, OSError) as exc:  # a path with a NUL byte, say: the client's
+            out.respond(request, error=f"bad arguments: {exc}")
+            return
         out.respond(request, body)
         with contextlib.suppress(RequestError):  # the worker is gone: its end is reported
             await self._follow_up(out, command)

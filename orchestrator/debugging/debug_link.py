@@ -66,7 +66,7 @@ class Debuggee(Protocol):
 class CycleEnd:
     reply: sandbox_pb2.ScheduleReply | None  # None: the call failed
     failure: str  # why the call failed
-    killed_for: str  # "" , "deadline" or "client"
+    killed_for: str  # "", "deadline", "client" or "unresponsive"
 
 
 class RunningClock:
@@ -142,7 +142,11 @@ class DebugLink:
             if answer in done:
                 return answer.result()
             answer.cancel()
-            raise RequestError("the sandbox worker did not answer")
+            # Answers are matched by order: a late one would answer the next question.
+            # A worker that does not answer is wedged; the cycle ends as production's would.
+            self._killed_for = self._killed_for or "unresponsive"
+            self._debuggee.kill()
+            raise RequestError("the sandbox worker did not answer; it was stopped")
 
     async def resume(self, mode: sandbox_pb2.Resume.Mode.ValueType) -> None:
         if self.state != "stopped":

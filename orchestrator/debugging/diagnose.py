@@ -285,7 +285,8 @@ class Diagnosis:
             out.append(
                 f"profiled run {self.instrumented_ms:.2f} ms vs {self.plain_ms:.2f} ms plain "
                 f"({self.overhead:.1f}{TIMES}); per-line times include the profiler's hook cost, "
-                "so compare lines with one another, not with the plain run"
+                "so compare lines with one another, not with the plain run; a built-in's time "
+                "is also in the line that called it"
             )
         return out
 

@@ -54,6 +54,7 @@ return function(P, B, helpers_table, data, copies, on_now)
   -- diagnostics worker traces, profiles or debugs a call.
   local builtins = B
   local function use_builtins(table_or_nil) builtins = table_or_nil or B end
+  local function builtin(name) return builtins[name] end
 
   local lazy_ctx = setmetatable({}, { __mode = "k" })
   local ctx_mt = {
@@ -87,6 +88,6 @@ return function(P, B, helpers_table, data, copies, on_now)
 
   return {
     build = build, finish = copies.finish, lazy_ctx = lazy_ctx, materialize = materialize,
-    use_builtins = use_builtins,
+    use_builtins = use_builtins, builtin = builtin,
   }
 end

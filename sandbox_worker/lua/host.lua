@@ -1,7 +1,7 @@
 -- The host table that sandbox_worker/runtime.py drives: the context updates (from
 -- context.lua), and loading and running the scheduler, with every error captured.
 -- Nothing in here hands a Python object to user code: ctx holds plain Lua tables.
-return function(P, text, calls, context, ctx, env, read_decision, platform, B, set_now, instrument)
+return function(P, text, calls, context, ctx, env, read_decision, platform, set_now, instrument)
   local type, rawget, xpcall, pcall = P.type, P.rawget, P.xpcall, P.pcall
   local s_find, s_sub, traceback = P.s_find, P.s_sub, P.traceback
   local safe_tostring, utf8_clean = text.safe_tostring, text.utf8_clean
@@ -62,7 +62,8 @@ return function(P, text, calls, context, ctx, env, read_decision, platform, B, s
     user_env = make_env("info")
     instrument.set_globals(user_env)
     -- The older spec's global: `return platform.schedule(context)`.
-    user_env.platform = { schedule = function(c) return B.platform_schedule(c) end }
+    -- (Through ctx's current built-ins: traced like ctx.platform_schedule when traced.)
+    user_env.platform = { schedule = function(c) return ctx.builtin("platform_schedule")(c) end }
     local chunk, err = compile(source, chunkname, user_env)
     if not chunk then return false, error_text(err), "" end
     local ok, fail = xpcall(chunk, capture)

@@ -19,14 +19,14 @@
 -- user code, and inspecting never runs any: values are read raw, summaries never call
 -- a metamethod, and `evaluate` compiles an expression that may read names and fields
 -- and call only ctx's query built-ins (and math, type, tonumber).
-return function(P, D, text, proxies, ctx_module, B, env_module)
+return function(P, D, text, proxies, ctx_module, B, env_module, expression)
   local type, pairs, next, select, tostring = P.type, P.pairs, P.next, P.select, P.tostring
   local rawget, rawlen, setmetatable = P.rawget, P.rawlen, P.setmetatable
   local pcall, error, t_sort, t_concat, t_unpack = P.pcall, P.error, P.t_sort, P.t_concat,
     P.t_unpack
   local s_sub, s_format, s_find = P.s_sub, P.s_format, P.s_find
   local m_floor = P.m_floor
-  local compile, make_env = env_module.compile, env_module.make_env
+  local make_env = env_module.make_env
   local sethook, getinfo, getlocal, getupvalue = D.sethook, D.getinfo, D.getlocal, D.getupvalue
   local getmetatable = D.getmetatable
   local clock = D.clock  -- replaced by runtime.py's clock while instrumenting (set_mode)
@@ -116,12 +116,12 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
   local calls, calls_dropped = {}, 0
   local function_calls, function_names, builtin_stats = {}, {}, {}
   local current_line, last_index, last_clock, started_clock = 0, nil, 0, 0
-  -- LuaJIT reports a line again when code of another file ran in the middle of it (a
-  -- metamethod of ctx or of a job) and it resumes: that is not the line running again.
-  -- (A loop written on one line that reads ctx in each pass is counted once per pass
-  -- only on Lua 5.4.)
+  -- LuaJIT reports a line again when a Lua function called in the middle of it (one of
+  -- the script's, or a metamethod of ctx or of a job) returns to it: that is not the
+  -- line running again. A return hook notes the line a Lua function returns to, and
+  -- the next report of that very line in that function is skipped.
   local repeats_after_calls = P.IS_LUAJIT
-  local left_file, current_defined = false, -1
+  local resume_line, resume_defined, current_defined = nil, -1, -1
   local schedule_defined, schedule_fn = -1, nil
 
   local function reset_record()
@@ -130,7 +130,26 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
     calls, calls_dropped = {}, 0
     function_calls, function_names, builtin_stats = {}, {}, {}
     current_line, last_index, last_clock = 0, nil, 0
-    left_file, current_defined = false, -1
+    resume_line, current_defined = nil, -1
+  end
+
+  -- From a hook, at a return: where LuaJIT will report a line again (see above).
+  local function note_return()
+    local returning = getinfo(3, "S")
+    local caller = returning and returning.what ~= "C" and getinfo(4, "Sl")
+    if caller and caller.source == source then
+      resume_line, resume_defined = caller.currentline, caller.linedefined
+    else
+      resume_line = nil
+    end
+  end
+
+  -- From a hook, at a line of the script: whether it is LuaJIT's report again.
+  local function reported_again(line, defined)
+    if resume_line == nil then return false end
+    local again = line == resume_line and defined == resume_defined
+    resume_line = nil
+    return again
   end
 
   local hook, hook_mask  -- the hook of the call in progress, set by start()
@@ -152,32 +171,24 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
   end
 
   local function trace_hook(event, line)
-    if line ~= nil and line > last_line then  -- past the script's end: trusted code
-      left_file = true
-      return
-    end
-    local info = getinfo(2, "S")
-    if info.source ~= source then
-      left_file = true
-      return
-    end
-    if event == "line" and left_file and repeats_after_calls and line == current_line
-        and info.linedefined == current_defined then
-      left_file = false
-      return
-    end
-    left_file = false
     if event ~= "line" then  -- a return (or Lua 5.1's "tail return"): one call ended
+      if repeats_after_calls then note_return() end
+      if mode ~= "profile" then return end
+      local info = getinfo(2, "S")
+      if info.source ~= source then return end
       local defined = info.linedefined
       if defined == schedule_defined then return end
       function_calls[defined] = (function_calls[defined] or 0) + 1
       if function_names[defined] == nil then
         local named = getinfo(2, "n")
-        function_names[defined] = named and named.name
+        function_names[defined] = named and named.name and clip(named.name, SHORT)
           or (info.what == "main" and "main chunk") or nil
       end
       return
     end
+    if line > last_line then return end  -- past the script's end: trusted code
+    local info = getinfo(2, "S")
+    if info.source ~= source or reported_again(line, info.linedefined) then return end
     if mode == "profile" then
       local now = clock()
       if last_index ~= nil then self_time[last_index] = self_time[last_index] + (now - last_clock) end
@@ -199,12 +210,12 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
     return function(...)
       -- A new call of the script's function: its first line is not a repeat of the
       -- line that called the built-in.
-      local line, defined = current_line, current_defined
-      current_line, inside = -1, false
+      local line = current_line
+      resume_line, inside = nil, false
       sethook(hook, hook_mask)
       local r = pack(pcall(fn, ...))
       sethook()
-      current_line, current_defined, left_file, inside = line, defined, true, true
+      current_line, inside = line, true
       if not r[1] then error(r[2], 0) end
       return t_unpack(r, 2, r.n)
     end
@@ -218,35 +229,50 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
     return args
   end
 
+  local function record_call(name, n, args, r, step, line, spent)
+    local stats = builtin_stats[name]
+    if stats == nil then stats = { 0, 0 } builtin_stats[name] = stats end
+    stats[1], stats[2] = stats[1] + 1, stats[2] + spent
+    if #calls >= max_calls then
+      calls_dropped = calls_dropped + 1
+      return
+    end
+    calls[#calls + 1] = {
+      name = name, args = short_list(n, t_unpack(args, 1, n)), line = line, step = step,
+      raised = not r[1], ms = spent * 1000,
+      result = r[1] and short_list(r.n - 1, t_unpack(r, 2, r.n))
+        or (type(r[2]) == "string" and clip(r[2], SHORT) or short(r[2], 1)),
+    }
+  end
+
   local function wrap(name, fn)
     return function(...)
       if inside then return fn(...) end
       local n = select("#", ...)
+      local given = pack(...)
       local args = wrap_args(n, ...)
-      local step, line = step_count, current_line
+      -- The script's line that called: where a built-in's error points (it raises at
+      -- the level of its caller, which the pcall below would otherwise hide), and the
+      -- line LuaJIT reports again once the hook is back on in the middle of it.
+      local caller = getinfo(2, "Sl")
+      local line, defined = current_line, current_defined
+      if caller and caller.source == source then line, defined = caller.currentline, caller.linedefined end
+      local step = step_count
       inside = true
       sethook()
       local t0 = clock()
       local r = pack(pcall(fn, t_unpack(args, 1, n)))
       local spent = clock() - t0
-      inside, left_file = false, true
-      if mode ~= "debug" then
-        local stats = builtin_stats[name]
-        if stats == nil then stats = { 0, 0 } builtin_stats[name] = stats end
-        stats[1], stats[2] = stats[1] + 1, stats[2] + spent
-        if #calls < max_calls then
-          calls[#calls + 1] = {
-            name = name, args = short_list(n, ...), line = line, step = step,
-            raised = not r[1], ms = spent * 1000,
-            result = r[1] and short_list(r.n - 1, t_unpack(r, 2, r.n))
-              or clip(text.safe_tostring(r[2]), SHORT),
-          }
-        else
-          calls_dropped = calls_dropped + 1
-        end
-      end
+      inside, resume_line, resume_defined = false, line, defined
+      if mode ~= "debug" then pcall(record_call, name, n, given, r, step, line, spent) end
       sethook(hook, hook_mask)
-      if not r[1] then error(r[2], 0) end
+      if not r[1] then
+        local err = r[2]
+        if type(err) == "string" and not s_find(err, "^[^\n]-:%d+: ") then
+          err = s_sub(source, 2) .. ":" .. line .. ": " .. err
+        end
+        error(err, 0)
+      end
       return t_unpack(r, 2, r.n)
     end
   end
@@ -257,9 +283,6 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
   ------------------------------------------------------------------ the debugger
   local breakpoints = {}   -- line -> true, or a compiled condition
   local step_mode, step_depth = nil, 0
-  -- Where the last stop was: LuaJIT reports a line again when a call on it returns, and
-  -- a step must leave the line it stopped on.
-  local stop_line, moved = 0, true
   local at_entry = false
   -- Variables references, valid while stopped: a table to expand, or a scope (name ->
   -- {value}) of a frame.
@@ -279,103 +302,14 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
     return ref_count
   end
 
-  -- Names a read-only expression may call besides ctx's query built-ins.
-  local SIDE_EFFECTS = {
-    log_debug = true, log_info = true, log_warn = true, log_error = true,
-    emit_metric = true, refresh_pool_state = true, find_worker_round_robin = true,
-    platform_schedule = true,
-  }
-  local callable = {}
-  for name, fn in pairs(wrapped) do
-    if not SIDE_EFFECTS[name] then callable[fn] = true callable[B[name]] = true end
-  end
-
-  local function refused()
-    error("evaluate is read-only: it may call ctx's query built-ins, math, type and "
-      .. "tonumber, nothing else", 2)
-  end
-
-  -- A value as an expression sees it: functions not on the list refuse to run; ctx and
-  -- a table with a metatable of the script's are seen through a view that reads raw
-  -- (ctx: through its own, trusted, __index) and guards what it reads, so that no
-  -- metamethod of the script runs. Jobs keep their metatable: it is the runtime's.
-  -- Plain tables are themselves (so that `#` works on LuaJIT, which ignores __len);
-  -- a function read from one can only be called in the forms the compiler allows.
-  local guard
-  local views, viewed = setmetatable({}, { __mode = "k" }), setmetatable({}, { __mode = "k" })
-  local function view_of(t)
-    local view = views[t]
-    if view == nil then
-      local read = lazy_ctx[t] and function(k) return t[k] end or function(k) return rawget(t, k) end
-      view = setmetatable({}, {
-        __index = function(_, k) return guard(read(k)) end,
-        __newindex = function() error("evaluate is read-only", 2) end,
-        __metatable = false,
-      })
-      views[t], viewed[view] = view, t
+  -- A name's value for an expression: the frame's locals over its upvalues, then the
+  -- script's globals (read raw).
+  local function lookup_in(scope)
+    return function(name)
+      local found = scope[name]
+      if found ~= nil then return found.value end
+      return rawget(globals, name)
     end
-    return view
-  end
-  guard = function(v)
-    local kind = type(v)
-    if kind == "function" then return callable[v] and v or refused end
-    if kind == "table" and master_of[v] == nil and (lazy_ctx[v] or getmetatable(v) ~= nil) then
-      return view_of(v)
-    end
-    return v
-  end
-  local function unwrap(v)
-    if type(v) == "table" and viewed[v] ~= nil then return viewed[v] end
-    return v
-  end
-
-  -- The globals an expression may call, whatever the script named its own: the math
-  -- library (a copy captured before any script ran), type and tonumber.
-  local SAFE_GLOBALS = { math = D.math, type = type, tonumber = P.tonumber }
-
-  -- Source text with strings and comments blanked, for the `function` check.
-  local function code_only(expr)
-    return (expr:gsub("%-%-%[%[.-%]%]", " "):gsub("%-%-[^\n]*", " ")
-      :gsub('"[^"]*"', '""'):gsub("'[^']*'", "''"):gsub("%[%[.-%]%]", '""'))
-  end
-
-  -- Compiles `expr` against a scope (name -> value, a frame's locals over its
-  -- upvalues); returns a function of no argument, or nil and an error.
-  local function compile_expression(expr, scope)
-    if type(expr) ~= "string" or #expr == 0 or #expr > 1024 then
-      return nil, "an expression is 1 to 1024 characters"
-    end
-    local code = code_only(expr)
-    if s_find(code, "%f[%w_]function%f[^%w_]") then
-      return nil, "evaluate is read-only: no function definitions"
-    end
-    if s_find(code, "[%w_%]%)]%s*:%s*[%a_]") then
-      return nil, "evaluate is read-only: no method calls"
-    end
-    if s_find(code, "[%w_%]%)]%s*[{\"']") or s_find(code, "[%w_%]%)]%s*%[%[") then
-      return nil, "evaluate is read-only: call with parentheses, ctx's query built-ins only"
-    end
-    -- Every call is ctx.NAME(...), math.NAME(...), type(...) or tonumber(...): a
-    -- function stored in a plain table of the script is not guarded (see guard).
-    for callee in code:gmatch("([%w_%.%]%)]*)%s*%(") do
-      if callee ~= "" and callee ~= "and" and callee ~= "or" and callee ~= "not"
-          and not (s_find(callee, "^ctx%.[%a_][%w_]*$")
-          or s_find(callee, "^math%.[%a_][%w_]*$") or callee == "type" or callee == "tonumber") then
-        return nil, "evaluate is read-only: it may call ctx's query built-ins, math, type and "
-          .. "tonumber, not " .. callee
-      end
-    end
-    local env = setmetatable({}, {
-      __index = function(_, k)
-        if SAFE_GLOBALS[k] ~= nil then return SAFE_GLOBALS[k] end
-        local found = scope[k]
-        if found ~= nil then return guard(found.value) end
-        return guard(rawget(globals, k))
-      end,
-      __newindex = function() error("evaluate is read-only", 2) end,
-      __metatable = false,
-    })
-    return compile("return " .. expr, "=evaluate", env)
   end
 
   -- The locals (over the upvalues) of the function running at `level`, as seen from
@@ -405,7 +339,8 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
 
   local function variable(name, value)
     local kind = type(value)
-    local v = { name = name, value = short(value, 1), type = kind, reference = 0,
+    -- Names go to Python as text: a script's key may be any bytes.
+    local v = { name = clip(name, SHORT), value = short(value, 1), type = kind, reference = 0,
                 indexed = 0, named = 0 }
     if kind == "table" then
       if lazy_ctx[value] then v.type = "ctx"
@@ -433,8 +368,8 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
       for i = start + 1, (start + count < n and start + count or n) do
         out[#out + 1] = variable("[" .. i .. "]", rawget(t, i))
       end
-      if start > 0 then return out end
     end
+    if start > 0 then return out end  -- a later page of items: the named keys came first
     local keys = {}
     local is_ctx = lazy_ctx[t]
     if is_ctx then ctx_module.materialize(t) end
@@ -443,10 +378,14 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
       -- ctx's built-ins are its methods, not its data.
       if not item and not (is_ctx and type(v) == "function") then keys[#keys + 1] = k end
     end
-    t_sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+    -- Sorted by their text, made raw: a key's __tostring is the script's code.
+    local names = {}
+    for _, k in pairs(keys) do
+      names[k] = type(k) == "string" and clip(k, SHORT) or "[" .. short(k, 0) .. "]"
+    end
+    t_sort(keys, function(a, b) return names[a] < names[b] end)
     for i = 1, (#keys < PAGE and #keys or PAGE) do
-      local k = keys[i]
-      out[#out + 1] = variable(type(k) == "string" and k or "[" .. short(k, 0) .. "]", rawget(t, k))
+      out[#out + 1] = variable(names[keys[i]], rawget(t, keys[i]))
     end
     return out
   end
@@ -487,7 +426,7 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
         for k, v in pairs(locals) do scope[k] = v end
         frames[#frames + 1] = {
           id = #frames + 1,
-          name = info.func == schedule_fn and "schedule" or info.name
+          name = info.func == schedule_fn and "schedule" or (info.name and clip(info.name, SHORT))
             or ("function at line " .. tostring(info.linedefined)),
           line = info.currentline,
           locals = new_scope_ref(locals),
@@ -532,11 +471,11 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
     elseif name == "evaluate" then
       local frame = frames[(a and a > 0) and a or 1]
       if frame == nil then return { kind = "error", message = "no such frame" } end
-      local fn, err = compile_expression(b, frame.scope)
-      if not fn then return { kind = "error", message = clip(text.safe_tostring(err), 512) } end
-      local ok, value = pcall(fn)
-      if not ok then return { kind = "error", message = clip(text.safe_tostring(value), 512) } end
-      return { kind = "evaluated", variable = variable(b, unwrap(value)) }
+      local tree, err = expression.compile(b)
+      if not tree then return { kind = "error", message = clip(err, 512) } end
+      local ok, value = expression.run(tree, lookup_in(frame.scope))
+      if not ok then return { kind = "error", message = clip(value, 512) } end
+      return { kind = "evaluated", variable = variable(clip(b, SHORT), value) }
     end
     return { kind = "error", message = "unknown command " .. tostring(name) }
   end
@@ -550,27 +489,29 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
     capture_frames(level + 1)
     local event = { kind = "stopped", reason = reason, line = line }
     while true do
-      local name, a, b, c = wait(event)
+      -- Nothing raised here may reach the script: a failed wait (the channel is gone)
+      -- detaches, a failed command answers an error.
+      local ok, name, a, b, c = pcall(wait, event)
+      if not ok then name = "detach" end
       if name == "resume" then
         step_mode = a ~= "continue" and a or nil
         -- As the hook will see it: this function is one frame deeper than the hook.
-        step_depth, stop_line, moved = stack_depth() - 1, line, false
+        step_depth = stack_depth() - 1
         return
       elseif name == "detach" then
         step_mode, breakpoints = nil, {}
         return
-      elseif name == "breakpoints" then
-        event = set_breakpoints(a, b)
       else
-        event = answer(name, a, b, c)
+        local done, reply
+        if name == "breakpoints" then done, reply = pcall(set_breakpoints, a, b)
+        else done, reply = pcall(answer, name, a, b, c) end
+        event = done and reply or { kind = "error", message = "the command failed" }
       end
     end
   end
 
   local function condition_holds(condition, level)
-    local fn = compile_expression(condition.text, scope_at(level + 1))
-    if not fn then return false end
-    local ok, value = pcall(fn)
+    local ok, value = expression.run(condition.tree, lookup_in(scope_at(level + 1)))
     return ok and value ~= nil and value ~= false
   end
 
@@ -582,9 +523,9 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
         set[line] = true
         out_lines[#out_lines + 1], out_conditions[#out_conditions + 1] = line, ""
       else
-        local ok, err = compile_expression(condition, {})
-        if ok then
-          set[line] = { text = condition }
+        local tree, err = expression.compile(condition)
+        if tree then
+          set[line] = { tree = tree }
           out_lines[#out_lines + 1], out_conditions[#out_conditions + 1] = line, condition
         else
           return { kind = "error", message = "line " .. tostring(line) .. ": " .. tostring(err) }
@@ -596,18 +537,20 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
   end
 
   local function debug_hook(event, line)
+    if event ~= "line" then  -- LuaJIT only: a return
+      note_return()
+      return
+    end
     if line > last_line then return end  -- past the script's end: trusted code
-    -- Until the script reaches another of its lines, the line it stopped on is the
-    -- same run of it (LuaJIT reports it again after a metamethod or a call returns).
-    if not moved and line ~= stop_line and getinfo(2, "S").source == source then
-      moved = true
+    if resume_line ~= nil then
+      local info = getinfo(2, "S")
+      if info.source == source and reported_again(line, info.linedefined) then return end
     end
     local bp = breakpoints[line]
     if bp == nil and step_mode == nil and not at_entry then return end
     local info = getinfo(2, "S")
     if info.source ~= source then return end
-    if line == stop_line and not moved then return end
-    current_line = line
+    current_line, current_defined = line, info.linedefined
     local reason
     if at_entry then
       at_entry, reason = false, "entry"
@@ -633,6 +576,12 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
     mode, source, last_line = new_mode, chunkname, lines_in_source or 0
     max_steps, max_calls = steps_bound or max_steps, calls_bound or max_calls
     wait, clock = wait_fn, clock_fn or D.clock
+    if new_mode == nil then  -- whatever a failed call left: no hook, B on ctx, the JIT on
+      sethook()
+      use_builtins(nil)
+      inside = false
+      if D.jit_on then D.jit_on() end
+    end
   end
 
   -- host.load: the script's environment, for the debugger's Globals and evaluate.
@@ -650,12 +599,12 @@ return function(P, D, text, proxies, ctx_module, B, env_module)
     function_names[defined], function_calls[defined] = "schedule", 1
     schedule_defined, schedule_fn = defined, schedule
     if mode == "debug" then
-      hook, hook_mask = debug_hook, "l"
+      hook, hook_mask = debug_hook, repeats_after_calls and "lr" or "l"
       at_entry, step_mode = true, nil
     elseif mode == "profile" then
       hook, hook_mask = trace_hook, "lr"  -- returns too, for the calls per function
     else
-      hook, hook_mask = trace_hook, "l"
+      hook, hook_mask = trace_hook, repeats_after_calls and "lr" or "l"
     end
     -- Interpreted only, while instrumented: LuaJIT's compiled code calls no hook (a
     -- loop compiled by an earlier plain run would vanish from the trace), and each

@@ -55,8 +55,8 @@ local function set_now(ms)
   for i = 1, #clocks do clocks[i](ms) end
 end
 
--- The security-review set: this file, prelude, text, calls, proxies, env, instrument,
--- decision, host.
+-- The security-review set: this file, prelude, text, calls, proxies, env, expression,
+-- instrument, decision, host.
 local P, R, D = chunk("prelude.lua", globals)
 local function prelude() return give(P, "prelude") end
 local text = chunk("text.lua")(prelude())
@@ -92,13 +92,17 @@ local ctx = chunk("ctx.lua")(prelude(), B, helpers_table, data(), give(copies, "
 -- The user environment, the decision reader, and the host table runtime.py drives.
 local env = chunk("env.lua")(prelude(), R, give(text, "text"), calls.flag_violation,
   calls.add_log, give(proxies, "proxies"), give(ctx, "ctx"))
--- Trace, profile and the debugger: the only file given the debug library (D).
+-- Trace, profile and the debugger: the only file given the debug library (D); the
+-- debugger's read-only expressions, interpreted, never compiled.
+local expression = chunk("expression.lua")(prelude(), D.math, give(text, "text"),
+  give(proxies, "proxies"), give(ctx, "ctx"), B, env.compile)
 local instrument = chunk("instrument.lua")(prelude(), D, give(text, "text"),
-  give(proxies, "proxies"), give(ctx, "ctx"), B, give(env, "env"))
+  give(proxies, "proxies"), give(ctx, "ctx"), B, give(env, "env"),
+  give(expression, "expression"))
 local read_decision = chunk("decision.lua")(prelude(), give(text, "text"), calls.limits)
 local host = chunk("host.lua")(prelude(), give(text, "text"), give(calls, "calls"),
   give(context, "context"), give(ctx, "ctx"), give(env, "env"), read_decision,
-  give(platform, "platform"), B, set_now, give(instrument, "instrument"))
+  give(platform, "platform"), set_now, give(instrument, "instrument"))
 
 for file in next, sources do
   if not loaded[file] then

@@ -144,6 +144,23 @@ def test_a_failing_script_still_returns_its_trace(lua: InProcessRuntime) -> None
     assert _counts(result) == {2: 1, 3: 1}
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        "ctx.get_job(42)",  # raised at the built-in's own level
+        'ctx.emit_metric("m", 0/0)',  # raised at the script's: the pcall must not hide it
+        'ctx.filter_workers(function(w) error("inside") end)',
+    ],
+)
+def test_errors_read_the_same_traced_or_not(lua: InProcessRuntime, call: str) -> None:
+    """A built-in's error, or a predicate's, reads the same traced or not."""
+    source = f"function schedule(ctx)\n  local x = {call}\n  return {{ action = 'wait' }}\nend\n"
+    plain = _run(lua, source, pb.INSTRUMENT_NONE)
+    traced = _run(lua, source, pb.INSTRUMENT_TRACE)
+    assert plain.error_kind == traced.error_kind == pb.ERROR_KIND_LUA_ERROR
+    assert traced.error_message == plain.error_message
+
+
 def test_a_plain_run_after_a_traced_one_carries_nothing(lua: InProcessRuntime) -> None:
     _run(lua, SCRIPT, pb.INSTRUMENT_TRACE)
     assert lua.runtime is not None
@@ -151,11 +168,15 @@ def test_a_plain_run_after_a_traced_one_carries_nothing(lua: InProcessRuntime) -
     assert plain.diagnostics is None and plain.decision is not None
 
 
-@pytest.mark.parametrize("instrument", [pb.INSTRUMENT_TRACE, pb.INSTRUMENT_PROFILE])
+@pytest.mark.parametrize(
+    "instrument", [pb.INSTRUMENT_TRACE, pb.INSTRUMENT_PROFILE, pb.INSTRUMENT_DEBUG]
+)
 def test_the_escape_corpus_still_fails_under_instrumentation(
     lua: InProcessRuntime, instrument: int, tmp_path: Path
 ) -> None:
-    """Tracing hands scripts wrappers and runs a hook; neither opens a way out."""
+    """Instrumenting hands scripts wrappers and runs a hook; debugging also holds a
+    Python function in the state (here with no client: the script runs detached).
+    None of it opens a way out."""
     marker = tmp_path / "escaped"
     checked = 0
     for case in CASES:
@@ -168,15 +189,24 @@ def test_the_escape_corpus_still_fails_under_instrumentation(
             continue  # refused at load: never runs, traced or not
         assert lua.runtime is not None
         lua.runtime.apply_snapshot(snapshot.to_proto(sample_context()))
-        first = lua.runtime.run(False, False, instrument=instrument)
+        first = _instrumented(lua, instrument)
         if "violation" in case.expect and first.error_kind == pb.ERROR_KIND_SANDBOX_VIOLATION:
             checked += 1
             continue
-        second = lua.runtime.run(False, False, instrument=instrument)
+        second = _instrumented(lua, instrument)
         outcome = second.decision.reason if second.decision is not None else second.error_message
         assert "contained" in case.expect and outcome == "safe", (case.name, outcome)
         checked += 1
     assert checked >= 30 and not marker.exists()
+
+
+def _instrumented(lua: InProcessRuntime, instrument: int) -> RunResult:
+    assert lua.runtime is not None
+    if instrument != pb.INSTRUMENT_DEBUG:
+        return lua.runtime.run(False, False, instrument=instrument)
+    channel = DebugChannel(lua.runtime.lua.table_from, "test.lua")
+    channel.pump(iter([]))  # no client
+    return lua.runtime.run(False, False, instrument=instrument, debug_wait=channel.wait)
 
 
 # ------------------------------------------------------------------ the debugger, in process
@@ -272,14 +302,22 @@ def test_the_debugger_stops_steps_and_shows_the_script_only(lua: InProcessRuntim
 @pytest.mark.parametrize(
     ("expression", "refusal"),
     [
-        ("idle(job)", "not idle"),
+        ("idle(job)", "query built-ins"),
         ("(function() while true do end end)()", "no function definitions"),
         ("ctx.log_info('x')", "query built-ins"),
         ("ctx.platform_schedule(ctx)", "query built-ins"),
         ("job.id:upper()", "no method calls"),
-        ("tostring(ctx)", "not tostring"),
+        ("tostring(ctx)", "query built-ins"),
         ("ctx.get_job'job-1'", "with parentheses"),
-        ("seen = 1", "="),
+        ("seen = 1", "no assignment"),
+        ("math.random()", "query built-ins"),
+        ("{1}", "no table constructors"),
+        # Strings and comments hide nothing: the expression is tokenized, not matched.
+        ("'\"' .. idle(job) .. '\"'", "query built-ins"),
+        ("'--' .. idle(job)", "query built-ins"),
+        ('[["]] .. idle(job) .. [["]]', "query built-ins"),
+        ("'\"' .. (function() seen = 42 return '' end)() .. '\"'", "no function definitions"),
+        ("1 --[[ comment ]] + idle(job)", "query built-ins"),
     ],
 )
 def test_evaluate_is_read_only(lua: InProcessRuntime, expression: str, refusal: str) -> None:
@@ -295,6 +333,82 @@ def test_evaluate_is_read_only(lua: InProcessRuntime, expression: str, refusal: 
     session.send(**_breakpoints())
     result = session.finish()
     assert result.error_kind == 0, result.error_message
+
+
+HOSTILE = """hits = 0
+local function count() hits = hits + 1 return 1 end
+local mt = { __index = count, __len = count, __concat = count, __eq = count, __lt = count,
+             __add = count, __tostring = function() hits = hits + 1 return "k" end }
+M = { obj = setmetatable({}, mt), other = setmetatable({}, mt), f = count }
+M.keys = { [setmetatable({}, mt)] = 1, [setmetatable({}, mt)] = 2 }
+function schedule(ctx)
+  local probe = M
+  return { action = "wait", reason = tostring(hits) }
+end
+"""
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["M.obj.x", "M.obj .. 'x'", "#M.obj", "M.obj == M.other", "M.obj < M.other",
+     "M.obj + 1", "math.max(M.obj, 1)", "ctx.average(M.keys)", "M.f()", "probe.obj.y"],
+)  # fmt: skip
+def test_evaluate_runs_no_code_of_the_script(lua: InProcessRuntime, expression: str) -> None:
+    """A script's metamethods, reached through plain tables, never run: the evaluator
+    reads raw; nor does expanding a table whose keys have __tostring."""
+    session = Session(lua, HOSTILE)
+    session.event()
+    session.send(**_breakpoints((9, "")))
+    session.resume(pb.Resume.CONTINUE)
+    session.evaluate(expression)  # an answer or a refusal, whichever: no code ran
+    frame = session.send(stack=pb.StackRequest()).frames.frames[0]
+    local = session.send(variables=pb.VariablesRequest(reference=frame.locals))
+    probe = next(v for v in local.variables.variables if v.name == "probe")
+    fields = session.send(variables=pb.VariablesRequest(reference=probe.reference))
+    keys = next(v for v in fields.variables.variables if v.name == "keys")
+    session.send(variables=pb.VariablesRequest(reference=keys.reference))
+    session.send(**_breakpoints())
+    result = session.finish()
+    assert result.decision is not None and result.decision.reason == "0"
+
+
+def test_names_that_are_not_text_reach_the_client_cleaned(lua: InProcessRuntime) -> None:
+    source = """G = { ["\255\254"] = 1 }
+function schedule(ctx)
+  local t = G
+  return { action = "wait" }
+end
+"""
+    session = Session(lua, source)
+    session.event()
+    frames = session.send(stack=pb.StackRequest()).frames
+    globals_ = session.send(variables=pb.VariablesRequest(reference=frames.globals))
+    g = next(v for v in globals_.variables.variables if v.name == "G")
+    fields = session.send(variables=pb.VariablesRequest(reference=g.reference))
+    assert len(fields.variables.variables) == 1
+    assert fields.variables.variables[0].name  # cleaned to text, not an error
+    result = session.finish()
+    assert result.error_kind == 0, result.error_message
+
+
+def test_a_line_calling_the_scripts_own_functions_counts_and_stops_once(
+    lua: InProcessRuntime,
+) -> None:
+    """LuaJIT reports a line again each time a function called on it returns."""
+    source = """local function f(x)
+  return x * 2
+end
+function schedule(ctx)
+  local y = f(2) + f(3) + #ctx.queue
+  return { action = "wait", reason = tostring(y) }
+end
+"""
+    assert _counts(_run(lua, source, pb.INSTRUMENT_TRACE)) == {5: 1, 2: 2, 6: 1}
+    session = Session(lua, source)
+    assert session.event().stopped.line == 5
+    assert session.resume(pb.Resume.NEXT).stopped.line == 6
+    session.send(**_breakpoints())
+    assert session.finish().decision.reason == "15"  # type: ignore[union-attr]
 
 
 def test_the_script_runs_on_when_the_client_goes(lua: InProcessRuntime) -> None:

@@ -165,6 +165,8 @@ HTTP_DOORS: list[tuple[str, str, dict[str, Any] | None, dict[str, int]]] = [
     ("POST", "/v2/admin/scheduler/rollback", {"version": 1}, H),
     ("POST", "/v2/admin/scheduler/shadow", {"source": GOOD, "name": "p.yaml"}, H),
     ("POST", "/v2/admin/scheduler/shadow/stop", {}, H),
+    ("GET", "/v2/admin/scheduler/trace", None, H),
+    ("POST", "/v2/admin/scheduler/trace", {"source": GOOD, "name": "p.yaml"}, H),
     ("GET", "/v1/models", None, HTTP_CLIENTS),
     ("POST", "/v1/chat/completions", CHAT, HTTP_CLIENTS),
     ("POST", "/v1/completions", PROMPT, HTTP_CLIENTS),
