@@ -50,18 +50,37 @@ return function(P, B, helpers_table, data, copies, on_now)
     end,
   }
 
+  -- For the debugger (instrument.lua, expression.lua): a field of ctx as the script
+  -- would read it, without building it on ctx, nor reusing the queue's array (which the
+  -- script may still hold from its last call): looking must not change what it sees.
+  local function peek(ctx, key)
+    local value = P.rawget(ctx, key)
+    if value ~= nil or LAZY[key] == nil then return value end
+    if key == "queue" then return copy_array(current_queue()) end
+    return LAZY[key]()
+  end
+  local lazy_names = {}
+  for name in pairs(LAZY) do lazy_names[#lazy_names + 1] = name end
+  P.t_sort(lazy_names)
+
   -- The built-ins put on each ctx: B, or instrument.lua's wrappers of them while a
   -- diagnostics worker traces, profiles or debugs a call.
   local builtins = B
   local function use_builtins(table_or_nil) builtins = table_or_nil or B end
   local function builtin(name) return builtins[name] end
 
+  -- Builds a lazy field: calls `make`, or, while instrument.lua traces, has it call
+  -- `make` with the hook off (the field is the runtime's work, like a built-in's).
+  local function call(make) return make() end
+  local build_field = call
+  local function set_field_builder(fn) build_field = fn or call end
+
   local lazy_ctx = setmetatable({}, { __mode = "k" })
   local ctx_mt = {
     __index = function(ctx, key)
       local make = LAZY[key]
       if make == nil then return nil end
-      local value = make()
+      local value = build_field(make)
       rawset(ctx, key, value)
       return value
     end,
@@ -88,6 +107,7 @@ return function(P, B, helpers_table, data, copies, on_now)
 
   return {
     build = build, finish = copies.finish, lazy_ctx = lazy_ctx, materialize = materialize,
-    use_builtins = use_builtins, builtin = builtin,
+    use_builtins = use_builtins, builtin = builtin, set_field_builder = set_field_builder,
+    peek = peek, lazy_names = lazy_names,
   }
 end

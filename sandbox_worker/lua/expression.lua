@@ -18,7 +18,8 @@ return function(P, math, text, proxies, ctx_module, B, compile)
   local error, pcall, s_sub, s_find, s_match = P.error, P.pcall, P.s_sub, P.s_find, P.s_match
   local t_unpack, m_floor = P.t_unpack, P.m_floor
   local utf8_clean = text.utf8_clean
-  local master_of, lazy_ctx = proxies.master_of, ctx_module.lazy_ctx
+  local master_of, lazy_ctx, peek = proxies.master_of, ctx_module.lazy_ctx, ctx_module.peek
+  local MAX_TEXT = 65536  -- the longest string `..` builds
 
   local MAX_LENGTH, MAX_DEPTH = 1024, 64
 
@@ -231,7 +232,10 @@ return function(P, math, text, proxies, ctx_module, B, compile)
   local function plain(v, nested)
     local kind = type(v)
     if kind == "function" or kind == "thread" or kind == "userdata" then return false end
-    if kind ~= "table" or is_runtime_table(v) then return true end
+    if kind ~= "table" then return true end
+    -- ctx is the script's table too (it may set any field): no query built-in takes it.
+    if lazy_ctx[v] then return false end
+    if master_of[v] ~= nil then return true end
     if getmetatable(v) ~= nil then return false end
     if nested then return true end
     for k, item in next, v do
@@ -245,7 +249,8 @@ return function(P, math, text, proxies, ctx_module, B, compile)
 
   local function read(object, key)
     if type(object) ~= "table" then error("cannot index a " .. type(object), 0) end
-    if is_runtime_table(object) then return object[key] end
+    if lazy_ctx[object] then return peek(object, key) end
+    if master_of[object] ~= nil then return object[key] end
     return rawget(object, key)
   end
 
@@ -275,7 +280,7 @@ return function(P, math, text, proxies, ctx_module, B, compile)
     if node[1] == "name" and FUNCTIONS[node[2]] then return FUNCTIONS[node[2]], false end
     if node[1] == "index" and node[2][1] == "name" and node[3][1] == "value" then
       local owner, name = node[2][2], node[3][2]
-      if owner == "math" and MATH[name] then return MATH[name], false end
+      if owner == "math" and type(MATH[name]) == "function" then return MATH[name], false end
       if owner == "ctx" and QUERIES[name] then
         if not lazy_ctx[lookup("ctx")] then error("ctx is not the scheduler's ctx here", 0) end
         return QUERIES[name], true
@@ -310,6 +315,8 @@ return function(P, math, text, proxies, ctx_module, B, compile)
         if not (text_like(a) and text_like(b)) then
           error("'..' between a " .. type(a) .. " and a " .. type(b), 0)
         end
+        local size = (type(a) == "string" and #a or 32) + (type(b) == "string" and #b or 32)
+        if size > MAX_TEXT then error("'..' makes at most " .. MAX_TEXT .. " bytes here", 0) end
         return a .. b
       end
       if ARITHMETIC[op] then return ARITHMETIC[op](number(a, op), number(b, op)) end

@@ -21,7 +21,7 @@
 -- and call only ctx's query built-ins (and math, type, tonumber).
 return function(P, D, text, proxies, ctx_module, B, env_module, expression)
   local type, pairs, next, select, tostring = P.type, P.pairs, P.next, P.select, P.tostring
-  local rawget, rawlen, setmetatable = P.rawget, P.rawlen, P.setmetatable
+  local rawget, rawlen, rawequal, setmetatable = P.rawget, P.rawlen, P.rawequal, P.setmetatable
   local pcall, error, t_sort, t_concat, t_unpack = P.pcall, P.error, P.t_sort, P.t_concat,
     P.t_unpack
   local s_sub, s_format, s_find = P.s_sub, P.s_format, P.s_find
@@ -203,11 +203,14 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
   -- Each built-in the script calls runs with the hook off; a function of the script
   -- it calls back (a predicate) runs with it on again.
   local inside = false  -- a built-in called by the script is running
+  local active = false  -- an instrumented call is running (start to finish)
+  local predicate_error = nil  -- what the script's predicate raised in a built-in
 
   local function pack(...) return { n = select("#", ...), ... } end
 
   local function hooked(fn)
     return function(...)
+      if not active then return fn(...) end  -- kept by the script past its call
       -- A new call of the script's function: its first line is not a repeat of the
       -- line that called the built-in.
       local line = current_line
@@ -216,9 +219,25 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
       local r = pack(pcall(fn, ...))
       sethook()
       current_line, inside = line, true
-      if not r[1] then error(r[2], 0) end
+      if not r[1] then
+        predicate_error = r[2]  -- the script's own error: the wrapper leaves it as it is
+        error(r[2], 0)
+      end
       return t_unpack(r, 2, r.n)
     end
+  end
+
+  -- A lazy field of ctx (the queue's merge and copy, say) is built with the hook off,
+  -- like a built-in: its cost stays on the line that read it, without the hook's.
+  local function quietly(make)
+    if inside or not active then return make() end
+    inside = true
+    sethook()
+    local ok, value = pcall(make)
+    inside = false
+    sethook(hook, hook_mask)
+    if not ok then error(value, 0) end
+    return value
   end
 
   local function wrap_args(n, ...)
@@ -247,7 +266,9 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
 
   local function wrap(name, fn)
     return function(...)
-      if inside then return fn(...) end
+      -- Not while a built-in runs, nor in a later call that is not instrumented (a
+      -- script may keep a built-in it read from ctx in a global).
+      if inside or not active then return fn(...) end
       local n = select("#", ...)
       local given = pack(...)
       local args = wrap_args(n, ...)
@@ -255,9 +276,11 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
       -- the level of its caller, which the pcall below would otherwise hide), and the
       -- line LuaJIT reports again once the hook is back on in the middle of it.
       local caller = getinfo(2, "Sl")
+      local called_by_script = caller ~= nil and caller.source == source
       local line, defined = current_line, current_defined
-      if caller and caller.source == source then line, defined = caller.currentline, caller.linedefined end
+      if called_by_script then line, defined = caller.currentline, caller.linedefined end
       local step = step_count
+      predicate_error = nil
       inside = true
       sethook()
       local t0 = clock()
@@ -268,7 +291,8 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
       sethook(hook, hook_mask)
       if not r[1] then
         local err = r[2]
-        if type(err) == "string" and not s_find(err, "^[^\n]-:%d+: ") then
+        if called_by_script and type(err) == "string" and not rawequal(err, predicate_error)
+            and not s_find(err, "^[^\n]-:%d+: ") then
           err = s_sub(source, 2) .. ":" .. line .. ": " .. err
         end
         error(err, 0)
@@ -370,13 +394,22 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
       end
     end
     if start > 0 then return out end  -- a later page of items: the named keys came first
-    local keys = {}
+    local keys, seen = {}, {}
     local is_ctx = lazy_ctx[t]
-    if is_ctx then ctx_module.materialize(t) end
     for k, v in next, t do
       local item = type(k) == "number" and k >= 1 and k <= n and k == m_floor(k)
       -- ctx's built-ins are its methods, not its data.
-      if not item and not (is_ctx and type(v) == "function") then keys[#keys + 1] = k end
+      if not item and not (is_ctx and type(v) == "function") then
+        keys[#keys + 1], seen[k] = k, true
+      end
+    end
+    -- ctx's fields not read yet are shown as the script would read them, not built on it.
+    local read = rawget
+    if is_ctx then
+      read = ctx_module.peek
+      for _, name in pairs(ctx_module.lazy_names) do
+        if not seen[name] then keys[#keys + 1] = name end
+      end
     end
     -- Sorted by their text, made raw: a key's __tostring is the script's code.
     local names = {}
@@ -385,7 +418,7 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
     end
     t_sort(keys, function(a, b) return names[a] < names[b] end)
     for i = 1, (#keys < PAGE and #keys or PAGE) do
-      out[#out + 1] = variable(names[keys[i]], rawget(t, keys[i]))
+      out[#out + 1] = variable(names[keys[i]], read(t, keys[i]))
     end
     return out
   end
@@ -569,17 +602,20 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
 
   ------------------------------------------------------------------ host side
   -- runtime.py: the mode of the next calls ("trace", "profile", "debug" or nil).
-  -- `clock_fn`: seconds, from runtime.py. os.clock reads the process's CPU clock, which
-  -- in a hardened worker may move in steps of milliseconds: too coarse for a line.
+  -- `clock_fn`: seconds, from runtime.py, for Lua 5.4 (LuaJIT has its own, D.monotonic).
+  -- os.clock reads the process's CPU clock, which in a hardened worker may move in
+  -- steps of milliseconds: too coarse for a line.
   local function set_mode(new_mode, chunkname, lines_in_source, steps_bound, calls_bound,
                           wait_fn, clock_fn)
     mode, source, last_line = new_mode, chunkname, lines_in_source or 0
     max_steps, max_calls = steps_bound or max_steps, calls_bound or max_calls
-    wait, clock = wait_fn, clock_fn or D.clock
+    wait, clock = wait_fn, D.monotonic or clock_fn or D.clock
     if new_mode == nil then  -- whatever a failed call left: no hook, B on ctx, the JIT on
       sethook()
       use_builtins(nil)
-      inside = false
+      ctx_module.set_field_builder(nil)
+      inside, active = false, false
+      breakpoints, step_mode = {}, nil
       if D.jit_on then D.jit_on() end
     end
   end
@@ -592,7 +628,8 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
     if mode == nil then return end
     reset_record()
     use_builtins(wrapped)
-    inside = false
+    ctx_module.set_field_builder(quietly)
+    inside, active = false, true
     -- Called once, by the runtime; counted here because a script's `return f(x)` is
     -- a tail call, whose return the hook never sees as schedule's.
     local defined = getinfo(schedule, "S").linedefined
@@ -625,9 +662,11 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
   local function finish()
     if mode == nil then return end
     sethook()
+    active = false
     local now = clock()
     if last_index ~= nil then self_time[last_index] = self_time[last_index] + (now - last_clock) end
     use_builtins(nil)
+    ctx_module.set_field_builder(nil)
     refs, scopes, frames = {}, {}, {}
     if D.jit_on then D.jit_on() end
   end

@@ -213,16 +213,23 @@ def _instrumented(lua: InProcessRuntime, instrument: int) -> RunResult:
 class Session:
     """Drives a debug call as the Debug stream would: commands in, events out."""
 
-    def __init__(self, lua: InProcessRuntime, source: str) -> None:
-        reply = lua.load(source)
-        assert reply.ok, reply.error.message
+    def __init__(self, lua: InProcessRuntime, source: str | None) -> None:
+        if source is not None:
+            reply = lua.load(source)
+            assert reply.ok, reply.error.message
         assert lua.runtime is not None
         self.runtime = lua.runtime
-        self.runtime.apply_snapshot(snapshot.to_proto(sample_context()))
+        if source is not None:
+            self.runtime.apply_snapshot(snapshot.to_proto(sample_context()))
         self.channel = DebugChannel(self.runtime.lua.table_from, "test.lua")
         self.result: RunResult | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    @classmethod
+    def attach(cls, lua: InProcessRuntime) -> Session:
+        """A debug call on the script and context already loaded."""
+        return cls(lua, None)
 
     def _run(self) -> None:
         self.result = self.runtime.run(
@@ -342,6 +349,8 @@ local mt = { __index = count, __len = count, __concat = count, __eq = count, __l
 M = { obj = setmetatable({}, mt), other = setmetatable({}, mt), f = count }
 M.keys = { [setmetatable({}, mt)] = 1, [setmetatable({}, mt)] = 2 }
 function schedule(ctx)
+  -- ctx is the script's table too: fields a built-in would read, with metamethods.
+  ctx.queued_at, ctx.slots_busy, ctx.slots_total = M.obj, M.obj, M.other
   local probe = M
   return { action = "wait", reason = tostring(hits) }
 end
@@ -351,14 +360,15 @@ end
 @pytest.mark.parametrize(
     "expression",
     ["M.obj.x", "M.obj .. 'x'", "#M.obj", "M.obj == M.other", "M.obj < M.other",
-     "M.obj + 1", "math.max(M.obj, 1)", "ctx.average(M.keys)", "M.f()", "probe.obj.y"],
+     "M.obj + 1", "math.max(M.obj, 1)", "ctx.average(M.keys)", "M.f()", "probe.obj.y",
+     "ctx.can_job_fit(ctx, ctx)", "ctx.calculate_wait_time(ctx)"],
 )  # fmt: skip
 def test_evaluate_runs_no_code_of_the_script(lua: InProcessRuntime, expression: str) -> None:
     """A script's metamethods, reached through plain tables, never run: the evaluator
     reads raw; nor does expanding a table whose keys have __tostring."""
     session = Session(lua, HOSTILE)
     session.event()
-    session.send(**_breakpoints((9, "")))
+    session.send(**_breakpoints((11, "")))
     session.resume(pb.Resume.CONTINUE)
     session.evaluate(expression)  # an answer or a refusal, whichever: no code ran
     frame = session.send(stack=pb.StackRequest()).frames.frames[0]
@@ -409,6 +419,68 @@ end
     assert session.resume(pb.Resume.NEXT).stopped.line == 6
     session.send(**_breakpoints())
     assert session.finish().decision.reason == "15"  # type: ignore[union-attr]
+
+
+def test_looking_at_ctx_changes_nothing_the_script_sees(lua: InProcessRuntime) -> None:
+    """Expanding ctx or evaluating ctx.queue before the script reads it builds nothing on
+    ctx: on LuaJIT the queue's array is reused between calls, and a script may hold it."""
+    source = """calls = 0
+function schedule(ctx)
+  calls = calls + 1
+  if calls == 1 then Q = ctx.queue; Q[#Q + 1] = "extra"; return { action = "wait" } end
+  local held = #Q
+  local q = ctx.queue
+  return { action = "wait", reason = held .. "/" .. #q }
+end
+"""
+    reply = lua.load(source)
+    assert reply.ok
+    assert lua.runtime is not None
+    lua.runtime.apply_snapshot(snapshot.to_proto(sample_context()))
+    lua.runtime.run(False, False)
+    session = Session.attach(lua)
+    session.event()
+    assert session.evaluate("#ctx.queue").evaluated.value == "5"
+    frame = session.send(stack=pb.StackRequest()).frames.frames[0]
+    local = session.send(variables=pb.VariablesRequest(reference=frame.locals))
+    ctx_var = next(v for v in local.variables.variables if v.name == "ctx")
+    fields = session.send(variables=pb.VariablesRequest(reference=ctx_var.reference))
+    assert {"queue", "pools", "metrics"} <= {v.name for v in fields.variables.variables}
+    result = session.finish()
+    assert result.decision is not None and result.decision.reason == "6/5"
+
+
+def test_a_built_in_kept_past_its_call_runs_plain_later(lua: InProcessRuntime) -> None:
+    source = """function schedule(ctx)
+  if not KEPT then KEPT = ctx.get_job end
+  local j = KEPT("job-1")
+  return { action = "wait", reason = j.id }
+end
+"""
+    traced = _run(lua, source, pb.INSTRUMENT_TRACE)
+    assert traced.diagnostics is not None and len(traced.diagnostics.calls) == 1
+    assert lua.runtime is not None
+    plain = lua.runtime.run(False, False)
+    assert plain.decision is not None and plain.decision.reason == "job-1"
+    again = lua.runtime.run(False, False, instrument=pb.INSTRUMENT_TRACE)
+    # The kept wrapper is the first call's: it records nothing in a later call, traced
+    # or not, and leaves no hook behind.
+    assert again.diagnostics is not None and _counts(again) == {2: 1, 3: 1, 4: 1}
+
+
+def test_a_debug_call_starts_without_the_last_ones_breakpoints(lua: InProcessRuntime) -> None:
+    session = Session(lua, SCRIPT)
+    session.event()
+    session.send(**_breakpoints((6, "")))
+    session.channel.pump(iter([]))  # the client goes while breakpoints are set
+    session.thread.join(10)
+    assert lua.runtime is not None
+    second = Session.attach(lua)
+    assert second.event().stopped.reason == "entry"
+    result = second.finish()  # continue: no breakpoint of the first call stops it
+    assert result.decision is not None
+    left = second.channel.events.get_nowait()
+    assert not isinstance(left, pb.DebugEvent)  # the end of the stream, no stop
 
 
 def test_the_script_runs_on_when_the_client_goes(lua: InProcessRuntime) -> None:
