@@ -7,7 +7,7 @@
 - "trace": one traced run (the lines that ran with their counts, the order they ran
   in, every built-in call with its arguments and result), then one plain run, which
   says whether the script meets its deadline without the hooks;
-- "profile": `rounds` profiled runs, then as many plain runs, on the same context.
+- "profile": `rounds` profiled runs, each beside a plain one, on the same context.
   Per-line and per-function times are the MEDIAN over the profiled runs;
   counts, steps and calls are those of the first profiled run (a run on the same
   context does the same work). The plain runs' median, against the profiled runs'

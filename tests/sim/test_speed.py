@@ -16,7 +16,8 @@ ONE_AT_A_TIME = (EXAMPLES / "runtime-7.1-simple-priority.lua").read_text()
 async def test_an_idle_cluster_takes_one_cycle_per_arrival_instant() -> None:
     """Jobs that find a free slot: one cycle each when they come, none when they end
     (nothing waits) and no second cycle once the queue is empty."""
-    settings = SimSettings(rate=1.0, duration_s=30.0, models="llama-8b", seed=3)
+    # A deadline no loaded machine misses: a fallback's wait would be one more decision.
+    settings = SimSettings(rate=1.0, duration_s=30.0, models="llama-8b", seed=3, deadline_ms=2000)
     instants = {a.at_ms for a in settings.arrivals(default_catalog())}
     report = await simulate(None, "platform", settings)
     assert report.jobs_completed == report.jobs_submitted > 20
@@ -39,7 +40,8 @@ async def test_a_burst_larger_than_the_cycle_cap_is_placed_at_once() -> None:
     dispatch a cycle places all of them at t=0. Only cycles that place nothing count
     against MAX_CYCLES_PER_INSTANT."""
     settings = SimSettings(rate=0.0, queue_depth=128, models="llama-8b", seed=2,
-                           prompt_tokens="100-200", output_tokens="20-40")  # fmt: skip
+                           prompt_tokens="100-200", output_tokens="20-40",
+                           deadline_ms=2000)  # fmt: skip
     assert MAX_CYCLES_PER_INSTANT < 128
     report = await simulate(ONE_AT_A_TIME, "priority.lua", settings)
     assert report.jobs_completed == 128 and report.wait_ms["all"]["p99"] == 0.0
@@ -80,7 +82,9 @@ async def test_a_policy_that_starts_and_evicts_forever_with_no_delay_lets_time_p
 async def test_waiting_jobs_get_a_cycle_every_tick_or_as_the_policy_asks() -> None:
     """While jobs wait, the policy is asked again TICK_MS after its last cycle (or after
     its wait's retry_after_ms, if sooner) until the drain limit."""
-    settings = SimSettings(rate=0.0, queue_depth=3, models="llama-8b", drain_limit_s=2.0)
+    settings = SimSettings(
+        rate=0.0, queue_depth=3, models="llama-8b", drain_limit_s=2.0, deadline_ms=2000
+    )
     waits = 'function schedule(ctx) return {action = "wait"} end\n'
     report = await simulate(waits, "wait.lua", settings)
     assert report.cycles == 1 + 2000 // TICK_MS
