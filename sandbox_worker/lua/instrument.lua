@@ -2,7 +2,7 @@
 -- library's hooks and frame inspection. In the security-review set.
 --
 -- The hooks belong to the runtime, never to a script: the prelude captures
--- debug.sethook, getinfo, getlocal, getupvalue and getmetatable into a table (D) that
+-- debug.sethook, getinfo, getlocal and getupvalue into a table (D) that
 -- loader.lua hands to this file alone; scripts keep their `debug` with traceback only.
 -- Nothing here is active unless the worker was started for diagnostics (runtime.py
 -- calls `set_mode` only then): the production path runs no hook and no wrapper.
@@ -21,15 +21,14 @@
 -- and call only ctx's query built-ins (and math, type, tonumber).
 return function(P, D, text, proxies, ctx_module, B, env_module, expression)
   local type, pairs, next, select, tostring = P.type, P.pairs, P.next, P.select, P.tostring
-  local rawget, rawlen, rawequal, setmetatable = P.rawget, P.rawlen, P.rawequal, P.setmetatable
+  local rawget, rawlen, rawequal = P.rawget, P.rawlen, P.rawequal
   local pcall, error, t_sort, t_concat, t_unpack = P.pcall, P.error, P.t_sort, P.t_concat,
     P.t_unpack
   local s_sub, s_format, s_find = P.s_sub, P.s_format, P.s_find
   local m_floor = P.m_floor
   local make_env = env_module.make_env
   local sethook, getinfo, getlocal, getupvalue = D.sethook, D.getinfo, D.getlocal, D.getupvalue
-  local getmetatable = D.getmetatable
-  local clock = D.clock  -- replaced by runtime.py's clock while instrumenting (set_mode)
+  local clock = nil  -- set with the mode (set_mode): D.monotonic, or runtime.py's
   local utf8_clean = text.utf8_clean
   local master_of, proxy_next = proxies.master_of, proxies.proxy_next
   local lazy_ctx, use_builtins = ctx_module.lazy_ctx, ctx_module.use_builtins
@@ -336,29 +335,44 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
     end
   end
 
-  -- The locals (over the upvalues) of the function running at `level`, as seen from
-  -- the caller of this function.
-  local function scope_at(level)
-    level = level + 1
-    local scope = {}
-    local info = getinfo(level, "f")
-    if info and info.func then
-      local i = 1
-      while true do
-        local name, value = getupvalue(info.func, i)
-        if name == nil then break end
-        scope[name] = { value = value }
-        i = i + 1
-      end
-    end
-    local i = 1
+  -- Scopes map a name to {value = v} (a value may be nil).
+
+  -- The named locals of the function running at `level`, as seen from the caller of
+  -- this function (Lua's temporaries, "(for state)" and the like, left out).
+  local function locals_at(level)
+    local out, i = {}, 1
     while true do
-      local name, value = getlocal(level, i)
-      if name == nil then break end
-      if s_sub(name, 1, 1) ~= "(" then scope[name] = { value = value } end
+      local name, value = getlocal(level + 1, i)
+      if name == nil then return out end
+      if s_sub(name, 1, 1) ~= "(" then out[name] = { value = value } end
       i = i + 1
     end
+  end
+
+  local function upvalues_of(func)
+    local out, i = {}, 1
+    while true do
+      local name, value = getupvalue(func, i)
+      if name == nil then return out end
+      out[name] = { value = value }
+      i = i + 1
+    end
+  end
+
+  -- The locals over the upvalues: what a name in that function's code reads.
+  local function merged(upvalues, locals)
+    local scope = {}
+    for k, v in pairs(upvalues) do scope[k] = v end
+    for k, v in pairs(locals) do scope[k] = v end
     return scope
+  end
+
+  -- The scope of the function running at `level`, as seen from the caller of this
+  -- function.
+  local function scope_at(level)
+    local info = getinfo(level + 1, "f")
+    local upvalues = (info and info.func) and upvalues_of(info.func) or {}
+    return merged(upvalues, locals_at(level + 1))
   end
 
   local function variable(name, value)
@@ -440,23 +454,9 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
       local info = getinfo(level, "Snlf")
       if info == nil then break end
       if info.source == source then
-        local locals, upvalues, i = {}, {}, 1
-        while true do
-          local name, value = getlocal(level, i)
-          if name == nil then break end
-          if s_sub(name, 1, 1) ~= "(" then locals[name] = { value = value } end
-          i = i + 1
-        end
-        i = 1
-        while true do
-          local name, value = getupvalue(info.func, i)
-          if name == nil then break end
-          if name ~= "_ENV" then upvalues[name] = { value = value } end
-          i = i + 1
-        end
-        local scope = {}
-        for k, v in pairs(upvalues) do scope[k] = v end
-        for k, v in pairs(locals) do scope[k] = v end
+        local locals, upvalues = locals_at(level), upvalues_of(info.func)
+        upvalues._ENV = nil  -- Lua 5.4's environment: the Globals scope shows it
+        local scope = merged(upvalues, locals)
         frames[#frames + 1] = {
           id = #frames + 1,
           name = info.func == schedule_fn and "schedule" or (info.name and clip(info.name, SHORT))
@@ -609,7 +609,7 @@ return function(P, D, text, proxies, ctx_module, B, env_module, expression)
                           wait_fn, clock_fn)
     mode, source, last_line = new_mode, chunkname, lines_in_source or 0
     max_steps, max_calls = steps_bound or max_steps, calls_bound or max_calls
-    wait, clock = wait_fn, D.monotonic or clock_fn or D.clock
+    wait, clock = wait_fn, D.monotonic or clock_fn
     if new_mode == nil then  -- whatever a failed call left: no hook, B on ctx, the JIT on
       sethook()
       use_builtins(nil)

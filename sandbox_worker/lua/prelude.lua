@@ -91,12 +91,12 @@ if type(jit) == "table" then
   end
 end
 
--- D: the debug library's hooks and frame inspection, and the clocks, for
+-- D: the debug library's hooks and frame inspection, the monotonic clock, for
 -- instrument.lua only (trace, profile and the step debugger of diagnostics workers).
 local D = {
   monotonic = monotonic,
   sethook = debug.sethook, getinfo = debug.getinfo, getlocal = debug.getlocal,
-  getupvalue = debug.getupvalue, getmetatable = debug.getmetatable, clock = os.clock,
+  getupvalue = debug.getupvalue,
   math = copy_flat(math),
   -- LuaJIT: compiled code calls no hook, and setting a hook flushes what was compiled.
   jit_off = type(jit) == "table" and jit.off or false,

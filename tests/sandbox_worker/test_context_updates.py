@@ -119,6 +119,29 @@ def worker(pool_id: str, worker_id: str, running: int = 0) -> context_pb2.Worker
     )
 
 
+def loaded(
+    language: str,
+    source: str,
+    *,
+    name: str = "s.lua",
+    limits: SandboxLimits | None = None,
+    expose_platform_source: bool = False,
+) -> LuaSchedulerRuntime:
+    """The worker's runtime with `source` loaded."""
+    runtime = LuaSchedulerRuntime(LANGUAGE_ENUM[language])
+    reply = runtime.load(
+        sandbox_pb2.LoadRequest(
+            name=name,
+            source=source,
+            limits=(limits or SandboxLimits()).to_proto(),
+            platform_source=platform_source(),
+            expose_platform_source=expose_platform_source,
+        )
+    )
+    assert reply.ok, reply.error.message
+    return runtime
+
+
 @dataclass
 class Driven:
     """The worker's runtime, driven with snapshots and deltas, beside a model of them."""
@@ -129,17 +152,13 @@ class Driven:
     runtime: LuaSchedulerRuntime = field(init=False)
 
     def __post_init__(self) -> None:
-        self.runtime = LuaSchedulerRuntime(LANGUAGE_ENUM[self.language])
-        reply = self.runtime.load(
-            sandbox_pb2.LoadRequest(
-                name="updates.lua",
-                source=SCRIPT,
-                limits=SandboxLimits(max_log_records=1000, max_log_bytes=1 << 20).to_proto(),
-                platform_source=platform_source(),
-                expose_platform_source=True,
-            )
+        self.runtime = loaded(
+            self.language,
+            SCRIPT,
+            name="updates.lua",
+            limits=SandboxLimits(max_log_records=1000, max_log_bytes=1 << 20),
+            expose_platform_source=True,
         )
-        assert reply.ok, reply.error.message
 
     def snapshot(self, jobs: Sequence[Job], *, mode: int = 1) -> list[str]:
         self.jobs = {}
@@ -305,7 +324,6 @@ def test_a_snapshots_columns_are_kept_while_a_job_reads_from_them(language: str)
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_unread_snapshot_jobs_iterate_and_are_found_by_id(language: str) -> None:
     """pairs() and get_job() on a job nothing has read yet see every field."""
-    runtime = LuaSchedulerRuntime(LANGUAGE_ENUM[language])
     source = """
     function schedule(ctx)
       local job = ctx.get_job("b")
@@ -317,15 +335,7 @@ def test_unread_snapshot_jobs_iterate_and_are_found_by_id(language: str) -> None
       return { action = "wait" }
     end
     """
-    reply = runtime.load(
-        sandbox_pb2.LoadRequest(
-            name="s.lua",
-            source=source,
-            limits=SandboxLimits().to_proto(),
-            platform_source=platform_source(),
-        )
-    )
-    assert reply.ok
+    runtime = loaded(language, source)
     msg = context_pb2.Context(now_ms=NOW)
     fill(msg.queue, [Job("a", model_ref="alpha"), Job("b")])
     runtime.apply_snapshot(msg)
@@ -440,7 +450,6 @@ def test_ctx_queue_is_made_on_first_read(lua: InProcessRuntime) -> None:
 def test_prompt_blocks_and_sessions_follow_the_jobs(language: str) -> None:
     """A job's block hashes and session worker, from a snapshot or a delta, are replaced
     when the job changes and forgotten when it leaves."""
-    runtime = LuaSchedulerRuntime(LANGUAGE_ENUM[language])
     source = """
     function schedule(ctx)
       local tokens, blocks = ctx.prefix_match("a", "w")
@@ -449,15 +458,7 @@ def test_prompt_blocks_and_sessions_follow_the_jobs(language: str) -> None:
       return { action = "wait" }
     end
     """
-    reply = runtime.load(
-        sandbox_pb2.LoadRequest(
-            name="s.lua",
-            source=source,
-            limits=SandboxLimits().to_proto(),
-            platform_source=platform_source(),
-        )
-    )
-    assert reply.ok
+    runtime = loaded(language, source)
 
     def seen() -> str:
         return str(runtime.run(False, False).logs[0][1])

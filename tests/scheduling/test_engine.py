@@ -8,7 +8,6 @@ import dataclasses
 import os
 import signal
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -23,7 +22,7 @@ from orchestrator.sandbox.fork_server import shared_fork_server
 from orchestrator.sandbox.limits import MiB, SandboxLimits
 from orchestrator.scheduling.engine import EngineOptions, SchedulingEngine
 from orchestrator.scheduling.metrics import EngineMetrics
-from tests.conftest import LANGUAGES, EngineFactory
+from tests.conftest import LANGUAGES, EngineFactory, until
 
 
 def cycle(n: int, *, trigger: bool = False) -> Context:
@@ -57,14 +56,6 @@ async def spares_ready(engine: SchedulingEngine, timeout_s: float = 10.0) -> Non
     while any(len(g.spares) < g.target_spares for g in groups):
         assert loop.time() < deadline, "spares did not come back"
         await asyncio.sleep(0.02)
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "timed out waiting"
-        await asyncio.sleep(0.005)
 
 
 RUNAWAYS = {

@@ -3,16 +3,14 @@ costs a promotion and the latest deltas, never a full snapshot on the hot path."
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-from collections.abc import Callable
 
 from orchestrator.domain.context import Context
 from orchestrator.domain.samples import sample_context
 from orchestrator.sandbox.process import WorkerProcess
 from orchestrator.scheduling.engine import PLATFORM_SPARE_LAG, SchedulingEngine
-from tests.conftest import EngineFactory
+from tests.conftest import EngineFactory, until
 
 FAST = """
 function schedule(ctx)
@@ -24,14 +22,6 @@ end
 
 def nth(n: int) -> Context:
     return sample_context(now_ms=1_700_000_000_000 + n * 100)
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "timed out waiting"
-        await asyncio.sleep(0.005)
 
 
 def holds_current(engine: SchedulingEngine, worker: WorkerProcess) -> bool:
